@@ -1,0 +1,1 @@
+"""celld: the cell daemon, trio I/O around protocol/."""

@@ -1,0 +1,1 @@
+"""Simulations operators run to foresee celld at scale."""

@@ -1,0 +1,26 @@
+"""Fixtures shared by every test: real registries on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.registry import Registry
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[Registry]:
+    """A docker-registry playing Docker Hub (the upstream for ns=docker.io)."""
+    reg = Registry(tmp_path / "hub").start()
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture
+def central(tmp_path: Path) -> Iterator[Registry]:
+    """A docker-registry playing the platform's central registry."""
+    reg = Registry(tmp_path / "central").start()
+    yield reg
+    reg.stop()

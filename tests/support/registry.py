@@ -1,0 +1,101 @@
+"""Debian's docker-registry (distribution 2.8) as a Hub or a central registry.
+
+Tests start one per role on a free loopback port, with its own storage, and
+read its access log to count what reached it (one upstream GET per digest is
+a claim about the registry's log, not about celld's own counters).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.support.procs import free_port, stop_process, tail, wait_for_port
+
+ACCESS_LINE = re.compile(r'"(?P<method>[A-Z]+) (?P<uri>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) ')
+
+
+@dataclass
+class Registry:
+    """One docker-registry process; `stop()`/`start()` keep port and storage."""
+
+    root: Path
+    auth: dict | None = None
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "registry.log"
+
+    def _config(self) -> str:
+        lines = [
+            "version: 0.1",
+            "log:",
+            "  level: info",
+            "  formatter: text",
+            "storage:",
+            "  filesystem:",
+            f"    rootdirectory: {self.root / 'data'}",
+            "  delete:",
+            "    enabled: true",
+            "  maintenance:",
+            "    uploadpurging:",
+            "      enabled: false",
+            "http:",
+            f"  addr: 127.0.0.1:{self.port}",
+            "  secret: celld-tests-not-a-secret",
+        ]
+        if self.auth:
+            lines.append("auth:")
+            for kind, opts in self.auth.items():
+                lines.append(f"  {kind}:")
+                for k, v in opts.items():
+                    lines.append(f"    {k}: {v}")
+        return "\n".join(lines) + "\n"
+
+    def start(self) -> Registry:
+        self.root.mkdir(parents=True, exist_ok=True)
+        cfg = self.root / "config.yml"
+        cfg.write_text(self._config())
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            ["docker-registry", "serve", str(cfg)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        try:
+            wait_for_port(self.port, self.proc)
+        except Exception as exc:
+            raise RuntimeError(f"docker-registry did not start:\n{tail(self.log_path)}") from exc
+        return self
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc = None
+
+    def requests(
+        self, method: str | None = None, uri_pattern: str = ""
+    ) -> list[tuple[str, str, int]]:
+        """Requests in the access log as (method, uri, status), filtered."""
+        pat = re.compile(uri_pattern)
+        out = []
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        for m in ACCESS_LINE.finditer(text):
+            if method and m["method"] != method:
+                continue
+            if pat.search(m["uri"]):
+                out.append((m["method"], m["uri"], int(m["status"])))
+        return out
