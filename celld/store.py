@@ -1,0 +1,676 @@
+"""The cell's local layer store: content-addressed blob files plus an SQLite index.
+
+Owns everything under ``data_dir`` that holds bytes of images: ``blobs/sha256/<hex[:2]>/<hex>``
+(verified blobs only), ``tmp/`` (downloads in progress) and ``index.db`` (an sqlite-utils
+database in WAL mode with blob metadata, tag memory and, later, pins). It never touches the
+network, never parses manifests, and never lets an unverified byte appear under ``blobs/``.
+
+Theory of operation
+-------------------
+The files are the truth; the index is a cache of facts about them that is repaired at open.
+
+A blob is born in ``tmp/`` as a :class:`BlobWriter`. Bytes are appended with raw ``os.write``
+(no user-space buffer, so a reader that opened ``writer.path`` sees them at once: this is how
+the daemon streams a download to every waiter) and hashed incrementally. ``commit`` checks the
+sha256 against the digest the blob was asked for; on a mismatch the temp file is deleted and
+:class:`DigestMismatch` is raised. On a match the file is fsynced, renamed to its final name,
+its directory is fsynced, and only then is a row inserted in the index and the entry published
+in the in-memory map. So the states a crash can leave are, in order:
+
+1. a file in ``tmp/``               -> deleted at the next open;
+2. a file in ``blobs/`` and no row  -> re-hashed at open: indexed if the hash matches its name,
+                                       deleted otherwise;
+3. a file and a row                 -> the normal state.
+
+``delete`` runs the same way backwards (forget in memory, unlink, drop the row), so a crash in
+the middle leaves a row without a file, which open drops. After :meth:`Store.open` the index and
+the files agree exactly, whatever moment the previous process died at.
+
+The mirror's hit path must not wait for SQLite: :meth:`Store.lookup` and :meth:`Store.blob_path`
+read an in-memory dict filled at open and updated after each commit/delete. Access times go to a
+second dict (:meth:`Store.touch`) and reach the index in one transaction when the daemon calls
+:meth:`Store.flush_access` from a worker thread.
+
+Every method is synchronous and thread-safe: one sqlite3 connection behind one lock. The trio
+daemon calls the slow ones (``commit``, ``put_bytes``, ``write`` with large chunks,
+``flush_access``, tags, ``delete``) through ``trio.to_thread.run_sync``. One process owns a
+data_dir at a time (an ``flock`` on ``data_dir/lock``), because open empties ``tmp/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import itertools
+import os
+import re
+import shutil
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import sqlite_utils
+
+_DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
+_ALGO_RE = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*")
+_HEX_RE = re.compile(r"[0-9a-f]{64}")
+_SHARD_RE = re.compile(r"[0-9a-f]{2}")
+_HASH_CHUNK = 1 << 20
+_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BlobEntry:
+    """A verified blob in the store: what the mirror needs to serve it without I/O."""
+
+    digest: str  # "sha256:<hex>"
+    size: int
+    path: Path
+    media_type: str | None  # set for manifests (the daemon stores manifests as blobs too)
+    source: str | None  # "upstream:docker.io", "registry:<url>", "peer:<cell>"
+
+
+class DigestMismatch(Exception):
+    """Bytes did not hash to the digest they were fetched for; nothing was stored."""
+
+    def __init__(self, expected: str, actual: str) -> None:
+        super().__init__(f"digest mismatch: expected {expected}, got {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+class StoreFull(OSError):
+    """The disk under data_dir ran out of space; the blob being written was dropped."""
+
+
+class StoreLocked(RuntimeError):
+    """Another process (or another Store in this one) already has this data_dir open."""
+
+
+def parse_digest(digest: str) -> str:
+    """The hex part of a ``sha256:<64 lowercase hex>`` digest, or ValueError.
+
+    This runs before any path is built from a digest, so nothing but 64 hex characters can
+    ever reach the file system (no traversal, no separators, no NUL).
+    """
+    if not isinstance(digest, str):
+        raise ValueError(f"digest must be a string, not {type(digest).__name__}")
+    m = _DIGEST_RE.fullmatch(digest)
+    if m is not None:
+        return m.group(1)
+    algo, sep, _ = digest.partition(":")
+    if sep and _ALGO_RE.fullmatch(algo) and algo != "sha256":
+        raise ValueError(f"unsupported digest algorithm {algo!r}: the store keeps sha256 only")
+    raise ValueError(f"invalid digest {digest[:80]!r}: want 'sha256:' + 64 lowercase hex")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256_file(path: Path) -> tuple[str, int]:
+    """(hex digest, size) of a file, read without following symlinks."""
+    h = hashlib.sha256()
+    size = 0
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def _remove_any(path: Path) -> None:
+    """Remove a file, symlink or directory tree without following symlinks."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _full_disk(exc: OSError, what: str) -> OSError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreFull(exc.errno, f"store disk full while {what}: {os.strerror(exc.errno)}")
+    return exc
+
+
+class BlobWriter:
+    """One download in progress: a temp file that grows, hashed as it grows.
+
+    Other tasks may open ``path`` and read it while it grows (bytes reach the kernel on every
+    ``write``). After ``commit`` the file has moved under ``blobs/`` (open descriptors keep
+    working); after ``abort`` or a failed commit it is gone. Use it as a context manager to
+    abort on any exception.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        digest: str,
+        hex_: str,
+        path: Path,
+        fd: int,
+        media_type: str | None,
+        source: str | None,
+    ) -> None:
+        self._store = store
+        self.digest = digest
+        self._hex = hex_
+        self.path = path
+        self._fd: int | None = fd
+        self._hash = hashlib.sha256()
+        self.media_type = media_type
+        self.source = source
+        self.written = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def write(self, data: bytes) -> None:
+        """Append ``data`` and hash it. On a full disk: abort, then raise :class:`StoreFull`."""
+        fd = self._require_open()
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+        except OSError as exc:
+            self.abort()
+            raise _full_disk(exc, f"writing {self.digest}") from exc
+        self._hash.update(data)
+        self.written += len(data)
+
+    def commit(self) -> BlobEntry:
+        """Verify, fsync, rename into place, fsync the directory, index; return the entry.
+
+        Raises :class:`DigestMismatch` (temp file deleted) when the bytes are not the digest.
+        """
+        fd = self._require_open()
+        actual = "sha256:" + self._hash.hexdigest()
+        if actual != self.digest:
+            self.abort()
+            raise DigestMismatch(self.digest, actual)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            self.abort()
+            raise _full_disk(exc, f"flushing {self.digest}") from exc
+        os.close(fd)
+        self._fd = None
+        try:
+            return self._store._publish(self._hex, self.path, self.written, self)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            raise
+
+    def abort(self) -> None:
+        """Close and delete the temp file. Idempotent; a no-op after a successful commit."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def _require_open(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"writer for {self.digest} is already committed or aborted")
+        return self._fd
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def __del__(self) -> None:
+        # A writer dropped without commit/abort must not leak its descriptor; the file itself
+        # is swept at the next open if the process dies first.
+        with contextlib.suppress(Exception):
+            self.abort()
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What :meth:`Store.open` repaired, for logs and tests."""
+
+    tmp_removed: int = 0
+    rows_dropped: int = 0  # row whose file was missing, or the row was garbage
+    files_indexed: int = 0  # file without row whose hash matched its name
+    files_removed: int = 0  # garbage, misnamed, corrupt or unverifiable files
+    rows_repaired: int = 0  # size in the row disagreed with a file whose hash was right
+
+
+class Store:
+    """The blob store of one data_dir. Open with :meth:`Store.open`."""
+
+    def __init__(self, data_dir: Path, *, clock: Callable[[], float] = time.time) -> None:
+        # Use Store.open(); __init__ only sets fields so open() can build in steps.
+        self.data_dir = Path(data_dir)
+        self.blobs_dir = self.data_dir / "blobs" / "sha256"
+        self.tmp_dir = self.data_dir / "tmp"
+        self._clock = clock
+        self._lock = threading.Lock()  # the connection, the entry map and the files
+        self._access_lock = threading.Lock()  # only the pending access times (held briefly)
+        self._entries: dict[str, BlobEntry] = {}
+        self._total = 0
+        self._pending_access: dict[str, float] = {}
+        self._seq = itertools.count()
+        self._lock_fd: int | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._db: sqlite_utils.Database | None = None
+        self.recovery = RecoveryReport()
+
+    # ---- opening and recovery -------------------------------------------------------------
+
+    @classmethod
+    def open(cls, data_dir: Path, *, clock: Callable[[], float] = time.time) -> Store:
+        """Open (creating if needed) the store in ``data_dir`` and repair it after any crash."""
+        store = cls(data_dir, clock=clock)
+        store.data_dir.mkdir(parents=True, exist_ok=True)
+        store._take_lock()
+        try:
+            store.blobs_dir.mkdir(parents=True, exist_ok=True)
+            store.tmp_dir.mkdir(exist_ok=True)
+            store._open_db()
+            store._recover()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLocked(f"{self.data_dir} is already open by another store") from None
+        self._lock_fd = fd
+
+    def _open_db(self) -> None:
+        conn = sqlite3.connect(
+            self.data_dir / "index.db", check_same_thread=False, isolation_level=None
+        )
+        self._conn = conn
+        db = sqlite_utils.Database(conn)
+        self._db = db
+        db.enable_wal()
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        with db.atomic():
+            db["blobs"].create(
+                {
+                    "digest": str,
+                    "size": int,
+                    "media_type": str,
+                    "source": str,
+                    "created_at": float,
+                    "last_access": float,
+                },
+                pk="digest",
+                not_null={"size", "created_at", "last_access"},
+                if_not_exists=True,
+            )
+            db["tags"].create(
+                {"ns": str, "name": str, "tag": str, "digest": str, "updated_at": float},
+                pk=("ns", "name", "tag"),
+                not_null={"digest", "updated_at"},
+                if_not_exists=True,
+            )
+            # Issue 3 pins apps to manifest digests; the table exists so that adding the
+            # feature needs no migration of stores already in the field.
+            db["pins"].create(
+                {"app": str, "digest": str, "staged_at": float},
+                pk="app",
+                not_null={"digest", "staged_at"},
+                if_not_exists=True,
+            )
+            db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+
+    def _recover(self) -> None:
+        tmp_removed = 0
+        for child in list(self.tmp_dir.iterdir()):
+            _remove_any(child)
+            tmp_removed += 1
+        files, files_removed = self._scan_blob_files()
+        rows_dropped = rows_repaired = files_indexed = 0
+        entries: dict[str, BlobEntry] = {}
+        db = self._db_()
+        with self._lock, db.atomic():
+            for row in list(db.query("select * from blobs")):
+                digest = row["digest"]
+                hex_ = _DIGEST_RE.fullmatch(digest) if isinstance(digest, str) else None
+                size = files.pop(hex_.group(1), None) if hex_ else None
+                if hex_ is None or size is None:
+                    db.execute("delete from blobs where digest = ?", [digest])
+                    rows_dropped += 1
+                    continue
+                path = self._final_path(hex_.group(1))
+                if size != row["size"]:
+                    if not self._verify_file(hex_.group(1), path):
+                        _remove_any(path)
+                        db.execute("delete from blobs where digest = ?", [digest])
+                        files_removed += 1
+                        continue
+                    db.execute("update blobs set size = ? where digest = ?", [size, digest])
+                    rows_repaired += 1
+                entries[digest] = BlobEntry(digest, size, path, row["media_type"], row["source"])
+            # Files with no row: the crash window between rename and index insert, or an
+            # index that lost its last transactions on power loss.
+            for hex_, size in sorted(files.items()):
+                path = self._final_path(hex_)
+                if not self._verify_file(hex_, path):
+                    _remove_any(path)
+                    files_removed += 1
+                    continue
+                mtime = path.stat().st_mtime
+                digest = "sha256:" + hex_
+                db["blobs"].insert(
+                    {
+                        "digest": digest,
+                        "size": size,
+                        "media_type": None,
+                        "source": None,
+                        "created_at": mtime,
+                        "last_access": mtime,
+                    },
+                    replace=True,
+                )
+                entries[digest] = BlobEntry(digest, size, path, None, None)
+                files_indexed += 1
+            self._entries = entries
+            self._total = sum(e.size for e in entries.values())
+        self.recovery = RecoveryReport(
+            tmp_removed, rows_dropped, files_indexed, files_removed, rows_repaired
+        )
+
+    def _scan_blob_files(self) -> tuple[dict[str, int], int]:
+        """{hex: size} of well-formed blob files; everything else under blobs/ is removed."""
+        files: dict[str, int] = {}
+        removed = 0
+        root = self.blobs_dir.parent
+        for child in list(root.iterdir()):
+            if child.name != "sha256" or not child.is_dir() or child.is_symlink():
+                _remove_any(child)
+                removed += 1
+        for shard in list(self.blobs_dir.iterdir()):
+            if not _SHARD_RE.fullmatch(shard.name) or shard.is_symlink() or not shard.is_dir():
+                _remove_any(shard)
+                removed += 1
+                continue
+            for f in list(shard.iterdir()):
+                st = f.lstat()
+                if (
+                    not _HEX_RE.fullmatch(f.name)
+                    or f.name[:2] != shard.name
+                    or not stat.S_ISREG(st.st_mode)
+                ):
+                    _remove_any(f)
+                    removed += 1
+                    continue
+                files[f.name] = st.st_size
+        return files, removed
+
+    @staticmethod
+    def _verify_file(hex_: str, path: Path) -> bool:
+        try:
+            actual, _ = _sha256_file(path)
+        except OSError:
+            return False
+        return actual == hex_
+
+    # ---- the hot path: memory only --------------------------------------------------------
+
+    def lookup(self, digest: str) -> BlobEntry | None:
+        """The entry of a stored, verified blob, or None. Memory only: safe on the event loop.
+
+        A malformed digest is simply not stored (None); validate user input in protocol/.
+        """
+        return self._entries.get(digest)
+
+    def blob_path(self, digest: str) -> Path | None:
+        """The file of a stored blob (for sendfile), or None. Memory only."""
+        entry = self._entries.get(digest)
+        return entry.path if entry is not None else None
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self._entries
+
+    def touch(self, digest: str, now: float) -> None:
+        """Remember that ``digest`` was served at ``now``; reaches the index at flush_access."""
+        if digest in self._entries:
+            with self._access_lock:
+                self._pending_access[digest] = now
+
+    def total_bytes(self) -> int:
+        return self._total
+
+    def entries(self) -> list[BlobEntry]:
+        """Every stored blob, sorted by digest."""
+        return sorted(self._entries.values(), key=lambda e: e.digest)
+
+    # ---- writing --------------------------------------------------------------------------
+
+    def new_writer(
+        self, digest: str, *, media_type: str | None = None, source: str | None = None
+    ) -> BlobWriter:
+        """Start a download of ``digest`` into a fresh temp file (several may run at once)."""
+        hex_ = parse_digest(digest)
+        self._require_open()
+        path = self.tmp_dir / f"{hex_}.{os.getpid()}.{next(self._seq)}.part"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise _full_disk(exc, f"creating a temp file for {digest}") from exc
+        return BlobWriter(self, digest, hex_, path, fd, media_type, source)
+
+    def put_bytes(
+        self,
+        digest: str,
+        data: bytes,
+        *,
+        media_type: str | None = None,
+        source: str | None = None,
+    ) -> BlobEntry:
+        """Store a small blob (a manifest, a config) held in memory, verified before any write."""
+        parse_digest(digest)
+        actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        if actual != digest:
+            raise DigestMismatch(digest, actual)
+        with self.new_writer(digest, media_type=media_type, source=source) as writer:
+            writer.write(data)
+            return writer.commit()
+
+    def _publish(self, hex_: str, tmp_path: Path, size: int, writer: BlobWriter) -> BlobEntry:
+        """Rename a verified, fsynced temp file into place, then index and publish it.
+
+        Runs under the lock from rename to index so that a concurrent ``delete`` of the same
+        digest cannot slip between them and leave a row without its file.
+        """
+        digest = "sha256:" + hex_
+        final = self._final_path(hex_)
+        entry = BlobEntry(digest, size, final, writer.media_type, writer.source)
+        with self._lock:
+            db = self._db_()
+            old = self._entries.get(digest)
+            if old is not None:
+                # Identical bytes are already in place (two writers of one digest): keep the
+                # stored file, which readers may hold open, drop ours, and only fill in what
+                # the stored entry did not know (a blob re-indexed at open has no media type).
+                tmp_path.unlink()
+                merged = BlobEntry(
+                    digest,
+                    old.size,
+                    old.path,
+                    old.media_type or entry.media_type,
+                    old.source or entry.source,
+                )
+                if merged != old:
+                    db.execute(
+                        "update blobs set media_type = ?, source = ? where digest = ?",
+                        [merged.media_type, merged.source, digest],
+                    )
+                    self._entries[digest] = merged
+                return merged
+            try:
+                if not final.parent.is_dir():
+                    final.parent.mkdir(exist_ok=True)
+                    _fsync_dir(self.blobs_dir)
+                os.rename(tmp_path, final)
+                _fsync_dir(final.parent)
+            except OSError as exc:
+                raise _full_disk(exc, f"moving {digest} into place") from exc
+            try:
+                self._index_insert(entry, self._clock())
+            except sqlite3.Error as exc:
+                # Without a row the file would be invisible until the next open; take it
+                # back out so that memory, index and files keep agreeing now.
+                with contextlib.suppress(FileNotFoundError):
+                    final.unlink()
+                if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                    raise StoreFull(errno.ENOSPC, f"index disk full while adding {digest}") from exc
+                raise
+            self._entries[digest] = entry
+            self._total += size
+        return entry
+
+    def _index_insert(self, entry: BlobEntry, now: float) -> None:
+        """Insert the row of a blob whose file is already in place (called under the lock)."""
+        self._db_()["blobs"].insert(
+            {
+                "digest": entry.digest,
+                "size": entry.size,
+                "media_type": entry.media_type,
+                "source": entry.source,
+                "created_at": now,
+                "last_access": now,
+            },
+            replace=True,
+        )
+
+    def delete(self, digest: str) -> None:
+        """Remove a blob: from memory first (no new hit), then its file, then its row.
+
+        Readers that already opened the file keep reading it. Deleting a blob that is not
+        stored is a no-op.
+        """
+        hex_ = parse_digest(digest)
+        with self._lock:
+            entry = self._entries.pop(digest, None)
+            with self._access_lock:
+                self._pending_access.pop(digest, None)
+            if entry is not None:
+                self._total -= entry.size
+            with contextlib.suppress(FileNotFoundError):
+                self._final_path(hex_).unlink()
+            self._db_().execute("delete from blobs where digest = ?", [digest])
+
+    # ---- bookkeeping ----------------------------------------------------------------------
+
+    def flush_access(self) -> None:
+        """Write the batched last-access times in one transaction (call from a worker thread)."""
+        with self._access_lock:
+            pending, self._pending_access = self._pending_access, {}
+        if not pending:
+            return
+        with self._lock:
+            db = self._db_()
+            with db.atomic():
+                db.conn.executemany(
+                    "update blobs set last_access = max(last_access, ?) where digest = ?",
+                    [(t, d) for d, t in pending.items()],
+                )
+
+    def last_access(self, digest: str) -> float | None:
+        """The last access time of a blob (the flushed one, or a pending touch if newer)."""
+        pending = self._pending_access.get(digest)
+        with self._lock:
+            rows = list(
+                self._db_().query("select last_access from blobs where digest = ?", [digest])
+            )
+        if not rows:
+            return None
+        flushed = rows[0]["last_access"]
+        return max(flushed, pending) if pending is not None else flushed
+
+    def set_tag(self, ns: str, name: str, tag: str, digest: str, now: float) -> None:
+        """Remember that ``ns/name:tag`` resolved to ``digest`` (for stale-if-error)."""
+        parse_digest(digest)
+        with self._lock:
+            self._db_()["tags"].upsert(
+                {"ns": ns, "name": name, "tag": tag, "digest": digest, "updated_at": now},
+                pk=("ns", "name", "tag"),
+            )
+
+    def get_tag(self, ns: str, name: str, tag: str) -> str | None:
+        """The last digest ``ns/name:tag`` resolved to, or None if it never did."""
+        with self._lock:
+            rows = list(
+                self._db_().query(
+                    "select digest from tags where ns = ? and name = ? and tag = ?",
+                    [ns, name, tag],
+                )
+            )
+        return rows[0]["digest"] if rows else None
+
+    # ---- closing --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush access times, close the index and release the data_dir. Idempotent."""
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self.flush_access()
+            with self._lock:
+                self._conn.close()
+                self._conn = None
+                self._db = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- helpers --------------------------------------------------------------------------
+
+    def _final_path(self, hex_: str) -> Path:
+        return self.blobs_dir / hex_[:2] / hex_
+
+    def _db_(self) -> sqlite_utils.Database:
+        if self._db is None:
+            raise ValueError("store is closed")
+        return self._db
+
+    def _require_open(self) -> None:
+        self._db_()
+
+    def iter_tmp(self) -> Iterator[Path]:
+        """Temp files of downloads in progress (for diagnostics)."""
+        return iter(sorted(self.tmp_dir.iterdir()))
