@@ -40,6 +40,7 @@ data_dir at a time (an ``flock`` on ``data_dir/lock``), because open empties ``t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -64,6 +65,7 @@ _HEX_RE = re.compile(r"[0-9a-f]{64}")
 _SHARD_RE = re.compile(r"[0-9a-f]{2}")
 _HASH_CHUNK = 1 << 20
 _SCHEMA_VERSION = 1
+_UNREADABLE_DB = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,7 @@ class RecoveryReport:
     files_indexed: int = 0  # file without row whose hash matched its name
     files_removed: int = 0  # garbage, misnamed, corrupt or unverifiable files
     rows_repaired: int = 0  # size in the row disagreed with a file whose hash was right
+    index_rebuilt: bool = False  # index.db was unreadable, set aside as index.db.corrupt
 
 
 class Store:
@@ -295,8 +298,18 @@ class Store:
         try:
             store.blobs_dir.mkdir(parents=True, exist_ok=True)
             store.tmp_dir.mkdir(exist_ok=True)
-            store._open_db()
-            store._recover()
+            try:
+                store._open_db()
+                store._recover()
+            except sqlite3.DatabaseError as exc:
+                # The files are the truth: an index SQLite cannot read is set aside and
+                # rebuilt from them (blobs are re-hashed; tags and access times are lost).
+                if getattr(exc, "sqlite_errorcode", None) not in _UNREADABLE_DB:
+                    raise
+                store._set_aside_index()
+                store._open_db()
+                store._recover()
+                store.recovery = dataclasses.replace(store.recovery, index_rebuilt=True)
         except BaseException:
             store.close()
             raise
@@ -310,6 +323,16 @@ class Store:
             os.close(fd)
             raise StoreLocked(f"{self.data_dir} is already open by another store") from None
         self._lock_fd = fd
+
+    def _set_aside_index(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = self._db = None
+        index = self.data_dir / "index.db"
+        os.replace(index, self.data_dir / "index.db.corrupt")
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.data_dir / f"index.db{suffix}").unlink()
 
     def _open_db(self) -> None:
         conn = sqlite3.connect(
@@ -471,7 +494,9 @@ class Store:
 
     def entries(self) -> list[BlobEntry]:
         """Every stored blob, sorted by digest."""
-        return sorted(self._entries.values(), key=lambda e: e.digest)
+        # dict.copy() runs in C without releasing the GIL: a consistent snapshot without
+        # waiting for the lock that a commit may hold during an fsync.
+        return sorted(self._entries.copy().values(), key=lambda e: e.digest)
 
     # ---- writing --------------------------------------------------------------------------
 
@@ -587,7 +612,11 @@ class Store:
                 self._total -= entry.size
             with contextlib.suppress(FileNotFoundError):
                 self._final_path(hex_).unlink()
-            self._db_().execute("delete from blobs where digest = ?", [digest])
+            self._index_delete(digest)
+
+    def _index_delete(self, digest: str) -> None:
+        """Drop the row of a blob whose file is already gone (called under the lock)."""
+        self._db_().execute("delete from blobs where digest = ?", [digest])
 
     # ---- bookkeeping ----------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ def test_write_commit_lookup_and_reopen(tmp_path: Path) -> None:
         w.write(data[i : i + 65536])
     assert w.written == len(data)
     assert s.lookup(digest) is None  # not visible before commit
+    assert files_under(tmp_path / "data" / "blobs") == []
     entry = w.commit()
     hex_ = digest.removeprefix("sha256:")
     assert entry == BlobEntry(
