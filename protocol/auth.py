@@ -1,0 +1,210 @@
+"""Registry authentication: reading `WWW-Authenticate` challenges (pull tokens come later).
+
+Owns: turning the challenges an upstream registry sends with a 401 into values, and
+the query of the token request a Bearer challenge asks for (the docker token flow:
+GET realm?service=...&scope=...).
+
+Never: raises on what a remote registry sent (garbage yields fewer challenges, possibly
+none), does I/O, or sees a credential: the caller adds those to the token request.
+
+Parsing follows RFC 9110 section 11:
+
+    WWW-Authenticate = #challenge
+    challenge  = auth-scheme [ 1*SP ( token68 / #auth-param ) ]
+    auth-param = token BWS "=" BWS ( token / quoted-string )
+
+Several challenges may share one header, separated by commas like their parameters:
+a token followed by "=" is a parameter of the current challenge; a token followed by
+anything else starts the next challenge. Scheme and parameter names are
+case-insensitive and stored lowercase; a repeated parameter keeps its first value.
+Quoted strings may hold commas and backslash escapes. The scan is one pass, so hostile
+headers cost linear time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_TOKEN68 = frozenset("-._~+/0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_OWS = " \t"
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """One challenge: its scheme ("bearer", "basic", ...) and its parameters."""
+
+    scheme: str
+    params: Mapping[str, str] = field(default_factory=dict)
+    token68: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
+
+    def __hash__(self) -> int:
+        return hash((self.scheme, tuple(sorted(self.params.items())), self.token68))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Challenge):
+            return NotImplemented
+        return (self.scheme, dict(self.params), self.token68) == (
+            other.scheme,
+            dict(other.params),
+            other.token68,
+        )
+
+
+class _Scanner:
+    """A cursor over the header; every method advances or leaves `pos` unchanged."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+
+    def at_end(self) -> bool:
+        return self.pos >= len(self.text)
+
+    def peek(self) -> str:
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def skip(self, chars: str) -> None:
+        while self.pos < len(self.text) and self.text[self.pos] in chars:
+            self.pos += 1
+
+    def token(self, alphabet: frozenset[str] = _TCHAR) -> str:
+        start = self.pos
+        while self.pos < len(self.text) and self.text[self.pos] in alphabet:
+            self.pos += 1
+        return self.text[start : self.pos]
+
+    def quoted(self) -> str | None:
+        """A quoted-string's content, or None (pos unchanged) when it is unterminated."""
+        start = self.pos
+        self.pos += 1  # the opening quote
+        out: list[str] = []
+        while self.pos < len(self.text):
+            ch = self.text[self.pos]
+            if ch == '"':
+                self.pos += 1
+                return "".join(out)
+            if ch == "\\" and self.pos + 1 < len(self.text):
+                self.pos += 1
+                ch = self.text[self.pos]
+            out.append(ch)
+            self.pos += 1
+        self.pos = start
+        return None
+
+
+def _param(scan: _Scanner) -> tuple[str, str] | None:
+    """`name = value` at the cursor, or None with the cursor where it was."""
+    start = scan.pos
+    name = scan.token()
+    if name:
+        scan.skip(_OWS)
+        if scan.peek() == "=":
+            scan.pos += 1
+            scan.skip(_OWS)
+            value = scan.quoted() if scan.peek() == '"' else scan.token()
+            if value is not None and (value or scan.text[scan.pos - 1 : scan.pos] == '"'):
+                return name.lower(), value
+    scan.pos = start
+    return None
+
+
+def _token68(scan: _Scanner) -> str | None:
+    """A token68 that is the whole credentials part of its challenge, else None."""
+    start = scan.pos
+    value = scan.token(_TOKEN68)
+    if value:
+        while scan.peek() == "=":
+            scan.pos += 1
+            value += "="
+        end = scan.pos
+        scan.skip(_OWS)
+        if scan.at_end() or scan.peek() == ",":
+            return value
+        scan.pos = end
+    scan.pos = start
+    return None
+
+
+def parse_www_authenticate(header: str) -> list[Challenge]:
+    """Every challenge in one `WWW-Authenticate` value that could be read, in order."""
+    if isinstance(header, bytes):
+        header = header.decode("latin-1")
+    if not isinstance(header, str):
+        return []
+    scan = _Scanner(header)
+    challenges: list[Challenge] = []
+    while not scan.at_end():
+        scan.skip(_OWS + ",")
+        scheme = scan.token()
+        if not scheme:
+            if not scan.at_end():
+                scan.pos += 1  # garbage between challenges: skip it
+            continue
+        params: dict[str, str] = {}
+        token68 = None
+        if scan.peek() in _OWS and scan.peek():
+            scan.skip(_OWS)
+            token68 = None if _param_follows(scan) else _token68(scan)
+            while token68 is None:
+                scan.skip(_OWS)
+                param = _param(scan)
+                if param is None:
+                    break
+                params.setdefault(*param)
+                scan.skip(_OWS)
+                if scan.peek() != ",":
+                    break
+                # A comma: either another parameter or the next challenge follows.
+                after_comma = scan.pos
+                scan.skip(_OWS + ",")
+                if not _param_follows(scan):
+                    scan.pos = after_comma
+                    break
+        challenges.append(Challenge(scheme.lower(), params, token68))
+        scan.skip(_OWS)
+        if not scan.at_end() and scan.peek() != ",":
+            # Junk after a challenge: drop it up to the next comma outside quotes.
+            _skip_to_comma(scan)
+    return challenges
+
+
+def _param_follows(scan: _Scanner) -> bool:
+    start = scan.pos
+    found = _param(scan) is not None
+    scan.pos = start
+    return found
+
+
+def _skip_to_comma(scan: _Scanner) -> None:
+    while not scan.at_end() and scan.peek() != ",":
+        if scan.peek() == '"' and scan.quoted() is not None:
+            continue
+        scan.pos += 1
+
+
+def token_query(challenge: Challenge, scope: str | None) -> tuple[str, list[tuple[str, str]]]:
+    """The token endpoint and query parameters a Bearer challenge asks for.
+
+    `scope` is what we want (e.g. "repository:library/alpine:pull"); the challenge's own
+    scope is added when it differs, as docker's client does. Raises ValueError when the
+    challenge has no usable realm: only an absolute http(s) URL is one, so a hostile
+    registry cannot point the token request at a file or another scheme. The caller
+    should still send credentials only to a realm it trusts (same host, or https).
+    """
+    realm = challenge.params.get("realm", "")
+    if not realm.lower().startswith(("https://", "http://")):
+        raise ValueError(f"challenge has no http(s) realm: {realm[:100]!r}")
+    query: list[tuple[str, str]] = []
+    service = challenge.params.get("service")
+    if service:
+        query.append(("service", service))
+    scopes = [s for s in (scope, challenge.params.get("scope")) if s]
+    for s in dict.fromkeys(scopes):
+        query.append(("scope", s))
+    return realm, query
