@@ -1,0 +1,300 @@
+"""One simulated cluster running one strategy: cells, registries, faults and pulls.
+
+Owns: building the nodes of a scenario, scheduling its faults and pulls, knowing which
+cells are live, and routing what happens (a flow ends, a layer completes, a view
+changes) to the metrics.
+Never: decides what a cell does; that is the membership layer's and the pull strategy's
+job, and both are thin shells around protocol/ (or, for the baselines, a model of
+another system).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Protocol
+
+from simulations.model.baselines import CentralOnly, Spegel
+from simulations.model.engine import Engine
+from simulations.model.flows import Flow
+from simulations.model.metrics import Metrics, Tracked, r
+from simulations.model.network import Network
+from simulations.model.rng import derive
+from simulations.model.scenario import Fault, Scenario
+
+
+class Puller(Protocol):
+    def start(self, cell: int) -> None: ...
+    def on_crash(self, cell: int) -> None: ...
+
+
+class Members(Protocol):
+    """The membership layer: SWIM driving protocol.membership, or a static oracle."""
+
+    def start(self) -> None: ...
+    def crash(self, cell: int) -> None: ...
+    def restart(self, cell: int) -> None: ...
+    def join(self, cell: int) -> None: ...
+    def leave(self, cell: int) -> None: ...
+    def live_view(self, cell: int) -> list[int]: ...
+    def summary(self) -> dict[str, object]: ...
+
+
+class World:
+    """The cluster of one run; `run()` returns the run's report section."""
+
+    def __init__(self, sc: Scenario, strategy: str) -> None:
+        self.sc = sc
+        self.strategy = strategy
+        self.engine = Engine()
+        self.net = Network(self.engine, sc.link, self.rng("latency"), self.rng("loss"), sc.quantum)
+        self.n_initial = sc.cells.count
+        self.n_cells = self.n_initial + sum(f.count for f in sc.faults if f.kind == "join")
+        zones = sc.cells.zones
+        for i in range(self.n_cells):
+            self.net.add_node(f"cell-{i}", i % len(zones), sc.cells.upload, sc.cells.download)
+        self.central = self.net.add_node(
+            "central", -1, sc.central.bandwidth, sc.central.bandwidth, sc.central.latency_s
+        )
+        self.upstream = self.net.add_node(
+            "upstream", -2, sc.upstream.bandwidth, sc.upstream.bandwidth, sc.upstream.latency_s
+        )
+        # cells that have not joined yet, or have left, are not members
+        self.member = [i < self.n_initial for i in range(self.n_cells)]
+        for i in range(self.n_initial, self.n_cells):
+            self.net.alive[i] = False
+        self._next_joiner = self.n_initial
+        self._live_count = self.n_initial
+        self.metrics = Metrics(self.n_cells, sc.image_size)
+        self._layers_done: dict[int, int] = {}
+        self.members: Members = _make_members(self)
+        self.puller: Puller | None = _make_puller(self) if sc.pull else None
+
+    def rng(self, concern: str) -> random.Random:
+        return derive(self.sc.seed, f"{self.strategy}/{concern}")
+
+    # -- liveness --------------------------------------------------------------------
+
+    def is_live(self, cell: int) -> bool:
+        """Running and a member (not crashed, joined and not left)."""
+        return self.net.alive[cell] and self.member[cell]
+
+    def live_cells(self) -> list[int]:
+        return [c for c in range(self.n_cells) if self.is_live(c)]
+
+    # -- running ---------------------------------------------------------------------
+
+    def run(self) -> dict[str, object]:
+        self.members.start()
+        for fault in self.sc.faults:
+            self.engine.call_at(fault.at, self._fault, fault)
+        if self.sc.pull is not None:
+            pull = self.sc.pull
+            who = self.n_initial if pull.cells < 0 else pull.cells
+            prng = self.rng("pull")
+            for cell in range(who):
+                at = pull.start + (prng.uniform(0.0, pull.spread) if pull.spread > 0 else 0.0)
+                self.engine.call_at(at, self._start_pull, cell)
+        self.engine.run(self.sc.duration)
+        return self.report()
+
+    def report(self) -> dict[str, object]:
+        m = self.metrics
+        net = self.net
+        cells = range(self.n_cells)
+        sent = sum(net.sent[c] for c in cells)
+        nbytes = sum(net.bytes_sent[c] for c in cells)
+        out: dict[str, object] = {
+            "messages": {
+                "sent": sent,
+                "bytes": nbytes,
+                "per_cell_per_s": r(sent / max(1, self.n_initial) / self.sc.duration),
+                "bytes_per_cell_per_s": r(nbytes / max(1, self.n_initial) / self.sc.duration),
+                "lost": net.dropped_loss,
+                "to_down_cell": net.dropped_down,
+                "across_partition": net.dropped_partition,
+                "protocol_errors": dict(sorted(m.protocol_errors.items())),
+            },
+            "membership": {**m.membership_summary(), **self.members.summary()},
+            "engine": {"events": self.engine.events_run, "rebalances": net.flows.rebalances},
+        }
+        if self.sc.pull is not None:
+            out["pull"] = m.pull_summary()
+            out["bytes"] = m.bytes_summary()
+            out["upload"] = m.upload_summary()
+        return out
+
+    def _start_pull(self, cell: int) -> None:
+        if not self.is_live(cell) or self.puller is None:
+            return
+        self.metrics.pull_started[cell] = self.engine.now
+        self._layers_done[cell] = 0
+        self.puller.start(cell)
+
+    # -- what strategies report ------------------------------------------------------
+
+    def layer_complete(self, cell: int, layer: int) -> bool:
+        """A cell has a whole, verified layer; True when that completes its image."""
+        done = self._layers_done.get(cell, 0) + 1
+        self._layers_done[cell] = done
+        if done == len(self.sc.layers):
+            self.metrics.pull_done[cell] = self.engine.now
+            return True
+        return False
+
+    def account(self, flow: Flow, ok: bool) -> None:
+        """Count the bytes a flow moved (all of them, or as far as it got)."""
+        moved = flow.size if ok else flow.size - flow.remaining
+        m = self.metrics
+        src = flow.src
+        if src == self.upstream:
+            m.upstream_sent += moved
+            if flow.resources[1] is self.net.down[self.central]:
+                m.from_central += moved
+            else:
+                m.from_upstream += moved
+        elif src == self.central:
+            m.from_central += moved
+        else:
+            m.from_peers += moved
+            m.uploaded[src] += moved
+        if not ok:
+            m.downloads_failed += 1
+
+    def view_changed(self, observer: int, member: int, state: str) -> None:
+        """An observer's view of `member` became alive / suspect / dead (or left)."""
+        m = self.metrics
+        actually_up = self.is_live(member) and self.net.group[member] == self.net.group[observer]
+        if state == "dead" and actually_up:
+            m.false_dead.append((self.engine.now, observer, member))
+        elif state == "suspect" and actually_up:
+            m.false_suspect += 1
+        for t in m.tracked:
+            if t.member != member:
+                continue
+            knows = state == "alive" if t.kind == "join" else state == "dead"
+            if knows and observer not in t.knowers:
+                t.knowers.add(observer)
+                self._record(t)
+            elif not knows and observer in t.knowers:
+                t.knowers.discard(observer)
+                self._record(t)
+
+    def _record(self, t: Tracked) -> None:
+        observers = self._observers(t.member)
+        have = sum(1 for c in t.knowers if self.is_live(c))
+        t.curve.append((self.engine.now, have / observers if observers else 1.0))
+
+    def _observers(self, member: int) -> int:
+        n = self._live_count
+        return n - 1 if self.is_live(member) else n
+
+    def _track(self, kind: str, member: int) -> None:
+        t = Tracked(kind, member, self.engine.now)
+        self.metrics.tracked.append(t)
+        t.curve.append((self.engine.now, 0.0))
+
+    # -- faults ----------------------------------------------------------------------
+
+    def _fault(self, fault: Fault) -> None:
+        self._apply(fault)
+        self._recount()
+
+    def _recount(self) -> None:
+        self._live_count = sum(1 for c in range(self.n_cells) if self.is_live(c))
+
+    def _apply(self, fault: Fault) -> None:
+        kind = fault.kind
+        if kind == "partition":
+            cut = set(fault.zones)
+            zones = self.sc.cells.zones
+            groups = [0] * len(self.net.names)
+            for c in range(self.n_cells):
+                if zones[self.net.zone[c]] in cut:
+                    groups[c] = 1
+            self.net.partition(groups)
+            return
+        if kind == "heal":
+            self.net.heal()
+            return
+        if kind == "join":
+            for _ in range(fault.count):
+                cell = self._next_joiner
+                self._next_joiner += 1
+                self.net.restart(cell)
+                self.member[cell] = True
+                self._recount()
+                self._track("join", cell)
+                self.members.join(cell)
+            return
+        for cell in fault.cells:
+            if kind == "crash" and self.is_live(cell):
+                self._track("dead", cell)
+                self.net.crash(cell)
+                self._recount()
+                self.members.crash(cell)
+                if self.puller is not None:
+                    self.puller.on_crash(cell)
+            elif kind == "leave" and self.is_live(cell):
+                self._track("dead", cell)
+                self.members.leave(cell)
+                self.member[cell] = False
+                self.net.crash(cell)
+                self._recount()
+                if self.puller is not None:
+                    self.puller.on_crash(cell)
+            elif kind == "restart" and not self.net.alive[cell]:
+                self.net.restart(cell)
+                self.member[cell] = True
+                self._recount()
+                self._track("join", cell)
+                self.members.restart(cell)
+
+
+class StaticMembership:
+    """Every cell sees exactly the live members at once (an oracle, no traffic): for
+    scenarios about pulls, where membership is not what is studied."""
+
+    def __init__(self, world: World) -> None:
+        self.w = world
+
+    def start(self) -> None:
+        pass
+
+    def _announce(self, member: int, state: str) -> None:
+        for c in self.w.live_cells():
+            if c != member:
+                self.w.view_changed(c, member, state)
+
+    def crash(self, cell: int) -> None:
+        self._announce(cell, "dead")
+
+    leave = crash
+
+    def restart(self, cell: int) -> None:
+        self._announce(cell, "alive")
+
+    join = restart
+
+    def live_view(self, cell: int) -> list[int]:
+        return self.w.live_cells()
+
+    def summary(self) -> dict[str, object]:
+        return {"mode": "static"}
+
+
+def _make_members(world: World) -> Members:
+    if world.sc.membership_mode == "static":
+        return StaticMembership(world)
+    from simulations.model.swim import SwimMembership
+
+    return SwimMembership(world)
+
+
+def _make_puller(world: World) -> Puller:
+    if world.strategy == "central-only":
+        return CentralOnly(world)
+    if world.strategy == "spegel":
+        return Spegel(world)
+    from simulations.model.celld import CelldPuller
+
+    return CelldPuller(world)
