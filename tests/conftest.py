@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.celld import Celld
 from tests.support.registry import Registry
 
 
@@ -24,3 +25,11 @@ def central(tmp_path: Path) -> Iterator[Registry]:
     reg = Registry(tmp_path / "central").start()
     yield reg
     reg.stop()
+
+
+@pytest.fixture
+def cell(tmp_path: Path, hub: Registry) -> Iterator[Celld]:
+    """A celld whose docker.io upstream is the test Hub."""
+    daemon = Celld(tmp_path / "cell", upstreams={"docker.io": hub.url}).start()
+    yield daemon
+    daemon.stop()

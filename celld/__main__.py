@@ -1,0 +1,3 @@
+from celld.cli import main
+
+raise SystemExit(main())

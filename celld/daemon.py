@@ -1,0 +1,106 @@
+"""One cell's daemon: the tree of tasks `celld serve` runs.
+
+Owns startup order (store recovery before any listener opens), the nursery
+every fetch and connection lives in, periodic bookkeeping, and shutdown on
+SIGINT/SIGTERM. Reads the tree top-down: serve() -> store, sources, mirror,
+metrics listener, bookkeeping.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass
+
+import httpx
+import trio
+
+from celld import http as http_server
+from celld.config import Config
+from celld.metrics import Metrics
+from celld.mirror import Mirror
+from celld.sources import Sources
+from celld.store import Store
+
+log = logging.getLogger("celld")
+
+FLUSH_INTERVAL = 5.0
+
+
+@dataclass(frozen=True)
+class Running:
+    """What a started daemon tells its starter: where it listens."""
+
+    mirror: tuple[str, int]
+    metrics: tuple[str, int] | None
+    store: Store
+    sources: Sources
+    metrics_registry: Metrics
+
+
+def _address(listeners: list[trio.SocketListener]) -> tuple[str, int]:
+    host, port = listeners[0].socket.getsockname()[:2]
+    return host, port
+
+
+async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = await trio.to_thread.run_sync(Store.open, config.data_dir)
+    try:
+        metrics = Metrics()
+        metrics.store_bytes.set(store.total_bytes())
+        metrics.store_blobs.set(len(store.entries()))
+        timeout = httpx.Timeout(30.0, connect=config.connect_timeout)
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+        async with (
+            httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=True) as client,
+            trio.open_nursery() as nursery,
+        ):
+            sources = Sources(config, store, metrics, nursery, client)
+            mirror = Mirror(sources, store, metrics)
+            listen = config.mirror_listen
+            listeners = await nursery.start(
+                http_server.serve, listen.host, listen.port, mirror.handle
+            )
+            metrics_addr = None
+            if config.metrics_listen is not None:
+                ml = config.metrics_listen
+                mlisteners = await nursery.start(
+                    http_server.serve, ml.host, ml.port, metrics.handle
+                )
+                metrics_addr = _address(mlisteners)
+            nursery.start_soon(_bookkeeping, store)
+            running = Running(_address(listeners), metrics_addr, store, sources, metrics)
+            log.info(
+                "cell %s: mirror on %s:%d, metrics on %s, data in %s",
+                config.name,
+                *running.mirror,
+                f"{metrics_addr[0]}:{metrics_addr[1]}" if metrics_addr else "off",
+                config.data_dir,
+            )
+            task_status.started(running)
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(_close_store, store)
+
+
+def _close_store(store: Store) -> None:
+    store.flush_access()
+    store.close()
+
+
+async def _bookkeeping(store: Store) -> None:
+    """Writes batched last-access times, so the hit path never waits on SQLite."""
+    while True:
+        await trio.sleep(FLUSH_INTERVAL)
+        await trio.to_thread.run_sync(store.flush_access)
+
+
+async def run_until_signalled(config: Config) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, config)
+            async for signum in signals:
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break

@@ -1,0 +1,310 @@
+"""A small HTTP/1.1 server core: h11 on trio sockets, with a sendfile path.
+
+Owns the connection loop shared by the mirror and the metrics listener:
+parsing with h11 (bounded header size), keep-alive, idle and stall timeouts,
+and writing bodies. A handler turns a `Request` into a `Response`; the body
+is either bytes, a file range sent with os.sendfile (the cache-hit path moves
+bytes in the kernel), or a `Body` that streams itself (a blob still being
+downloaded). A body that fails mid-way closes the connection before the
+declared length is complete, so a client never mistakes a partial or
+unverified body for a whole one.
+
+Never lets a handler's exception reach the client as a traceback: it becomes
+a 500 with a JSON error, or a closed connection once headers are out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import h11
+import trio
+
+from protocol.errors import OCIError, oci_error
+
+log = logging.getLogger(__name__)
+
+MAX_HEADER_BYTES = 16 * 1024
+IDLE_TIMEOUT = 75.0  # keep-alive idle, like nginx's keepalive_timeout
+HEADER_TIMEOUT = 15.0  # a started request must finish its headers in this time
+SEND_STALL_TIMEOUT = 60.0  # a client that reads nothing for this long is dropped
+MAX_DISCARDED_BODY = 1024 * 1024  # request bodies (pushes) we read and drop
+
+
+@dataclass(frozen=True)
+class Request:
+    method: bytes
+    target: bytes
+    headers: tuple[tuple[bytes, bytes], ...]
+
+    def header(self, name: bytes) -> bytes | None:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    def header_values(self, name: bytes) -> list[bytes]:
+        return [v for k, v in self.headers if k == name]
+
+
+class Output(Protocol):
+    async def send_bytes(self, data: bytes) -> None: ...
+    async def sendfile(self, fd: int, offset: int, count: int) -> None: ...
+
+
+class Body(Protocol):
+    """A body that writes itself; raising aborts the connection."""
+
+    length: int
+
+    async def write(self, out: Output) -> None: ...
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """`length` bytes of an open file from `offset`, sent with sendfile.
+
+    The response owns `fd` and closes it when the body is sent or abandoned.
+    """
+
+    fd: int
+    offset: int
+    length: int
+
+    async def write(self, out: Output) -> None:
+        await out.sendfile(self.fd, self.offset, self.length)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@dataclass
+class Response:
+    status: int
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes | FileRange | Body = b""
+    on_done: Callable[[int], None] | None = None  # called with the body bytes sent
+
+    @property
+    def length(self) -> int:
+        return len(self.body) if isinstance(self.body, bytes) else self.body.length
+
+
+def error_response(err: OCIError, *, head: bool = False) -> Response:
+    body = err.body()
+    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    headers.extend(err.headers)
+    return Response(err.status, headers, b"" if head else body)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class _SocketOutput:
+    """Writes to a trio socket stream; sendfile waits for writability itself."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.sent = 0
+
+    async def send_bytes(self, data: bytes) -> None:
+        with trio.fail_after(SEND_STALL_TIMEOUT):
+            await self.stream.send_all(data)
+        self.sent += len(data)
+
+    async def sendfile(self, fd: int, offset: int, count: int) -> None:
+        sock = self.stream.socket
+        end = offset + count
+        while offset < end:
+            try:
+                n = os.sendfile(sock.fileno(), fd, offset, min(end - offset, 1 << 30))
+            except BlockingIOError:
+                with trio.fail_after(SEND_STALL_TIMEOUT):
+                    await trio.lowlevel.wait_writable(sock)
+                continue
+            if n == 0:
+                raise OSError(errno.EIO, "file shorter than the range to send")
+            offset += n
+            self.sent += n
+            # Give other tasks a turn between kernel copies.
+            await trio.lowlevel.checkpoint()
+
+
+class _Discard(Exception):
+    """The connection can't carry another request; close it quietly."""
+
+
+async def _next_event(conn: h11.Connection, stream: trio.SocketStream, timeout: float):
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        with trio.move_on_after(timeout) as scope:
+            data = await stream.receive_some(65536)
+        if scope.cancelled_caught:
+            raise _Discard
+        conn.receive_data(data)
+
+
+async def serve_connection(stream: trio.SocketStream, handler: Handler) -> None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+    out = _SocketOutput(stream)
+    try:
+        while True:
+            try:
+                first = conn.their_state is h11.IDLE
+                event = await _next_event(conn, stream, IDLE_TIMEOUT if first else HEADER_TIMEOUT)
+            except h11.RemoteProtocolError as exc:
+                await _send_protocol_error(conn, out, exc)
+                return
+            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                return
+            if not isinstance(event, h11.Request):
+                return
+            if event.http_version not in (b"1.0", b"1.1"):
+                err = oci_error("UNSUPPORTED", event.http_version.decode("latin-1"), status=505)
+                await _send_response(conn, out, error_response(err), head=False)
+                return
+            request = Request(event.method, event.target, tuple(event.headers))
+            try:
+                await _drain_body(conn, stream)
+            except h11.RemoteProtocolError as exc:
+                await _send_protocol_error(conn, out, exc)
+                return
+            try:
+                response = await handler(request)
+            except OCIError as err:
+                response = error_response(err, head=request.method == b"HEAD")
+            except Exception:
+                log.exception("handler failed for %s %r", request.method, request.target[:200])
+                response = error_response(
+                    OCIError("UNKNOWN", "internal error", 500), head=request.method == b"HEAD"
+                )
+            await _send_response(conn, out, response, head=request.method == b"HEAD")
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                return
+            try:
+                conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+    except (_Discard, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+        return
+    except OSError as exc:
+        log.debug("connection dropped: %s", exc)
+        return
+    finally:
+        with trio.move_on_after(1) as cleanup:
+            cleanup.shield = True
+            await stream.aclose()
+
+
+async def _drain_body(conn: h11.Connection, stream: trio.SocketStream) -> None:
+    """Reads and drops a request body (push attempts) up to a bound."""
+    seen = 0
+    while True:
+        event = await _next_event(conn, stream, HEADER_TIMEOUT)
+        if isinstance(event, h11.EndOfMessage):
+            return
+        if isinstance(event, h11.Data):
+            seen += len(event.data)
+            if seen > MAX_DISCARDED_BODY:
+                raise _Discard
+        elif isinstance(event, h11.ConnectionClosed):
+            raise _Discard
+
+
+async def _send_protocol_error(
+    conn: h11.Connection, out: _SocketOutput, exc: h11.RemoteProtocolError
+) -> None:
+    if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        return
+    status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
+    response = error_response(
+        oci_error("UNSUPPORTED", str(exc), "malformed request", status=status)
+    )
+    response.headers.append(("Connection", "close"))
+    with contextlib.suppress(
+        trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.LocalProtocolError
+    ):
+        await _send_response(conn, out, response, head=False)
+    await _linger(out.stream)
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """Reads what the client still sends before closing, like nginx's lingering
+    close: closing with unread input makes the kernel send RST, which can
+    destroy the error response before the client reads it."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        await stream.send_eof()
+        with trio.move_on_after(1.0):
+            received = 0
+            while received < 1 << 20:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                received += len(data)
+
+
+async def _send_response(
+    conn: h11.Connection, out: _SocketOutput, response: Response, *, head: bool
+) -> None:
+    body = response.body
+    header_end = out.sent
+    try:
+        headers = [(k.encode(), v.encode()) for k, v in response.headers]
+        names = {k.lower() for k, _ in headers}
+        if b"content-length" not in names:
+            headers.append((b"content-length", str(response.length).encode()))
+        await out.send_bytes(conn.send(h11.Response(status_code=response.status, headers=headers)))
+        header_end = out.sent
+        if not head and response.length:
+            if isinstance(body, bytes):
+                await out.send_bytes(conn.send(h11.Data(data=body)))
+            else:
+                # Tell h11 the bytes are sent (it only counts them), then let
+                # the body put them on the wire itself.
+                conn.send_with_data_passthrough(h11.Data(data=_Length(response.length)))
+                await body.write(out)
+                if out.sent - header_end != response.length:
+                    raise OSError(errno.EIO, "body shorter than its Content-Length")
+        tail = conn.send(h11.EndOfMessage())
+        if tail:
+            await out.send_bytes(tail)
+    finally:
+        if isinstance(body, FileRange):
+            body.close()
+        if response.on_done is not None:
+            response.on_done(max(0, out.sent - header_end))
+
+
+class _Length:
+    """Stands in for body bytes in h11's bookkeeping: it only calls len()."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+async def serve(
+    host: str,
+    port: int,
+    handler: Handler,
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listens and serves until cancelled; reports the listeners once bound."""
+    listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
+    task_status.started(listeners)
+
+    async def one(stream: trio.SocketStream) -> None:
+        await serve_connection(stream, handler)
+
+    await trio.serve_listeners(one, listeners)

@@ -1,0 +1,76 @@
+"""Prometheus metrics of one daemon, and the listener that exposes them.
+
+Owns the metric names and labels operators graph. One CollectorRegistry per
+daemon (not the process-global one) so several cells can run in one process,
+as tests and the simulator's testbed do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from celld.http import Request, Response
+
+SOURCES = ("store", "registry", "upstream", "peer")
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "celld_mirror_requests",
+            "Mirror requests by kind (manifest, blob, base) and outcome",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.served_bytes = Counter(
+            "celld_mirror_served_bytes",
+            "Body bytes the mirror sent, by where they came from",
+            ["kind", "source"],
+            registry=r,
+        )
+        self.served = Counter(
+            "celld_mirror_served",
+            "Successful mirror responses by where the content came from",
+            ["kind", "source"],
+            registry=r,
+        )
+        self.fetches = Counter(
+            "celld_fetches",
+            "Fetches of content into the store by source and outcome",
+            ["source", "outcome"],
+            registry=r,
+        )
+        self.fetched_bytes = Counter(
+            "celld_fetched_bytes", "Bytes fetched into the store by source", ["source"], registry=r
+        )
+        self.singleflight_joins = Counter(
+            "celld_singleflight_joins",
+            "Requests that joined a fetch already in flight instead of starting one",
+            registry=r,
+        )
+        self.digest_mismatches = Counter(
+            "celld_digest_mismatches",
+            "Fetched bytes that did not match their digest (nothing stored)",
+            ["source"],
+            registry=r,
+        )
+        self.stale_tags = Counter(
+            "celld_stale_tags_served",
+            "Tags answered from the last known digest because no source answered",
+            registry=r,
+        )
+        self.store_bytes = Gauge("celld_store_bytes", "Bytes of verified blobs stored", registry=r)
+        self.store_blobs = Gauge("celld_store_blobs", "Verified blobs stored", registry=r)
+
+    async def handle(self, request: Request) -> Response:
+        if request.target.split(b"?", 1)[0] != b"/metrics":
+            return Response(404, [("Content-Type", "text/plain")], b"not found\n")
+        body = generate_latest(self.registry)
+        return Response(200, [("Content-Type", CONTENT_TYPE_LATEST)], body)

@@ -1,0 +1,414 @@
+"""The fetch chain: where content the store lacks comes from.
+
+Owns the order of sources (central registries in order, then the upstream
+named by `ns`), their health (a dead central registry is skipped for a while
+instead of costing every request a connect timeout), and the singleflight:
+exactly one fetch per digest however many clients wait, with every waiter
+streamed the bytes as they land in the temp file.
+
+The invariant it keeps: nothing becomes visible in the store, and no waiter
+receives a blob's last byte, before the whole blob matched its digest. A
+mismatch aborts the fetch, every waiter's transfer fails, the source is
+counted bad, and the next request starts over.
+
+Never parses names or digests itself (protocol.reference does) and never
+speaks HTTP itself (celld.registry does).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import trio
+from protocol.manifest import UPSTREAM_ACCEPT
+
+from celld.config import Config
+from celld.metrics import Metrics
+from celld.registry import NotFound, RegistryClient, Unauthorized, Unavailable
+from celld.store import BlobEntry, BlobWriter, DigestMismatch, Store
+from protocol.errors import OCIError, oci_error
+from protocol.reference import Digest
+
+log = logging.getLogger(__name__)
+
+WRITE_BATCH = 1 << 20  # bytes handed to the writer thread at once
+
+
+def central_repo(ns: str, name: str) -> str:
+    """The repository a central registry keeps `ns`'s image `name` under.
+
+    Central registries hold images of many upstreams, so the upstream host is
+    the first path component; a port's colon is not allowed in a name.
+    """
+    return f"{ns.replace(':', '-')}/{name}"
+
+
+def unavailable(detail: str) -> OCIError:
+    return OCIError("UNAVAILABLE", "no source could provide the content", 503, detail)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One place to fetch from, and the repository name it uses."""
+
+    kind: str  # "registry" or "upstream"
+    label: str  # for logs and the index: "registry:<url>", "upstream:<ns>"
+    client: RegistryClient
+    repo: str
+
+
+@dataclass
+class Health:
+    """A central registry's circuit breaker."""
+
+    down_until: float = 0.0
+    failures: int = 0
+
+
+@dataclass(frozen=True)
+class ManifestResult:
+    media_type: str
+    data: bytes
+    digest: str
+    source: str  # "store", "registry", "upstream"
+
+
+class FetchFailed(Exception):
+    """The fetch a waiter was following did not complete; its bytes are void."""
+
+
+@dataclass(eq=False)
+class Fetch:
+    """One blob download in flight, followed by every client that wants it.
+
+    Waiters read the temp file as it grows (`written` bytes are on disk) and
+    wait on `changed` for more. `entry` is set once the blob is verified and
+    in the store; `error` once it failed.
+    """
+
+    digest: str
+    size: int | None = None
+    path: Any = None
+    written: int = 0
+    source: str | None = None
+    entry: BlobEntry | None = None
+    error: OCIError | None = None
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def started(self) -> bool:
+        return self.path is not None
+
+    @property
+    def finished(self) -> bool:
+        return self.entry is not None or self.error is not None
+
+    def notify(self) -> None:
+        event, self.changed = self.changed, trio.Event()
+        event.set()
+
+    async def wait_started(self) -> None:
+        while not (self.started or self.finished):
+            await self.changed.wait()
+        if self.error is not None and not self.started:
+            raise self.error
+
+    def sendable(self, end: int) -> int:
+        """How far a waiter may send: never the last byte before verification."""
+        if self.entry is not None:
+            return end
+        if self.size is None:
+            return 0
+        return min(end, self.written, self.size - 1)
+
+
+class Sources:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        metrics: Metrics,
+        nursery: trio.Nursery,
+        http: httpx.AsyncClient,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.nursery = nursery
+        self.clock = clock
+        self._fetches: dict[str, Fetch] = {}
+        self._manifest_flights: dict[tuple, trio.Event] = {}
+        self._health: dict[str, Health] = {}
+        self._central = [
+            (reg.url, RegistryClient(reg.url, http=http, connect_timeout=config.connect_timeout))
+            for reg in config.registries
+        ]
+        self._upstreams = {
+            host: RegistryClient(up.url, http=http, connect_timeout=config.connect_timeout)
+            for host, up in config.upstreams.items()
+        }
+
+    # -- the chain ---------------------------------------------------------
+
+    def _chain(self, name: str, ns: str | None) -> list[Source]:
+        ns = ns or "docker.io"
+        now = self.clock()
+        chain = [
+            Source("registry", f"registry:{url}", client, central_repo(ns, name))
+            for url, client in self._central
+            if self._health.get(url, Health()).down_until <= now
+        ]
+        upstream = self._upstreams.get(ns)
+        if upstream is not None:
+            chain.append(Source("upstream", f"upstream:{ns}", upstream, name))
+        return chain
+
+    def _check_ns(self, ns: str | None) -> None:
+        if (ns or "docker.io") not in self._upstreams:
+            raise oci_error("NAME_UNKNOWN", detail=f"no upstream is configured for registry {ns!r}")
+
+    def _source_failed(self, source: Source, exc: Exception) -> None:
+        log.warning("%s unavailable: %s", source.label, exc)
+        if source.kind != "registry":
+            return
+        url = source.label.removeprefix("registry:")
+        health = self._health.setdefault(url, Health())
+        health.failures += 1
+        backoff = self.config.source_retry_after * min(8, 2 ** (health.failures - 1))
+        health.down_until = self.clock() + backoff
+
+    def _source_ok(self, source: Source) -> None:
+        if source.kind == "registry":
+            self._health.pop(source.label.removeprefix("registry:"), None)
+
+    # -- blobs -------------------------------------------------------------
+
+    def blob(self, name: str, digest: Digest, ns: str | None) -> BlobEntry | Fetch:
+        """The stored blob, or the fetch (new or joined) that will bring it."""
+        key = str(digest)
+        entry = self.store.lookup(key)
+        if entry is not None:
+            return entry
+        fetch = self._fetches.get(key)
+        if fetch is not None:
+            self.metrics.singleflight_joins.inc()
+            return fetch
+        self._check_ns(ns)
+        fetch = Fetch(key)
+        self._fetches[key] = fetch
+        self.nursery.start_soon(self._run_fetch, fetch, name, ns)
+        return fetch
+
+    async def _run_fetch(self, fetch: Fetch, name: str, ns: str | None) -> None:
+        errors: list[str] = []
+        try:
+            for source in self._chain(name, ns):
+                try:
+                    await self._fetch_from(fetch, source)
+                    self._source_ok(source)
+                    return
+                except NotFound:
+                    errors.append(f"{source.label}: not found")
+                    self.metrics.fetches.labels(source.kind, "not_found").inc()
+                except Unauthorized as exc:
+                    errors.append(f"{source.label}: {exc}")
+                    self.metrics.fetches.labels(source.kind, "unauthorized").inc()
+                except Unavailable as exc:
+                    self.metrics.fetches.labels(source.kind, "unavailable").inc()
+                    self._source_failed(source, exc)
+                    errors.append(f"{source.label}: unavailable")
+                    if fetch.started:
+                        raise FetchFailed(f"{source.label} failed mid-transfer") from exc
+                except DigestMismatch:
+                    self.metrics.digest_mismatches.labels(source.kind).inc()
+                    self.metrics.fetches.labels(source.kind, "digest_mismatch").inc()
+                    log.error("%s sent bytes that do not match %s", source.label, fetch.digest)
+                    raise FetchFailed(f"{source.label} sent corrupt bytes") from None
+            all_missing = errors and all(e.endswith("not found") for e in errors)
+            fetch.error = (
+                oci_error("BLOB_UNKNOWN", detail=fetch.digest)
+                if all_missing
+                else unavailable("; ".join(errors) or "no source configured")
+            )
+        except FetchFailed as exc:
+            fetch.error = unavailable(str(exc))
+        except Exception as exc:  # never let one fetch take the daemon down
+            log.exception("fetch of %s failed", fetch.digest)
+            fetch.error = unavailable(f"internal error: {type(exc).__name__}")
+        finally:
+            if fetch.entry is None and fetch.error is None:
+                fetch.error = unavailable("fetch cancelled")
+            self._fetches.pop(fetch.digest, None)
+            fetch.notify()
+
+    async def _fetch_from(self, fetch: Fetch, source: Source) -> None:
+        async with source.client.open_blob(source.repo, fetch.digest) as response:
+            writer = self.store.new_writer(fetch.digest, source=source.label)
+            try:
+                fetch.size = response.size
+                fetch.source = source.kind
+                fetch.path = writer.path
+                fetch.notify()
+                await self._copy(fetch, writer, response.aiter_bytes())
+                if fetch.size is not None and writer.written != fetch.size:
+                    raise Unavailable(f"{source.label} sent {writer.written} of {fetch.size} bytes")
+                entry = await trio.to_thread.run_sync(writer.commit)
+            except BaseException:
+                writer.abort()
+                raise
+        self.metrics.fetches.labels(source.kind, "ok").inc()
+        self.metrics.fetched_bytes.labels(source.kind).inc(entry.size)
+        self.metrics.store_bytes.inc(entry.size)
+        self.metrics.store_blobs.inc()
+        fetch.entry = entry
+
+    async def _copy(self, fetch: Fetch, writer: BlobWriter, chunks: AsyncIterator[bytes]) -> None:
+        """Moves bytes to disk in batches; hashing and writing off the event loop."""
+        batch = bytearray()
+        async for chunk in chunks:
+            batch += chunk
+            if len(batch) >= WRITE_BATCH:
+                await trio.to_thread.run_sync(writer.write, bytes(batch))
+                batch.clear()
+                fetch.written = writer.written
+                fetch.notify()
+        if batch:
+            await trio.to_thread.run_sync(writer.write, bytes(batch))
+            fetch.written = writer.written
+            fetch.notify()
+
+    # -- manifests ---------------------------------------------------------
+
+    async def manifest(self, name: str, reference: str | Digest, ns: str | None) -> ManifestResult:
+        if isinstance(reference, Digest):
+            key = str(reference)
+            entry = self.store.lookup(key)
+            if entry is not None:
+                return await self._stored_manifest(entry)
+            self._check_ns(ns)
+            async with self._flight(("digest", key)):
+                entry = self.store.lookup(key)
+                if entry is not None:
+                    return await self._stored_manifest(entry)
+                return await self._fetch_manifest_by_digest(name, key, ns)
+        self._check_ns(ns)
+        async with self._flight(("tag", ns, name, reference)):
+            return await self._resolve_tag(name, reference, ns)
+
+    @asynccontextmanager
+    async def _flight(self, key: tuple) -> AsyncIterator[None]:
+        """Lets one task per key talk to sources; the others wait, then re-check."""
+        while (event := self._manifest_flights.get(key)) is not None:
+            self.metrics.singleflight_joins.inc()
+            await event.wait()
+        event = trio.Event()
+        self._manifest_flights[key] = event
+        try:
+            yield
+        finally:
+            del self._manifest_flights[key]
+            event.set()
+
+    async def _stored_manifest(self, entry: BlobEntry, source: str = "store") -> ManifestResult:
+        if not entry.media_type:  # a layer or config, not a manifest
+            raise oci_error("MANIFEST_UNKNOWN", detail=entry.digest)
+        data = await trio.to_thread.run_sync(entry.path.read_bytes)
+        return ManifestResult(entry.media_type or "", data, entry.digest, source)
+
+    async def _fetch_manifest_by_digest(
+        self, name: str, digest: str, ns: str | None
+    ) -> ManifestResult:
+        errors = []
+        for source in self._chain(name, ns):
+            try:
+                got = await source.client.get_manifest(source.repo, digest, UPSTREAM_ACCEPT)
+            except NotFound:
+                errors.append("not found")
+                continue
+            except Unauthorized as exc:
+                raise oci_error("UNAUTHORIZED", detail=str(exc)) from None
+            except Unavailable as exc:
+                self._source_failed(source, exc)
+                errors.append(f"{source.label}: unavailable")
+                continue
+            self._source_ok(source)
+            if _sha256(got.data) != digest:
+                self.metrics.digest_mismatches.labels(source.kind).inc()
+                errors.append(f"{source.label}: digest mismatch")
+                continue
+            return await self._keep_manifest(got.data, got.media_type, digest, source)
+        if errors and all(e == "not found" for e in errors):
+            raise oci_error("MANIFEST_UNKNOWN", detail=digest)
+        raise unavailable("; ".join(errors) or "no source configured")
+
+    async def _keep_manifest(
+        self, data: bytes, media_type: str, digest: str, source: Source
+    ) -> ManifestResult:
+        entry = self.store.lookup(digest)
+        if entry is None:
+            put = functools.partial(
+                self.store.put_bytes, digest, data, media_type=media_type, source=source.label
+            )
+            entry = await trio.to_thread.run_sync(put)
+            self.metrics.store_bytes.inc(entry.size)
+            self.metrics.store_blobs.inc()
+            self.metrics.fetches.labels(source.kind, "ok").inc()
+            self.metrics.fetched_bytes.labels(source.kind).inc(entry.size)
+        return ManifestResult(media_type, data, digest, source.kind)
+
+    async def _resolve_tag(self, name: str, tag: str, ns: str | None) -> ManifestResult:
+        ns_key = ns or "docker.io"
+        errors = []
+        # The upstream is the authority for tags; central registries only
+        # stand in for it when it does not answer.
+        chain = self._chain(name, ns)
+        for source in [*chain[-1:], *chain[:-1]]:
+            try:
+                got = await source.client.get_manifest(source.repo, tag, UPSTREAM_ACCEPT)
+            except NotFound:
+                if source.kind == "upstream":
+                    raise oci_error("MANIFEST_UNKNOWN", detail=f"{name}:{tag}") from None
+                errors.append(f"{source.label}: not found")
+                continue
+            except Unauthorized as exc:
+                if source.kind == "upstream":
+                    raise oci_error("UNAUTHORIZED", detail=str(exc)) from None
+                errors.append(f"{source.label}: unauthorized")
+                continue
+            except Unavailable as exc:
+                self._source_failed(source, exc)
+                errors.append(f"{source.label}: unavailable")
+                continue
+            self._source_ok(source)
+            digest = _sha256(got.data)
+            if got.digest and got.digest != digest:
+                self.metrics.digest_mismatches.labels(source.kind).inc()
+                errors.append(f"{source.label}: digest mismatch")
+                continue
+            result = await self._keep_manifest(got.data, got.media_type, digest, source)
+            await trio.to_thread.run_sync(
+                self.store.set_tag, ns_key, name, tag, digest, time.time()
+            )
+            return result
+        stale = await trio.to_thread.run_sync(self.store.get_tag, ns_key, name, tag)
+        entry = self.store.lookup(stale) if stale else None
+        if entry is not None:
+            self.metrics.stale_tags.inc()
+            log.warning("serving last known %s:%s -> %s (%s)", name, tag, stale, "; ".join(errors))
+            return await self._stored_manifest(entry)
+        if errors and all(e.endswith("not found") for e in errors):
+            raise oci_error("MANIFEST_UNKNOWN", detail=f"{name}:{tag}")
+        raise unavailable("; ".join(errors) or "no source configured")
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()

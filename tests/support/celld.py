@@ -1,0 +1,123 @@
+"""celld itself as tests see it: a real `celld serve` process on loopback.
+
+Tests write a config (the contract's keys), start the daemon as a separate
+process, talk to its mirror and metrics over HTTP, and may SIGKILL it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from tests.support.procs import free_port, stop_process, tail, wait_for_port
+
+
+@dataclass
+class Celld:
+    root: Path
+    upstreams: dict[str, str] = field(default_factory=dict)
+    registries: list[str] = field(default_factory=list)
+    extra: str = ""
+    port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "celld.log"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "celld.toml"
+
+    def write_config(self) -> Path:
+        lines = [
+            "[cell]",
+            'name = "test-cell"',
+            f'data_dir = "{self.data_dir}"',
+            "[mirror]",
+            f'listen = "127.0.0.1:{self.port}"',
+            "[metrics]",
+            f'listen = "127.0.0.1:{self.metrics_port}"',
+        ]
+        for url in self.registries:
+            lines += ["[[registry]]", f'url = "{url}"']
+        for host, url in self.upstreams.items():
+            lines += [f'[upstreams."{host}"]', f'url = "{url}"']
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text("\n".join(lines) + "\n" + self.extra)
+        return self.config_path
+
+    def start(self) -> Celld:
+        self.write_config()
+        log = self.log_path.open("ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celld", "serve", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        log.close()
+        try:
+            wait_for_port(self.port, self.proc, timeout=20)
+            wait_for_port(self.metrics_port, self.proc, timeout=5)
+        except Exception as exc:
+            raise RuntimeError(f"celld did not start:\n{tail(self.log_path)}") from exc
+        return self
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def metrics(self) -> dict[str, float]:
+        """Samples of the Prometheus text as {'name{labels}': value}."""
+        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics").text
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("#") or not line.strip():
+                continue
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+        return out
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels`."""
+        total = 0.0
+        for key, value in self.metrics().items():
+            m = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?", key)
+            if not m or m[1] != name:
+                continue
+            got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m[2] or ""))
+            if all(got.get(k) == v for k, v in labels.items()):
+                total += value
+        return total
