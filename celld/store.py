@@ -158,7 +158,8 @@ class BlobWriter:
     Other tasks may open ``path`` and read it while it grows (bytes reach the kernel on every
     ``write``). After ``commit`` the file has moved under ``blobs/`` (open descriptors keep
     working); after ``abort`` or a failed commit it is gone. Use it as a context manager to
-    abort on any exception.
+    abort on any exception. One writer belongs to one task: its methods are not meant to be
+    called from two threads at once (waiters only read ``path`` up to ``written``).
     """
 
     def __init__(
@@ -214,9 +215,9 @@ class BlobWriter:
         except OSError as exc:
             self.abort()
             raise _full_disk(exc, f"flushing {self.digest}") from exc
-        os.close(fd)
         self._fd = None
         try:
+            os.close(fd)
             return self._store._publish(self._hex, self.path, self.written, self)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -293,11 +294,13 @@ class Store:
     def open(cls, data_dir: Path, *, clock: Callable[[], float] = time.time) -> Store:
         """Open (creating if needed) the store in ``data_dir`` and repair it after any crash."""
         store = cls(data_dir, clock=clock)
-        store.data_dir.mkdir(parents=True, exist_ok=True)
+        # Private layers (issue 3) live here too: only the daemon's user may read the store.
+        store.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         store._take_lock()
         try:
-            store.blobs_dir.mkdir(parents=True, exist_ok=True)
-            store.tmp_dir.mkdir(exist_ok=True)
+            store.blobs_dir.parent.mkdir(mode=0o700, exist_ok=True)
+            store.blobs_dir.mkdir(mode=0o700, exist_ok=True)
+            store.tmp_dir.mkdir(mode=0o700, exist_ok=True)
             try:
                 store._open_db()
                 store._recover()
@@ -508,7 +511,7 @@ class Store:
         self._require_open()
         path = self.tmp_dir / f"{hex_}.{os.getpid()}.{next(self._seq)}.part"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise _full_disk(exc, f"creating a temp file for {digest}") from exc
         return BlobWriter(self, digest, hex_, path, fd, media_type, source)
@@ -563,7 +566,7 @@ class Store:
                 return merged
             try:
                 if not final.parent.is_dir():
-                    final.parent.mkdir(exist_ok=True)
+                    final.parent.mkdir(mode=0o700, exist_ok=True)
                     _fsync_dir(self.blobs_dir)
                 os.rename(tmp_path, final)
                 _fsync_dir(final.parent)

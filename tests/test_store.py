@@ -53,6 +53,7 @@ def test_write_commit_lookup_and_reopen(tmp_path: Path) -> None:
         "upstream:docker.io",
     )
     assert entry.path.read_bytes() == data
+    assert entry.path.stat().st_mode & 0o077 == 0  # private layers: for the daemon's user only
     assert s.lookup(digest) == entry
     assert s.blob_path(digest) == entry.path
     assert list((tmp_path / "data" / "tmp").iterdir()) == []
