@@ -486,6 +486,10 @@ class Store:
     def __contains__(self, digest: str) -> bool:
         return digest in self._entries
 
+    def __len__(self) -> int:
+        """How many blobs are stored (memory only, unlike ``len(entries())`` which sorts)."""
+        return len(self._entries)
+
     def touch(self, digest: str, now: float) -> None:
         """Remember that ``digest`` was served at ``now``; reaches the index at flush_access."""
         if digest in self._entries:

@@ -243,6 +243,7 @@ def test_entries_total_bytes_and_delete(store: Store) -> None:
     store.delete(sha(blobs[3]))  # already gone: no error
     assert store.lookup(sha(blobs[3])) is None
     assert store.total_bytes() == sum(map(len, blobs[:3]))
+    assert len(store) == 3
     assert len(files_under(store.data_dir / "blobs")) == 3
 
 
