@@ -55,7 +55,6 @@ TOKEN_MARGIN = 10.0  # stop using a token this long before it expires (at most 1
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # containerd's limit; a bigger "manifest" is an attack
 MAX_SMALL_BODY = 64 * 1024  # token and error bodies
 FILE_CHUNK = 1024 * 1024  # read size when uploading from a file
-STREAM_CHUNK = 64 * 1024
 
 Body = bytes | Callable[[], AsyncIterator[bytes]]
 
@@ -135,7 +134,8 @@ class BlobResponse:
         length = response.headers.get("content-length", "")
         self.size: int | None = int(length) if length.isdigit() else None
 
-    async def aiter_bytes(self, chunk_size: int = STREAM_CHUNK) -> AsyncIterator[bytes]:
+    async def aiter_bytes(self, chunk_size: int | None = None) -> AsyncIterator[bytes]:
+        """The body as it arrives (`chunk_size` None: whatever each network read gave)."""
         try:
             async for chunk in self._response.aiter_bytes(chunk_size):
                 yield chunk
@@ -160,11 +160,13 @@ def _actions(scopes: Iterable[str]) -> str:
 def _error_fields(body: bytes) -> tuple[str | None, str]:
     """(code, message) of an OCI error body, or (None, "") if it is not one."""
     try:
-        errors = json.loads(body)["errors"]
-        first = errors[0]
-        return str(first.get("code")) or None, str(first.get("message") or "")
+        first = json.loads(body)["errors"][0]
+        code, message = first.get("code"), first.get("message")
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         return None, ""
+    # A remote's words go into our one-line messages: one line, bounded.
+    message = " ".join(str(message or "").split())[:200]
+    return (" ".join(str(code).split())[:64] or None) if code else None, message
 
 
 async def _read_limited(response: httpx.Response, limit: int, where: str) -> bytes:
@@ -172,10 +174,13 @@ async def _read_limited(response: httpx.Response, limit: int, where: str) -> byt
     if length.isdigit() and int(length) > limit:
         raise RegistryError(f"{where}: body of {length} bytes is over the {limit}-byte limit")
     data = bytearray()
-    async for chunk in response.aiter_bytes():
-        data += chunk
-        if len(data) > limit:
-            raise RegistryError(f"{where}: body is over the {limit}-byte limit")
+    try:
+        async for chunk in response.aiter_bytes():
+            data += chunk
+            if len(data) > limit:
+                raise RegistryError(f"{where}: body is over the {limit}-byte limit")
+    except httpx.TransportError as exc:
+        raise Unavailable(f"{where}: transfer failed: {_describe(exc)}") from exc
     return bytes(data)
 
 
@@ -378,7 +383,7 @@ class RegistryClient:
             ok=(201,),
         )
         theirs = response.headers.get("docker-content-digest")
-        if theirs and theirs != digest and ":" not in reference:
+        if theirs and theirs != digest:
             raise RegistryError(f"{self._where}: stored the manifest as {theirs}, not {digest}")
         return digest
 
@@ -498,8 +503,14 @@ class RegistryClient:
     def _refused(self, scopes: tuple[str, ...], sent: str | None) -> Unauthorized:
         action, repos = _actions(scopes), sorted({s.split(":")[1] for s in scopes})
         what = f"{action} access to {', '.join(repos)}"
+        realm = httpx.URL(self._bearer.params["realm"]) if self._bearer else None
         if self._credentials is None:
             text = f"{self._where} requires credentials for {what}"
+        elif realm is not None and not self._may_send_credentials(realm):
+            text = (
+                f"{self._where} requires credentials for {what}; they were not sent to its"
+                f" token realm {realm.netloc.decode()}, on another host over plain http"
+            )
         elif sent is not None and self._scheme == "basic":
             text = f"{self._where} refused the credentials of user {self._credentials.username!r}"
         else:
@@ -527,10 +538,11 @@ class RegistryClient:
                 and f"Bearer {cached.value}" != stale
             ):
                 return cached.value
-            self._tokens.pop(key, None)
             value, ttl = await self._fetch_token(realm, params, scopes)
-            margin = min(TOKEN_MARGIN, ttl / 4)
-            self._tokens[key] = _CachedToken(value, trio.current_time() + ttl - margin)
+            now = trio.current_time()
+            for old in [k for k, t in self._tokens.items() if t.usable_until <= now]:
+                del self._tokens[old]  # one entry per repository pulled: keep the dict small
+            self._tokens[key] = _CachedToken(value, now + ttl - min(TOKEN_MARGIN, ttl / 4))
             return value
 
     async def _fetch_token(
@@ -539,8 +551,15 @@ class RegistryClient:
         realm_url = httpx.URL(realm)
         where = f"token service {realm_url.netloc.decode()}"
         headers = {"User-Agent": USER_AGENT}
-        if self._credentials is not None and self._may_send_credentials(realm_url):
-            headers["Authorization"] = self._credentials._basic()
+        if self._credentials is not None:
+            if self._may_send_credentials(realm_url):
+                headers["Authorization"] = self._credentials._basic()
+            else:
+                log.warning(
+                    "%s: not sending credentials to token realm %s (plain http, another host)",
+                    self._where,
+                    realm_url.netloc.decode(),
+                )
         request = self._http.build_request(
             "GET", realm_url, params=params, headers=headers, timeout=self._timeout
         )
@@ -577,10 +596,10 @@ class RegistryClient:
         where = f"{self._where}: {request.method} {request.url.path}"
         try:
             return await self._http.send(request, stream=True, follow_redirects=follow_redirects)
-        except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
-            raise Unavailable(f"{where}: {_describe(exc)}") from exc
         except httpx.TooManyRedirects as exc:
             raise RegistryError(f"{where}: too many redirects") from exc
+        except httpx.TransportError as exc:  # connect, timeouts, resets, protocol errors
+            raise Unavailable(f"{where}: {_describe(exc)}") from exc
 
     async def _raise_for(self, response: httpx.Response, method: str, url: httpx.URL) -> None:
         try:

@@ -123,10 +123,18 @@ async def test_silent_registry_is_unavailable_after_the_read_timeout() -> None:
         await client.aclose()
 
 
-class _Overloaded(BaseHTTPRequestHandler):
-    """A registry front that sheds load: 503 with Retry-After, or 429."""
+class _Misbehaving(BaseHTTPRequestHandler):
+    """A registry front that sheds load (503 with Retry-After, or 429) or cuts bodies short."""
 
     def do_GET(self) -> None:
+        if "/short/" in self.path:  # promises 100 kB, sends 10 bytes, hangs up
+            self.send_response(200)
+            self.send_header("Content-Type", OCI_MANIFEST)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"0123456789")
+            self.close_connection = True
+            return
         status = 429 if "busy" in self.path else 503
         body = b'{"errors":[{"code":"TOOMANYREQUESTS","message":"slow down"}]}'
         self.send_response(status)
@@ -141,21 +149,35 @@ class _Overloaded(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def overloaded() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Overloaded)
+def misbehaving() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Misbehaving)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
 
 
-async def test_overloaded_registry_is_unavailable(overloaded: str) -> None:
-    client = RegistryClient(overloaded)
+async def test_overloaded_registry_is_unavailable(misbehaving: str) -> None:
+    client = RegistryClient(misbehaving)
     for name, status in (("library/down", 503), ("library/busy", 429)):
         with pytest.raises(Unavailable) as exc:
             await client.get_manifest(name, "v1", ACCEPT)
         assert (exc.value.status, exc.value.retry_after) == (status, 7.0)
         assert exc.value.code == "TOOMANYREQUESTS"
+    await client.aclose()
+
+
+async def test_body_cut_short_is_unavailable(misbehaving: str) -> None:
+    client = RegistryClient(misbehaving)
+    with pytest.raises(Unavailable, match="transfer failed"):
+        await client.get_manifest("short/app", "v1", ACCEPT)
+    received = b""
+    with pytest.raises(Unavailable, match="transfer failed"):
+        async with client.open_blob("short/app", sha256(b"x")) as blob:
+            assert blob.size == 100_000
+            async for chunk in blob.aiter_bytes():
+                received += chunk
+    assert received == b"0123456789"
     await client.aclose()
 
 
@@ -206,6 +228,21 @@ async def test_private_image_needs_credentials(token_hub: AuthHub) -> None:
     await client.aclose()
     assert token_hub.tokens is not None
     assert token_hub.tokens.count(user="alice", password_ok=True, status=200) == 1
+
+
+async def test_credentials_never_go_to_a_plain_http_realm_on_another_host(
+    token_hub: AuthHub,
+) -> None:
+    image = make_image((100,))
+    token_hub.push("private/shop", "2.1", image)
+    # The registry as "localhost"; its realm says 127.0.0.1: another host, over http.
+    elsewhere = token_hub.url.replace("127.0.0.1", "localhost")
+    client = RegistryClient(elsewhere, credentials=Credentials("alice", token_hub.users["alice"]))
+    with pytest.raises(Unauthorized, match=r"not sent to its token realm 127\.0\.0\.1"):
+        await client.get_manifest("private/shop", "2.1", ACCEPT)
+    await client.aclose()
+    assert token_hub.tokens is not None
+    assert {r.user for r in token_hub.tokens.requests} == {None}
 
 
 async def test_wrong_password_is_one_clear_line_without_secrets(
