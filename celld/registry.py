@@ -196,6 +196,8 @@ class RegistryClient:
     `http` may be shared among clients (connection pooling); the client then
     leaves it open on `aclose`. Timeouts are this client's own, per request:
     a short `connect_timeout` so that a dead registry is skipped quickly.
+    Names, references and digests are checked with protocol.reference before
+    any request is made; a bad one raises that module's `OCIError`.
     """
 
     def __init__(
@@ -272,6 +274,7 @@ class RegistryClient:
             yield BlobResponse(response, self._where)
 
     async def has_blob(self, name: str, digest: str) -> bool:
+        """HEAD of a blob: lets staging skip what a registry already holds."""
         name, digest = parse_name(name), str(parse_digest(str(digest)))
         try:
             async with self._stream(
@@ -540,8 +543,12 @@ class RegistryClient:
                 return cached.value
             value, ttl = await self._fetch_token(realm, params, scopes)
             now = trio.current_time()
+            # One entry per repository pulled: drop the stale ones as we go.
             for old in [k for k, t in self._tokens.items() if t.usable_until <= now]:
-                del self._tokens[old]  # one entry per repository pulled: keep the dict small
+                del self._tokens[old]
+            for old in [k for k, v in self._token_locks.items() if k != key and not v.locked()]:
+                if old not in self._tokens:
+                    del self._token_locks[old]
             self._tokens[key] = _CachedToken(value, now + ttl - min(TOKEN_MARGIN, ttl / 4))
             return value
 
