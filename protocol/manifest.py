@@ -254,6 +254,8 @@ def negotiate(accept: list[bytes | str] | None, media_type: str) -> bool:
     Each value may be a comma-separated list (containerd sends one, docker several
     headers). No Accept at all, or none with a media range in it, takes anything.
     Otherwise a range with q > 0 must name the type, or be `*/*` or `application/*`.
+    Parameters other than q are ignored. distribution 2.8 is stricter: it refuses OCI
+    types to `*/*` and to a request with no Accept; we follow RFC 9110 there.
     """
     if not accept:
         return True

@@ -8,20 +8,29 @@ Never: sends multipart/byteranges. A request for several satisfiable ranges gets
 whole body, which RFC 9110 allows ("a server MAY ignore the Range header field"); no
 registry client asks for more than one range.
 
-Where the RFC leaves room we do what nginx and Go's net/http (serveContent) do:
+Where the RFC leaves room we do what nginx and Go's net/http (serveContent) both do,
+except where they disagree with "always give the client correct bytes":
 
-- A header that is not `bytes=...` (the unit is case-insensitive), or a range-set that
-  is syntactically invalid (no dash, non-digits, last < first, nothing but commas), is
-  ignored: the whole body, 200. nginx ignores it the same way; Go answers 416 there,
-  which breaks clients that send a harmless odd header.
 - `bytes=N-M` with M past the end is clamped to size-1; `bytes=-N` with N larger than
-  the size is the whole body, as a 206 of 0..size-1.
-- Ranges that start at or past the end, and a suffix of length 0, are unsatisfiable.
-  Against an empty blob every range is unsatisfiable. When several ranges are given,
-  the unsatisfiable ones are dropped (as Go and nginx do): one left is served as a
-  206, none left is 416.
-- Optional whitespace around each range and around its numbers is tolerated, and
-  empty list elements ("bytes=0-1,,") are skipped, as RFC 9110's list rule says.
+  the size is the whole body, as a 206 of 0..size-1 (as nginx and Go).
+- Ranges that start at or past the end, and a suffix of length 0, are unsatisfiable:
+  416 with `Content-Range: bytes */size` (as nginx and Go). Against an empty blob every
+  range is unsatisfiable (as Go; nginx skips range handling for empty files).
+- When several ranges are given, the unsatisfiable ones are dropped: one left is
+  served as a 206, none left is 416 (as nginx and Go). Two or more left: the whole
+  body, 200 (nginx and Go send multipart/byteranges).
+- A header whose unit is not `bytes` (case-insensitive) is ignored: 200 (as nginx and
+  Go, and RFC 9110's "MUST ignore" for unknown units).
+- A `bytes=` range-set that is syntactically invalid (no dash, non-digits, last <
+  first, empty) is ignored too: 200 with the whole body. Here nginx and Go answer 416;
+  RFC 9110 section 14.2 allows either ("MAY ignore or reject"), and ignoring never
+  fails a client that could have used the whole body.
+- A last-pos too large for 64 bits is clamped like any other (nginx and Go overflow
+  and answer 416); a first-pos that large is past the end, so 416.
+- Optional whitespace around each range and its numbers is tolerated, and empty list
+  elements ("bytes=0-1,,") are skipped, as RFC 9110's list rule says.
+
+tests/protocol/test_ranges.py runs these against a real nginx.
 """
 
 from __future__ import annotations
