@@ -1,0 +1,800 @@
+"""Where a layer is: home cells by rendezvous hashing, provider records, fetch leases.
+
+Owns: which R cells are the "homes" of a digest (`home_cells`, `Homes`); the directory a
+home keeps of who provides a digest (`ProviderDirectory`), including the fetch lease that
+sends only one cell upstream; the provider's side that announces itself to the right
+homes and moves its announcements when membership changes (`ProviderAnnouncer`); and the
+asker's side that queries the homes, hedged (`ProviderLookup`).
+Never: opens a socket, reads a clock, draws OS randomness or encodes bytes. Time is the
+`now` argument (seconds, any origin, same on one cell); randomness is a `random.Random`
+passed in; messages are the frozen dataclasses below, which wire.py encodes 1:1.
+
+How to drive it (one cell; `send(to, msg)` is the caller's datagram sender)::
+
+    members = membership.live_ids()                    # ids of live cells, self included
+    ann = ProviderAnnouncer("cell-a", zone="z1")
+    ann.set_members(members, now)                      # -> [Send] (re-announcements)
+    ann.update(digest, complete=False, pieces=0, piece_count=n, now=now)  # -> [Send]
+    ann.tick(now, load=uploads.active)                 # -> [Send] refreshes before TTL
+
+    dirs = ProviderDirectory("cell-a", rng=random.Random(seed))
+    dirs.set_members(members, now)                     # drops the dead's records/leases
+    on Announce/Withdraw:  dirs.receive_announce(msg, now) / dirs.receive_withdraw(...)
+    on Lookup:             send(msg.asker, dirs.receive_lookup(msg, now))
+    every second or so:    dirs.expire(now)
+
+    look = ProviderLookup(digest, "cell-a", "z1", ann.homes(digest), request_id=7)
+    look.start(now) -> [Send]; look.poll(now) -> [Send] (hedge, escalation)
+    look.receive(reply, now) -> LookupResult | None;   look.done / look.result
+
+Theory of operation
+-------------------
+Homes. Every cell knows the live members (membership.py), so every cell computes the same
+homes for a digest with no tracker and no DHT walk: each member gets a score
+`mix64(member_key ^ digest_key)` and the R highest scores are the homes. The keys are the
+first 8 bytes of blake3 (a PRF) of the member id and of the digest, and mix64 (the
+splitmix64 finalizer, a bijection with full avalanche) decorrelates the XOR, so for any
+digest the ranking of members is an independent uniform permutation: each member is a
+home of R/N of all digests (uniform), and a member joining or leaving changes only the
+home sets it enters or leaves (stable: about R/N of the digests move, the least any
+scheme can move). Computing homes costs one multiply-xor chain per member; `Homes` keeps
+the top R of the digests a cell tracks and updates them in O(1) per joining member, so a
+membership change costs O(N) only for digests whose home died.
+
+Records. A provider announces (digest, complete or downloading + pieces bitmap, load) to
+each home with a TTL; a home keeps the record until the TTL runs out, a withdrawal, or
+membership declares the provider dead. Announcements are refreshed at TTL/3, so a lost
+datagram costs nothing and a dead provider is forgotten within a TTL at worst.
+
+Lookups. A home answers with up to `max_providers` live records (the asker excluded),
+same zone as the asker first, then the fewest active uploads. The announced load is
+stale between refreshes, so every provider handed out counts as one more upload in the
+home's estimate until its next announcement: a storm of askers is spread over the
+providers instead of herding on the least loaded one. Ties are broken with the rng.
+
+Fetch lease. While no complete provider and no live lease exist for a digest, the first
+asker is granted a lease: it alone goes to the registries. Later askers get the holder
+(and everyone downloading) as providers and take pieces as they arrive. Only the
+*authority* grants: the first live home of the digest (the caller says whether it is, or
+it is computed from `set_members`), so three homes answering one hedged lookup do not
+grant three leases; a lookup marked `escalate` (the asker heard nothing useful from the
+authority in time) may be granted by any home. The holder announces itself with
+`lease=True`, which renews the lease (TTL `lease_ttl`) and tells the other homes about
+it, so the lease survives its granting home. The lease ends when the holder announces
+the blob complete, withdraws, stops renewing, or dies; then the next asker is granted it,
+and takes from peers what they already hold, fetching only the rest.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from functools import lru_cache
+
+import blake3
+
+__all__ = [
+    "Announce",
+    "Homes",
+    "LeaseStatus",
+    "Lookup",
+    "LookupReply",
+    "LookupResult",
+    "PlacementConfig",
+    "ProviderAnnouncer",
+    "ProviderDirectory",
+    "ProviderInfo",
+    "ProviderLookup",
+    "Send",
+    "Withdraw",
+    "home_cells",
+    "rendezvous_score",
+]
+
+MemberId = str
+Digest = str  # "sha256:<hex>", as in OCI
+
+
+# ---------------------------------------------------------------------------------------
+# Messages (wire.py encodes each 1:1). Bitmaps are ints (see pieces.py); TTLs are
+# relative seconds because cells share no clock.
+
+
+@dataclass(frozen=True, slots=True)
+class Announce:
+    """Provider -> home: I hold (or am downloading) `digest`; keep me for `ttl` seconds."""
+
+    digest: Digest
+    provider: MemberId
+    zone: str
+    complete: bool
+    pieces: int  # bitmap of pieces held (all ones when complete)
+    piece_count: int
+    load: int  # uploads in progress at the provider
+    ttl: float
+    lease: bool = False  # the provider holds the fetch lease: renew it
+
+
+@dataclass(frozen=True, slots=True)
+class Withdraw:
+    """Provider -> home: forget me for `digest` (evicted, or the download was abandoned;
+    a lease the provider held is released)."""
+
+    digest: Digest
+    provider: MemberId
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """Asker -> home: who provides `digest`? `escalate`: the asker heard nothing useful
+    from the digest's first home in time, so any home may grant the lease."""
+
+    digest: Digest
+    asker: MemberId
+    zone: str
+    request_id: int
+    escalate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderInfo:
+    member: MemberId
+    zone: str
+    complete: bool
+    pieces: int  # bitmap as last announced (a lower bound: pieces only accumulate)
+    load: int
+
+
+class LeaseStatus(IntEnum):
+    NONE = 0  # no lease known here (providers may still be listed)
+    GRANTED = 1  # the asker holds the lease: fetch from the registries
+    HELD = 2  # someone else (lease_holder) is fetching: take pieces from it
+    COMPLETE = 3  # a complete provider exists; no lease needed
+
+
+@dataclass(frozen=True, slots=True)
+class LookupReply:
+    digest: Digest
+    responder: MemberId
+    request_id: int
+    providers: tuple[ProviderInfo, ...]
+    lease: LeaseStatus
+    lease_holder: MemberId | None
+    piece_count: int  # 0 when the home knows no provider
+    authority: bool  # the responder is the digest's first live home
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """An outgoing message for the caller to deliver to member `to`."""
+
+    to: MemberId
+    message: Announce | Withdraw | Lookup | LookupReply
+
+
+Message = Announce | Withdraw | Lookup | LookupReply
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementConfig:
+    replicas: int = 3  # R homes per digest
+    ttl: float = 30.0  # provider record lifetime
+    lease_ttl: float = 10.0  # lease lifetime without a renewing announcement
+    progress_interval: float = 2.0  # min seconds between progress-only announcements
+    max_providers: int = 6  # per reply: 6 x (id + zone + 128-byte bitmap) < 1,400 bytes
+    hedge_first: int = 2  # homes asked at once; the rest after hedge_delay
+    hedge_delay: float = 0.05
+    lookup_timeout: float = 0.5  # then escalate (any home may grant the lease)
+    lookup_give_up: float = 2.0  # then report whatever was heard (maybe nothing)
+
+
+# ---------------------------------------------------------------------------------------
+# Rendezvous hashing
+
+_M64 = (1 << 64) - 1
+
+
+@lru_cache(maxsize=1 << 16)
+def _key(name: str) -> int:
+    return int.from_bytes(blake3.blake3(name.encode()).digest(8), "little")
+
+
+def _mix64(z: int) -> int:
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def rendezvous_score(member: MemberId, digest: Digest) -> int:
+    """The member's weight for the digest; the R largest are its homes."""
+    return _mix64(_key(member) ^ _key(digest))
+
+
+def _top(digest: Digest, members: Iterable[MemberId], r: int) -> list[MemberId]:
+    dk = _key(digest)
+    key = _key
+    mix = _mix64
+    scored = [(mix(key(m) ^ dk), m) for m in members]
+    return [m for _, m in heapq.nlargest(r, scored)]
+
+
+@lru_cache(maxsize=4096)
+def _top_cached(digest: Digest, members: frozenset[MemberId], r: int) -> tuple[MemberId, ...]:
+    return tuple(_top(digest, members, r))
+
+
+def home_cells(digest: Digest, live_members: Iterable[MemberId], r: int = 3) -> list[MemberId]:
+    """The R homes of `digest`, best first. Pass a frozenset to share the result between
+    callers with the same view (a simulator's thousands of cells): frozensets cache their
+    hash, so a repeated call costs a dictionary lookup instead of O(N) hashing."""
+    if isinstance(live_members, frozenset):
+        return list(_top_cached(digest, live_members, r))
+    return _top(digest, live_members, r)
+
+
+class Homes:
+    """The homes of the digests one cell tracks, kept up to date as members come and go.
+
+    A joining member is compared against each tracked digest's R-th score (O(1) a digest);
+    only a digest that lost one of its homes is recomputed over all members."""
+
+    __slots__ = ("_homes", "_members", "r")
+
+    def __init__(self, r: int = 3) -> None:
+        self.r = r
+        self._members: frozenset[MemberId] = frozenset()
+        self._homes: dict[Digest, list[tuple[int, MemberId]]] = {}
+
+    @property
+    def members(self) -> frozenset[MemberId]:
+        return self._members
+
+    def track(self, digest: Digest) -> list[MemberId]:
+        if digest not in self._homes:
+            dk = _key(digest)
+            scored = [(_mix64(_key(m) ^ dk), m) for m in self._members]
+            self._homes[digest] = heapq.nlargest(self.r, scored)
+        return self.of(digest)
+
+    def untrack(self, digest: Digest) -> None:
+        self._homes.pop(digest, None)
+
+    def of(self, digest: Digest) -> list[MemberId]:
+        top = self._homes.get(digest)
+        if top is None:
+            return home_cells(digest, self._members, self.r)
+        return [m for _, m in top]
+
+    def is_authority(self, digest: Digest, member: MemberId) -> bool:
+        homes = self.of(digest)
+        return bool(homes) and homes[0] == member
+
+    def set_members(
+        self, members: Iterable[MemberId]
+    ) -> dict[Digest, tuple[list[MemberId], list[MemberId]]]:
+        """Install the new live set; returns {digest: (old homes, new homes)} for every
+        tracked digest whose homes changed."""
+        new = members if isinstance(members, frozenset) else frozenset(members)
+        added = new - self._members
+        removed = self._members - new
+        self._members = new
+        changed: dict[Digest, tuple[list[MemberId], list[MemberId]]] = {}
+        if not added and not removed:
+            return changed
+        added_keys = [(_key(m), m) for m in added]
+        for digest, top in self._homes.items():
+            old = [m for _, m in top]
+            if removed and any(m in removed for m in old):
+                dk = _key(digest)
+                scored = [(_mix64(_key(m) ^ dk), m) for m in new]
+                top = heapq.nlargest(self.r, scored)
+            elif added_keys:
+                dk = _key(digest)
+                for k, m in added_keys:
+                    s = _mix64(k ^ dk)
+                    if len(top) < self.r or (s, m) > top[-1]:
+                        top.append((s, m))
+                        top.sort(reverse=True)
+                        del top[self.r :]
+            self._homes[digest] = top
+            now_homes = [m for _, m in top]
+            if now_homes != old:
+                changed[digest] = (old, now_homes)
+        return changed
+
+
+# ---------------------------------------------------------------------------------------
+# Home side: the directory
+
+
+@dataclass(slots=True)
+class _Record:
+    zone: str
+    complete: bool
+    pieces: int
+    piece_count: int
+    load: int
+    expires: float
+    handouts: int = 0
+
+
+@dataclass(slots=True)
+class _Lease:
+    holder: MemberId
+    expires: float
+
+
+@dataclass(slots=True)
+class _Entry:
+    records: dict[MemberId, _Record] = field(default_factory=dict)
+    complete: set[MemberId] = field(default_factory=set)  # members with a complete record
+    lease: _Lease | None = None
+    piece_count: int = 0
+
+
+class ProviderDirectory:
+    """What one home knows about the digests it is home of (see the module docstring).
+
+    A lookup costs O(max_providers + sample), not O(providers): in a storm a home holds
+    thousands of downloading records for one digest, and ranks only a random sample of
+    them (plus the complete ones and the lease holder), which also spreads the askers."""
+
+    SAMPLE = 32
+
+    def __init__(
+        self,
+        self_id: MemberId,
+        *,
+        rng: random.Random,
+        config: PlacementConfig = PlacementConfig(),
+    ) -> None:
+        self.self_id = self_id
+        self.config = config
+        self._rng = rng
+        self._entries: dict[Digest, _Entry] = {}
+        self._by_member: dict[MemberId, set[Digest]] = {}
+        self._expiry: list[tuple[float, Digest]] = []  # lazy: checked against records
+        self._members: frozenset[MemberId] | None = None
+        self.leases_granted = 0
+
+    # -- membership -----------------------------------------------------------------
+
+    def set_members(self, members: Iterable[MemberId], now: float) -> None:
+        """Install the live set: records and leases of members gone are dropped at once
+        (a dead lease holder frees the lease for the next asker), and the authority for
+        lease grants is computed from it."""
+        new = members if isinstance(members, frozenset) else frozenset(members)
+        if self._members is not None:
+            for gone in self._members - new:
+                self.member_dead(gone, now)
+        self._members = new
+
+    def member_dead(self, member: MemberId, now: float) -> None:
+        for digest in self._by_member.pop(member, ()):
+            entry = self._entries.get(digest)
+            if entry is not None:
+                self._forget(digest, entry, member)
+
+    def _forget(self, digest: Digest, entry: _Entry, member: MemberId) -> None:
+        entry.records.pop(member, None)
+        entry.complete.discard(member)
+        if entry.lease is not None and entry.lease.holder == member:
+            entry.lease = None
+        if not entry.records and entry.lease is None:
+            del self._entries[digest]
+
+    def _is_authority(self, digest: Digest) -> bool:
+        if self._members is None:
+            return False
+        homes = home_cells(digest, self._members, self.config.replicas)
+        return bool(homes) and homes[0] == self.self_id
+
+    # -- records --------------------------------------------------------------------
+
+    def receive_announce(self, msg: Announce, now: float) -> None:
+        entry = self._entries.get(msg.digest)
+        if entry is None:
+            entry = self._entries[msg.digest] = _Entry()
+        expires = now + msg.ttl
+        entry.records[msg.provider] = _Record(
+            msg.zone, msg.complete, msg.pieces, msg.piece_count, msg.load, expires
+        )
+        entry.piece_count = msg.piece_count
+        self._by_member.setdefault(msg.provider, set()).add(msg.digest)
+        heapq.heappush(self._expiry, (expires, msg.digest))
+        lease = entry.lease
+        if msg.complete:
+            entry.complete.add(msg.provider)
+            if lease is not None and lease.holder == msg.provider:
+                entry.lease = None
+            return
+        entry.complete.discard(msg.provider)
+        if msg.lease and (lease is None or lease.holder == msg.provider or lease.expires <= now):
+            # A renewal, or news of a lease another home granted. A different live holder
+            # keeps it (two grants raced); the announcer sees HELD on its next lookup.
+            entry.lease = _Lease(msg.provider, now + self.config.lease_ttl)
+            heapq.heappush(self._expiry, (now + self.config.lease_ttl, msg.digest))
+
+    def receive_withdraw(self, msg: Withdraw, now: float) -> None:
+        entry = self._entries.get(msg.digest)
+        if entry is None:
+            return
+        digests = self._by_member.get(msg.provider)
+        if digests is not None:
+            digests.discard(msg.digest)
+        self._forget(msg.digest, entry, msg.provider)
+
+    def expire(self, now: float) -> None:
+        """Drop records and leases whose time has passed."""
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            _, digest = heapq.heappop(heap)
+            entry = self._entries.get(digest)
+            if entry is None:
+                continue
+            if entry.lease is not None and entry.lease.expires <= now:
+                entry.lease = None
+            stale = [m for m, r in entry.records.items() if r.expires <= now]
+            for member in stale:
+                digests = self._by_member.get(member)
+                if digests is not None:
+                    digests.discard(digest)
+                self._forget(digest, entry, member)
+            if not stale and not entry.records and entry.lease is None:
+                del self._entries[digest]
+
+    def next_deadline(self) -> float | None:
+        return self._expiry[0][0] if self._expiry else None
+
+    # -- lookups --------------------------------------------------------------------
+
+    def receive_lookup(
+        self, msg: Lookup, now: float, *, authority: bool | None = None
+    ) -> LookupReply:
+        """The answer to send back to `msg.asker`. `authority`: whether this cell is the
+        digest's first live home (computed from set_members when not given)."""
+        if authority is None:
+            authority = self._is_authority(msg.digest)
+        entry = self._entries.get(msg.digest)
+        if entry is None:
+            entry = _Entry()
+        records = entry.records
+        asker = msg.asker
+
+        complete = [
+            (m, records[m]) for m in entry.complete if m != asker and records[m].expires > now
+        ]
+        lease = entry.lease
+        if lease is not None and lease.expires <= now:
+            lease = entry.lease = None
+        status = LeaseStatus.NONE
+        holder: MemberId | None = None
+        if complete:
+            status = LeaseStatus.COMPLETE
+        elif lease is not None and lease.holder == asker:
+            status, holder = LeaseStatus.GRANTED, asker  # a duplicate (hedged) ask
+        elif lease is not None:
+            status, holder = LeaseStatus.HELD, lease.holder
+        elif authority or msg.escalate:
+            status, holder = LeaseStatus.GRANTED, asker
+            self.leases_granted += 1
+            self._entries[msg.digest] = entry
+            entry.lease = _Lease(asker, now + self.config.lease_ttl)
+            heapq.heappush(self._expiry, (now + self.config.lease_ttl, msg.digest))
+            self._by_member.setdefault(asker, set()).add(msg.digest)
+
+        rng = self._rng
+        if len(records) <= self.SAMPLE:
+            pool = list(records.items())
+        else:
+            pool = rng.sample(list(records.items()), self.SAMPLE)
+            pool.extend(complete[: self.config.max_providers])
+        seen: set[MemberId] = {asker}
+        cand: list[tuple[bool, int, bool, float, MemberId, _Record]] = []
+        for m, r in pool:
+            if m in seen or r.expires <= now:
+                continue
+            seen.add(m)
+            cand.append(
+                (r.zone != msg.zone, r.load + r.handouts, not r.complete, rng.random(), m, r)
+            )
+        ranked = heapq.nsmallest(self.config.max_providers, cand)
+        providers = [
+            ProviderInfo(m, r.zone, r.complete, r.pieces, r.load + r.handouts)
+            for _, _, _, _, m, r in ranked
+        ]
+        for *_, r in ranked:
+            r.handouts += 1
+        if status == LeaseStatus.HELD and holder not in {p.member for p in providers}:
+            rec = records.get(holder) if holder is not None else None
+            info = (
+                ProviderInfo(holder, rec.zone, False, rec.pieces, rec.load + rec.handouts)
+                if rec is not None
+                else ProviderInfo(holder or "", "", False, 0, 0)
+            )
+            providers = [info, *providers[: self.config.max_providers - 1]]
+        return LookupReply(
+            digest=msg.digest,
+            responder=self.self_id,
+            request_id=msg.request_id,
+            providers=tuple(providers),
+            lease=status,
+            lease_holder=holder,
+            piece_count=entry.piece_count,
+            authority=authority,
+        )
+
+    # -- inspection (tests, metrics, simulator reports) -------------------------------
+
+    def providers(self, digest: Digest, now: float) -> dict[MemberId, ProviderInfo]:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return {}
+        return {
+            m: ProviderInfo(m, r.zone, r.complete, r.pieces, r.load)
+            for m, r in entry.records.items()
+            if r.expires > now
+        }
+
+    def lease_holder(self, digest: Digest, now: float) -> MemberId | None:
+        entry = self._entries.get(digest)
+        if entry is None or entry.lease is None or entry.lease.expires <= now:
+            return None
+        return entry.lease.holder
+
+    def digests(self) -> list[Digest]:
+        return list(self._entries)
+
+
+# ---------------------------------------------------------------------------------------
+# Provider side: announcements
+
+
+@dataclass(slots=True)
+class _Held:
+    complete: bool
+    pieces: int
+    piece_count: int
+    lease: bool
+    last_sent: float  # when the last announcement went out
+    homes: list[MemberId]
+
+
+class ProviderAnnouncer:
+    """A cell's announcements of what it holds, to the right homes, at the right rate.
+
+    State changes (new digest, complete, lease taken or given up) go out at once; mere
+    progress (more pieces) at most every `progress_interval`; everything is refreshed at
+    a third of its TTL (a lease at a third of the lease TTL). When membership moves a
+    digest's homes, the new homes get an announcement at once; the old ones forget by TTL.
+    """
+
+    def __init__(
+        self,
+        self_id: MemberId,
+        zone: str,
+        *,
+        config: PlacementConfig = PlacementConfig(),
+    ) -> None:
+        self.self_id = self_id
+        self.zone = zone
+        self.config = config
+        self.homes_index = Homes(config.replicas)
+        self._held: dict[Digest, _Held] = {}
+        self._load = 0
+
+    def homes(self, digest: Digest) -> list[MemberId]:
+        return self.homes_index.of(digest)
+
+    def held(self) -> list[Digest]:
+        return list(self._held)
+
+    def _announce(self, digest: Digest, h: _Held, to: Iterable[MemberId], now: float) -> list[Send]:
+        h.last_sent = now
+        msg = Announce(
+            digest=digest,
+            provider=self.self_id,
+            zone=self.zone,
+            complete=h.complete,
+            pieces=h.pieces,
+            piece_count=h.piece_count,
+            load=self._load,
+            ttl=self.config.ttl,
+            lease=h.lease,
+        )
+        return [Send(m, msg) for m in to]
+
+    def set_members(self, members: Iterable[MemberId], now: float) -> list[Send]:
+        """Membership changed: announce every held digest to the homes it gained."""
+        out: list[Send] = []
+        for digest, (old, new) in self.homes_index.set_members(members).items():
+            h = self._held.get(digest)
+            if h is None:
+                continue
+            h.homes = new
+            gained = [m for m in new if m not in old]
+            if gained:
+                out.extend(self._announce(digest, h, gained, now))
+                h.last_sent = min(h.last_sent, now)  # others keep their refresh schedule
+        return out
+
+    def update(
+        self,
+        digest: Digest,
+        *,
+        complete: bool,
+        pieces: int,
+        piece_count: int,
+        now: float,
+        lease: bool = False,
+    ) -> list[Send]:
+        """The cell's state for `digest` changed; returns the announcements due now."""
+        h = self._held.get(digest)
+        if h is None:
+            homes = self.homes_index.track(digest)
+            h = self._held[digest] = _Held(complete, pieces, piece_count, lease, now, homes)
+            return self._announce(digest, h, h.homes, now)
+        changed_state = h.complete != complete or h.lease != lease
+        h.complete, h.pieces, h.piece_count, h.lease = complete, pieces, piece_count, lease
+        if changed_state or now - h.last_sent >= self.config.progress_interval:
+            return self._announce(digest, h, h.homes, now)
+        return []
+
+    def withdraw(self, digest: Digest, now: float) -> list[Send]:
+        h = self._held.pop(digest, None)
+        self.homes_index.untrack(digest)
+        if h is None:
+            return []
+        msg = Withdraw(digest, self.self_id)
+        return [Send(m, msg) for m in h.homes]
+
+    def _refresh_after(self, h: _Held) -> float:
+        if h.lease:
+            return self.config.lease_ttl / 3
+        if not h.complete:
+            return min(self.config.ttl / 3, self.config.progress_interval)
+        return self.config.ttl / 3
+
+    def tick(self, now: float, load: int | None = None) -> list[Send]:
+        """Refreshes due at `now` (call at next_deadline() or on any timer)."""
+        if load is not None:
+            self._load = load
+        out: list[Send] = []
+        for digest, h in self._held.items():
+            if now - h.last_sent >= self._refresh_after(h):
+                out.extend(self._announce(digest, h, h.homes, now))
+        return out
+
+    def next_deadline(self) -> float | None:
+        return min(
+            (h.last_sent + self._refresh_after(h) for h in self._held.values()), default=None
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Asker side: hedged lookups
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    digest: Digest
+    providers: tuple[ProviderInfo, ...]
+    lease: LeaseStatus  # GRANTED: go to the registries; HELD/COMPLETE/NONE: use providers
+    lease_holder: MemberId | None
+    piece_count: int
+    answered_by: tuple[MemberId, ...]
+
+
+class ProviderLookup:
+    """One hedged lookup of a digest: ask `hedge_first` homes now, the rest after
+    `hedge_delay`; the first *useful* reply wins: one that carries a lease decision
+    (granted, held by someone, or a complete provider exists) or comes from the authority.
+    Providers listed by every reply heard are merged into the result. If the authority stays silent for `lookup_timeout`, every home is asked again
+    with `escalate` so that the lease is not stuck behind a dead first home; after
+    `lookup_give_up` the lookup ends with whatever it heard."""
+
+    def __init__(
+        self,
+        digest: Digest,
+        asker: MemberId,
+        zone: str,
+        homes: Sequence[MemberId],
+        *,
+        request_id: int,
+        config: PlacementConfig = PlacementConfig(),
+    ) -> None:
+        self.digest = digest
+        self.asker = asker
+        self.zone = zone
+        self.homes = list(homes)
+        self.request_id = request_id
+        self.config = config
+        self.result: LookupResult | None = None
+        self._started = 0.0
+        self._asked: set[MemberId] = set()
+        self._escalated = False
+        self._replies: list[LookupReply] = []
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+    def _ask(self, homes: Iterable[MemberId], escalate: bool) -> list[Send]:
+        msg = Lookup(self.digest, self.asker, self.zone, self.request_id, escalate)
+        out = []
+        for m in homes:
+            self._asked.add(m)
+            out.append(Send(m, msg))
+        return out
+
+    def start(self, now: float) -> list[Send]:
+        self._started = now
+        if not self.homes:
+            self._finish(now)
+            return []
+        return self._ask(self.homes[: self.config.hedge_first], False)
+
+    def receive(self, reply: LookupReply, now: float) -> LookupResult | None:
+        if self.result is not None or reply.request_id != self.request_id:
+            return None
+        if reply.digest != self.digest or reply.responder not in self._asked:
+            return None
+        self._replies.append(reply)
+        # A bare list from a home that cannot grant the lease is not final: if nobody is
+        # fetching, this asker may be the one the authority sends upstream.
+        useful = (
+            reply.lease != LeaseStatus.NONE
+            or reply.authority
+            or (self._escalated and len(self._replies) >= len(self.homes))
+        )
+        if useful:
+            return self._finish(now)
+        return None
+
+    def poll(self, now: float) -> list[Send]:
+        """Hedge and escalate when their time has come; check `done` afterwards."""
+        if self.result is not None:
+            return []
+        elapsed = now - self._started
+        out: list[Send] = []
+        if elapsed >= self.config.lookup_give_up:
+            self._finish(now)
+            return out
+        if elapsed >= self.config.lookup_timeout and not self._escalated:
+            self._escalated = True
+            return self._ask(self.homes, True)
+        if elapsed >= self.config.hedge_delay:
+            rest = [m for m in self.homes if m not in self._asked]
+            out.extend(self._ask(rest, False))
+        return out
+
+    def next_deadline(self) -> float | None:
+        if self.result is not None:
+            return None
+        if any(m not in self._asked for m in self.homes):
+            return self._started + self.config.hedge_delay
+        if not self._escalated:
+            return self._started + self.config.lookup_timeout
+        return self._started + self.config.lookup_give_up
+
+    def _finish(self, now: float) -> LookupResult:
+        decided = [r for r in self._replies if r.lease != LeaseStatus.NONE]
+        best = decided[0] if decided else (self._replies[-1] if self._replies else None)
+        providers: dict[MemberId, ProviderInfo] = {}
+        for r in self._replies:
+            for p in r.providers:
+                known = providers.get(p.member)
+                if known is None or p.pieces.bit_count() > known.pieces.bit_count():
+                    providers[p.member] = p
+        self.result = LookupResult(
+            digest=self.digest,
+            providers=tuple(providers.values()),
+            lease=best.lease if best is not None else LeaseStatus.NONE,
+            lease_holder=best.lease_holder if best is not None else None,
+            piece_count=max((r.piece_count for r in self._replies), default=0),
+            answered_by=tuple(r.responder for r in self._replies),
+        )
+        return self.result

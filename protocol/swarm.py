@@ -1,0 +1,958 @@
+"""Which piece to ask whom for, and who may take a cell's upload slots.
+
+Owns: the downloading side of one blob (`Download`: rarest first, bounded requests in
+flight, endgame, timeouts, bans of peers that send bad pieces, the switch to the
+registries when the cell holds the fetch lease) and the uploading side of one cell
+(`Uploader`: a fixed number of upload slots, a short queue, "busy" beyond it, and the
+have-queries parked until the cell holds something the asker wants).
+Never: opens a socket, reads a clock, draws OS randomness, hashes bytes. Whether a piece
+is good is the caller's to say (`ok=`, from `PieceTable.verify`), so the simulator can
+run thousands of cells without moving real bytes; time is `now`; randomness is the
+`random.Random` passed in.
+
+How to drive a download (events out are to be acted on in order)::
+
+    dl = Download(digest, piece_count, self_id="cell-a", zone="z1", rng=rng)
+    dl.start(now)                                  -> [NeedProviders]
+    lookup result (placement.LookupResult):
+        dl.add_providers(result.providers, now)    -> events
+        if result.lease == GRANTED: dl.grant_lease(now) -> [FetchUpstream(ranges), ...]
+    replies from a peer (each carries the peer's current bitmap, `have`):
+        dl.on_piece(peer, index, ok, now, have=)   -> events   (ok: verified)
+        dl.on_busy(peer, index, now, have=) / dl.on_missing(peer, index, now, have=)
+        dl.on_have(peer, have, complete, now)      (the answer to a QueryHave)
+        dl.on_error(peer, index, now)              (connection failed)
+    pieces read from the registries: dl.on_piece(UPSTREAM, index, True, now)
+    membership says a peer died / it withdrew: dl.remove_provider(peer, now)
+    timers: dl.poll(now) at dl.next_deadline()
+    events: RequestPiece, CancelPiece, QueryHave, NeedProviders, FetchUpstream,
+            BadPiece, PeerBanned, DownloadComplete.
+
+How to drive the uploader (one per cell)::
+
+    up = Uploader("cell-a", slots=4)
+    up.add_seed(digest, piece_count, have=bits); up.piece_added(digest, i) -> [(to, HaveReply)]
+    up.on_request(PieceRequest, now) -> PieceReply(status=OK: send the piece now;
+                                       QUEUED: it starts later, from on_done; BUSY/MISSING)
+    up.on_done(peer, digest, index) -> [PieceRequest to start now]   (upload finished)
+    up.on_have_query(HaveQuery, now) -> HaveReply | None (parked); up.poll(now) -> [(to, ..)]
+
+Theory of operation (Download)
+------------------------------
+Sets of pieces are int bitmaps (pieces.py): `held`, `wanted` (= all & ~held), the pieces
+with at least one request in flight, the pieces with `endgame_copies` requests in flight,
+the pieces expected from the registries. Each known peer has `have` (a lower bound: the
+last bitmap it sent or was announced with; pieces only accumulate), its requests in
+flight (index -> deadline), a busy-until time and counters of bad pieces and failures.
+
+Rarest first. The availability of every piece over the known peers is kept as a
+bit-sliced counter: plane k holds bit k of every piece's count, so adding a peer's new
+pieces is a ripple-carry over a few big ints, whatever the piece count, and the rarest
+pieces of a candidate set fall out of one pass over the planes from the top (keep the
+candidates whose bit is 0 when any are). One random piece among the rarest is chosen
+(uniformly, with the rng), then the holder for it: a peer in the same zone first, then
+the one with the fewest of our requests in flight, ties at random. Each peer takes at
+most `max_inflight_per_peer` requests, the download at most `max_inflight`.
+
+Endgame. When every piece still wanted is requested, the idle capacity asks a second
+peer for pieces in flight (up to `endgame_copies` requests a piece); the first copy to
+arrive cancels the others.
+
+Failures. A request that passes its deadline or fails counts against the peer and goes
+back to the pool; `max_failures` in a row drop the peer. "Busy" backs off from that peer
+(doubling, jittered) and asks elsewhere. A piece that fails verification is charged to
+the peer that sent it (`BadPiece`); at `max_bad_pieces` the peer is banned for this blob
+(`PeerBanned`), its requests cancelled and its pieces taken elsewhere.
+
+Knowing more. Replies carry the sender's bitmap, so peers in use stay current. An idle
+peer with nothing we want gets a `QueryHave` (the uploader parks it until it has
+something we want, up to `have_wait`). When no known peer can help, or fewer than
+`min_peers` are known, `NeedProviders` asks the homes again (at most every
+`lookup_interval`).
+
+Lease. Holding the fetch lease (`grant_lease`), the download asks the registries
+(`FetchUpstream`) for the wanted pieces no known peer has, and keeps taking the others
+from peers; if a peer holding a piece dies before we got it, the piece is added to the
+registry fetch.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Protocol
+
+from protocol.pieces import bitmap_full, bitmap_indices, bitmap_ranges, nth_set_bit
+
+__all__ = [
+    "UPSTREAM",
+    "BadPiece",
+    "CancelPiece",
+    "Download",
+    "DownloadComplete",
+    "FetchUpstream",
+    "HaveQuery",
+    "HaveReply",
+    "NeedProviders",
+    "PeerBanned",
+    "PieceCancel",
+    "PieceReply",
+    "PieceRequest",
+    "PieceStatus",
+    "QueryHave",
+    "RequestPiece",
+    "SwarmConfig",
+    "Uploader",
+]
+
+UPSTREAM = "<upstream>"  # the pseudo-peer of pieces read from the registries
+
+MemberId = str
+Digest = str
+
+
+@dataclass(frozen=True, slots=True)
+class SwarmConfig:
+    max_inflight_per_peer: int = 2
+    max_inflight: int = 8
+    max_peers: int = 24
+    min_peers: int = 4
+    request_timeout: float = 4.0  # seconds for one piece (4 MiB at 1 MB/s)
+    busy_backoff: float = 0.02  # first back-off after "busy"; doubles, jittered
+    max_backoff: float = 0.5
+    have_wait: float = 1.0  # how long an uploader may park a HaveQuery
+    have_min_interval: float = 0.05  # spacing of queries to one peer
+    max_have_queries: int = 4  # outstanding at once
+    endgame_copies: int = 2
+    max_bad_pieces: int = 2
+    max_failures: int = 3
+    lookup_interval: float = 1.0
+
+
+# ---------------------------------------------------------------------------------------
+# Messages between a downloader and an uploader (peer API; wire.py may encode them too)
+
+
+class PieceStatus(IntEnum):
+    OK = 0  # the piece follows (HTTP body / simulated flow)
+    QUEUED = 1  # accepted, starts when a slot frees (uploader-internal: no reply yet)
+    BUSY = 2  # every slot and the queue are full: ask someone else
+    MISSING = 3  # the uploader does not hold that piece (see `have`)
+
+
+@dataclass(frozen=True, slots=True)
+class PieceRequest:
+    digest: Digest
+    index: int
+    requester: MemberId
+
+
+@dataclass(frozen=True, slots=True)
+class PieceReply:
+    digest: Digest
+    index: int
+    responder: MemberId
+    status: PieceStatus
+    have: int  # the responder's bitmap now (piggybacked)
+    complete: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PieceCancel:
+    digest: Digest
+    index: int
+    requester: MemberId
+
+
+@dataclass(frozen=True, slots=True)
+class HaveQuery:
+    """'Tell me your pieces once you hold one of `want`' (parked up to have_wait)."""
+
+    digest: Digest
+    requester: MemberId
+    want: int
+
+
+@dataclass(frozen=True, slots=True)
+class HaveReply:
+    digest: Digest
+    responder: MemberId
+    have: int
+    complete: bool
+
+
+# ---------------------------------------------------------------------------------------
+# Events a Download asks its caller to act on
+
+
+@dataclass(frozen=True, slots=True)
+class RequestPiece:
+    """Send PieceRequest(digest, index, self) to `peer`."""
+
+    peer: MemberId
+    digest: Digest
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class CancelPiece:
+    """Abort the transfer of `index` from `peer` (another copy arrived, or it timed out)."""
+
+    peer: MemberId
+    digest: Digest
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueryHave:
+    """Send HaveQuery(digest, self, want) to `peer`."""
+
+    peer: MemberId
+    digest: Digest
+    want: int
+
+
+@dataclass(frozen=True, slots=True)
+class NeedProviders:
+    """Look the digest up at its homes (placement.ProviderLookup) and feed the result."""
+
+    digest: Digest
+
+
+@dataclass(frozen=True, slots=True)
+class FetchUpstream:
+    """This cell holds the lease: read these piece ranges (half-open, in piece indices)
+    from the registries, in order, and feed each piece with on_piece(UPSTREAM, ...)."""
+
+    digest: Digest
+    ranges: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BadPiece:
+    digest: Digest
+    index: int
+    peer: MemberId
+
+
+@dataclass(frozen=True, slots=True)
+class PeerBanned:
+    digest: Digest
+    peer: MemberId
+    bad_pieces: int
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadComplete:
+    """Every piece is held and verified; check the blob's sha256 before announcing it."""
+
+    digest: Digest
+
+
+Event = (
+    RequestPiece
+    | CancelPiece
+    | QueryHave
+    | NeedProviders
+    | FetchUpstream
+    | BadPiece
+    | PeerBanned
+    | DownloadComplete
+)
+
+
+class ProviderLike(Protocol):
+    @property
+    def member(self) -> MemberId: ...
+    @property
+    def zone(self) -> str: ...
+    @property
+    def complete(self) -> bool: ...
+    @property
+    def pieces(self) -> int: ...
+
+
+# ---------------------------------------------------------------------------------------
+# Download
+
+
+class _Peer:
+    __slots__ = (
+        "backoff",
+        "bad",
+        "busy_until",
+        "complete",
+        "failures",
+        "have",
+        "id",
+        "inflight",
+        "local",
+        "next_query",
+        "query_deadline",
+        "requested",
+    )
+
+    def __init__(self, peer: MemberId, local: bool) -> None:
+        self.id = peer
+        self.local = local
+        self.have = 0
+        self.complete = False
+        self.inflight: dict[int, float] = {}  # index -> deadline
+        self.requested = 0  # bitmap of self.inflight's keys
+        self.busy_until = 0.0
+        self.backoff = 0.0
+        self.bad = 0
+        self.failures = 0
+        self.query_deadline: float | None = None
+        self.next_query = 0.0
+
+
+_T_REQUEST, _T_QUERY, _T_WAKE = 0, 1, 2
+
+
+class Download:
+    """One blob being fetched by one cell (see the module docstring)."""
+
+    def __init__(
+        self,
+        digest: Digest,
+        piece_count: int,
+        *,
+        self_id: MemberId,
+        zone: str,
+        rng: random.Random,
+        config: SwarmConfig = SwarmConfig(),
+        held: int = 0,
+    ) -> None:
+        self.digest = digest
+        self.piece_count = piece_count
+        self.self_id = self_id
+        self.zone = zone
+        self.config = config
+        self._rng = rng
+        self._full = bitmap_full(piece_count)
+        self.held = held & self._full
+        self._wanted = self._full & ~self.held
+        self._inflight = 0  # pieces with >= 1 request out
+        self._saturated = 0  # pieces with endgame_copies requests out
+        self._upstream = 0  # pieces expected from the registries
+        self._copies: dict[int, list[MemberId]] = {}
+        self._n_inflight = 0
+        self._peers: dict[MemberId, _Peer] = {}
+        self._banned: set[MemberId] = set()
+        self._planes: list[int] = []
+        self._timers: list[tuple[float, int, int, MemberId, int]] = []
+        self._seq = 0
+        self._queries = 0
+        self._next_lookup = 0.0
+        self._lookup_timer = False
+        self._done_reported = False
+        self.lease = False
+        # counters for reports
+        self.pieces_from: dict[MemberId, int] = {}
+        self.duplicates = 0
+        self.bad_pieces = 0
+
+    # -- public state -----------------------------------------------------------------
+
+    @property
+    def complete(self) -> bool:
+        return self.held == self._full
+
+    @property
+    def peers(self) -> list[MemberId]:
+        return list(self._peers)
+
+    @property
+    def banned(self) -> frozenset[MemberId]:
+        return frozenset(self._banned)
+
+    @property
+    def inflight(self) -> int:
+        """Requests out to peers (the registries not counted)."""
+        return self._n_inflight
+
+    def availability(self, index: int) -> int:
+        """How many known peers hold piece `index` (for tests and reports)."""
+        return sum(((plane >> index) & 1) << k for k, plane in enumerate(self._planes))
+
+    # -- availability counter (bit-sliced) --------------------------------------------
+
+    def _avail_add(self, bits: int) -> None:
+        planes = self._planes
+        carry = bits
+        for k in range(len(planes)):
+            if not carry:
+                return
+            p = planes[k]
+            planes[k] = p ^ carry
+            carry &= p
+        if carry:
+            planes.append(carry)
+
+    def _avail_sub(self, bits: int) -> None:
+        planes = self._planes
+        borrow = bits
+        for k in range(len(planes)):
+            if not borrow:
+                break
+            p = planes[k]
+            planes[k] = p ^ borrow
+            borrow &= ~p
+        while planes and not planes[-1]:
+            planes.pop()
+
+    def _avail_any(self) -> int:
+        bits = 0
+        for plane in self._planes:
+            bits |= plane
+        return bits
+
+    def _rarest(self, cand: int) -> int:
+        for plane in reversed(self._planes):
+            low = cand & ~plane
+            if low:
+                cand = low
+        return cand
+
+    # -- timers -----------------------------------------------------------------------
+
+    def _timer(self, when: float, kind: int, peer: MemberId = "", index: int = -1) -> None:
+        self._seq += 1
+        heapq.heappush(self._timers, (when, self._seq, kind, peer, index))
+
+    def next_deadline(self) -> float | None:
+        """When poll() next has something to do (None: nothing scheduled)."""
+        timers = self._timers
+        while timers:
+            when, _, kind, peer_id, index = timers[0]
+            peer = self._peers.get(peer_id)
+            if (kind == _T_REQUEST and (peer is None or peer.inflight.get(index) != when)) or (
+                kind == _T_QUERY and (peer is None or peer.query_deadline != when)
+            ):
+                heapq.heappop(timers)
+            else:
+                return when
+        return None
+
+    # -- entry points -----------------------------------------------------------------
+
+    def start(self, now: float) -> list[Event]:
+        out: list[Event] = []
+        if self.complete:
+            self._check_done(out)
+            return out
+        self._next_lookup = now + self.config.lookup_interval
+        out.append(NeedProviders(self.digest))
+        return out
+
+    def add_providers(self, providers: Iterable[ProviderLike], now: float) -> list[Event]:
+        """Providers from a lookup (or any other source). Bitmaps only grow knowledge."""
+        for info in providers:
+            member = info.member
+            if member == self.self_id or member in self._banned:
+                continue
+            peer = self._peers.get(member)
+            if peer is None:
+                if len(self._peers) >= self.config.max_peers:
+                    continue
+                peer = self._peers[member] = _Peer(member, info.zone == self.zone)
+            self._learn(peer, self._full if info.complete else info.pieces, info.complete)
+        out: list[Event] = []
+        self._step(now, out)
+        return out
+
+    def remove_provider(self, peer_id: MemberId, now: float) -> list[Event]:
+        """The peer is gone (membership says dead, or it withdrew the blob)."""
+        out: list[Event] = []
+        peer = self._peers.get(peer_id)
+        if peer is not None:
+            self._drop(peer, out, cancel=False)
+        self._step(now, out)
+        return out
+
+    def grant_lease(self, now: float) -> list[Event]:
+        """The homes chose this cell to read the blob from the registries."""
+        self.lease = True
+        out: list[Event] = []
+        self._step(now, out)
+        return out
+
+    def release_lease(self, now: float) -> list[Event]:
+        """The registries failed (or another cell holds the lease after all): stop
+        expecting pieces from them; the caller withdraws its lease announcement."""
+        self.lease = False
+        self._upstream = 0
+        out: list[Event] = []
+        self._step(now, out)
+        return out
+
+    def on_piece(
+        self,
+        peer_id: MemberId,
+        index: int,
+        ok: bool,
+        now: float,
+        *,
+        have: int | None = None,
+        complete: bool = False,
+    ) -> list[Event]:
+        """A piece arrived from `peer_id` (or UPSTREAM); `ok` says it verified."""
+        out: list[Event] = []
+        if not 0 <= index < self.piece_count:
+            return out
+        bit = 1 << index
+        if peer_id == UPSTREAM:
+            self._upstream &= ~bit
+            if ok:
+                self._store(index, bit, UPSTREAM, out)
+            else:
+                self._wanted |= bit & ~self.held  # re-plan it (from peers or upstream)
+            self._step(now, out)
+            return out
+        peer = self._peers.get(peer_id)
+        if peer is not None:
+            self._unrequest(peer, index)
+            if have is not None:
+                self._learn(peer, have, complete)
+        if ok:
+            if peer is not None:
+                peer.failures = 0
+                peer.backoff = 0.0
+            self._store(index, bit, peer_id, out)
+        else:
+            self.bad_pieces += 1
+            out.append(BadPiece(self.digest, index, peer_id))
+            if peer is not None:
+                peer.bad += 1
+                if peer.bad >= self.config.max_bad_pieces:
+                    self._banned.add(peer_id)
+                    out.append(PeerBanned(self.digest, peer_id, peer.bad))
+                    self._drop(peer, out, cancel=True)
+        self._step(now, out)
+        return out
+
+    def on_busy(
+        self, peer_id: MemberId, index: int, now: float, *, have: int | None = None
+    ) -> list[Event]:
+        out: list[Event] = []
+        peer = self._peers.get(peer_id)
+        if peer is not None:
+            self._unrequest(peer, index)
+            if have is not None:
+                self._learn(peer, have, peer.complete)
+            cfg = self.config
+            peer.backoff = min(cfg.max_backoff, max(cfg.busy_backoff, 2 * peer.backoff))
+            peer.busy_until = now + peer.backoff * (0.5 + self._rng.random())
+            self._timer(peer.busy_until, _T_WAKE)
+        self._step(now, out)
+        return out
+
+    def on_missing(
+        self, peer_id: MemberId, index: int, now: float, *, have: int | None = None
+    ) -> list[Event]:
+        out: list[Event] = []
+        peer = self._peers.get(peer_id)
+        if peer is not None:
+            self._unrequest(peer, index)
+            if have is not None:
+                # The peer lost pieces (eviction): replace rather than merge.
+                self._avail_sub(peer.have & ~have)
+                peer.have &= have
+                self._learn(peer, have, False)
+            else:
+                self._avail_sub(peer.have & (1 << index))
+                peer.have &= ~(1 << index)
+        self._step(now, out)
+        return out
+
+    def on_have(self, peer_id: MemberId, have: int, complete: bool, now: float) -> list[Event]:
+        out: list[Event] = []
+        peer = self._peers.get(peer_id)
+        if peer is not None:
+            if peer.query_deadline is not None:
+                peer.query_deadline = None
+                self._queries -= 1
+            self._learn(peer, have, complete)
+        self._step(now, out)
+        return out
+
+    def on_error(self, peer_id: MemberId, index: int, now: float) -> list[Event]:
+        """The transfer of `index` from the peer failed (connection refused, reset...)."""
+        out: list[Event] = []
+        peer = self._peers.get(peer_id)
+        if peer is not None:
+            self._unrequest(peer, index)
+            self._failed(peer, now, out)
+        self._step(now, out)
+        return out
+
+    def poll(self, now: float) -> list[Event]:
+        """Timeouts and back-offs due at `now`, then whatever can be asked for."""
+        out: list[Event] = []
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            when, _, kind, peer_id, index = heapq.heappop(timers)
+            peer = self._peers.get(peer_id)
+            if kind == _T_REQUEST:
+                if peer is not None and peer.inflight.get(index) == when:
+                    self._unrequest(peer, index)
+                    out.append(CancelPiece(peer_id, self.digest, index))
+                    self._failed(peer, now, out)
+            elif kind == _T_QUERY:
+                if peer is not None and peer.query_deadline == when:
+                    peer.query_deadline = None
+                    self._queries -= 1
+            elif kind == _T_WAKE and index == -2:
+                self._lookup_timer = False
+        self._step(now, out)
+        return out
+
+    # -- internals --------------------------------------------------------------------
+
+    def _learn(self, peer: _Peer, have: int, complete: bool) -> None:
+        have &= self._full
+        if complete:
+            have = self._full
+            peer.complete = True
+        new = have & ~peer.have
+        if new:
+            peer.have |= new
+            self._avail_add(new)
+
+    def _unrequest(self, peer: _Peer, index: int) -> None:
+        if peer.inflight.pop(index, None) is None:
+            return
+        bit = 1 << index
+        peer.requested &= ~bit
+        self._n_inflight -= 1
+        holders = self._copies[index]
+        holders.remove(peer.id)
+        if len(holders) < self.config.endgame_copies:
+            self._saturated &= ~bit
+        if not holders:
+            del self._copies[index]
+            self._inflight &= ~bit
+
+    def _request(self, peer: _Peer, index: int, now: float, out: list[Event]) -> None:
+        deadline = now + self.config.request_timeout
+        peer.inflight[index] = deadline
+        bit = 1 << index
+        peer.requested |= bit
+        self._n_inflight += 1
+        self._inflight |= bit
+        holders = self._copies.setdefault(index, [])
+        holders.append(peer.id)
+        if len(holders) >= self.config.endgame_copies:
+            self._saturated |= bit
+        self._timer(deadline, _T_REQUEST, peer.id, index)
+        out.append(RequestPiece(peer.id, self.digest, index))
+
+    def _store(self, index: int, bit: int, source: MemberId, out: list[Event]) -> None:
+        if self.held & bit:
+            self.duplicates += 1
+            return
+        self.held |= bit
+        self._wanted &= ~bit
+        self.pieces_from[source] = self.pieces_from.get(source, 0) + 1
+        for other in list(self._copies.get(index, ())):
+            peer = self._peers[other]
+            self._unrequest(peer, index)
+            out.append(CancelPiece(other, self.digest, index))
+        self._check_done(out)
+
+    def _check_done(self, out: list[Event]) -> None:
+        if self.held == self._full and not self._done_reported:
+            self._done_reported = True
+            out.append(DownloadComplete(self.digest))
+
+    def _failed(self, peer: _Peer, now: float, out: list[Event]) -> None:
+        peer.failures += 1
+        if peer.failures >= self.config.max_failures:
+            self._drop(peer, out, cancel=True)
+        else:
+            peer.busy_until = now + self.config.busy_backoff * (1 << peer.failures)
+            self._timer(peer.busy_until, _T_WAKE)
+
+    def _drop(self, peer: _Peer, out: list[Event], *, cancel: bool) -> None:
+        for index in list(peer.inflight):
+            self._unrequest(peer, index)
+            if cancel:
+                out.append(CancelPiece(peer.id, self.digest, index))
+        if peer.query_deadline is not None:
+            self._queries -= 1
+        self._avail_sub(peer.have)
+        del self._peers[peer.id]
+
+    def _step(self, now: float, out: list[Event]) -> None:
+        """Ask for everything that can be asked for now, in order of preference."""
+        if self.held == self._full:
+            return
+        if self.lease:
+            missing = self._wanted & ~self._inflight & ~self._upstream & ~self._avail_any()
+            if missing:
+                self._upstream |= missing
+                out.append(FetchUpstream(self.digest, tuple(bitmap_ranges(missing))))
+        self._fill(now, out)
+        self._query(now, out)
+        self._maybe_lookup(now, out)
+
+    def _fill(self, now: float, out: list[Event]) -> None:
+        cfg = self.config
+        budget = cfg.max_inflight - self._n_inflight
+        if budget <= 0:
+            return
+        cap = cfg.max_inflight_per_peer
+        ready = [p for p in self._peers.values() if len(p.inflight) < cap and p.busy_until <= now]
+        rng = self._rng
+        while budget > 0 and ready:
+            free = self._wanted & ~self._inflight & ~self._upstream
+            union = 0
+            if free:
+                for p in ready:
+                    union |= p.have
+                cand = union & free
+                if not cand:
+                    return  # what is left is held by nobody we can ask now
+            else:  # endgame: everything left is in flight; double the slowest
+                for p in ready:
+                    union |= p.have & ~p.requested
+                cand = union & self._wanted & self._inflight & ~self._saturated
+                if not cand:
+                    return
+            rare = self._rarest(cand)
+            index = nth_set_bit(rare, rng.randrange(rare.bit_count()))
+            bit = 1 << index
+            best: _Peer | None = None
+            best_key = (True, 0)
+            ties = 0
+            for p in ready:
+                if not p.have & bit or p.requested & bit:
+                    continue
+                key = (not p.local, len(p.inflight))
+                if best is None or key < best_key:
+                    best, best_key, ties = p, key, 1
+                elif key == best_key:
+                    ties += 1
+                    if rng.randrange(ties) == 0:
+                        best = p
+            assert best is not None
+            self._request(best, index, now, out)
+            budget -= 1
+            if len(best.inflight) >= cap:
+                ready.remove(best)
+
+    def _query(self, now: float, out: list[Event]) -> None:
+        cfg = self.config
+        if self._queries >= cfg.max_have_queries or self._n_inflight >= cfg.max_inflight:
+            return
+        free = self._wanted & ~self._inflight & ~self._upstream
+        if not free:
+            return
+        idle = [
+            p
+            for p in self._peers.values()
+            if not p.complete
+            and p.query_deadline is None
+            and not p.inflight
+            and p.next_query <= now
+            and p.busy_until <= now
+            and not p.have & free
+        ]
+        if not idle:
+            return
+        slots = cfg.max_have_queries - self._queries
+        if len(idle) > slots:
+            idle = self._rng.sample(idle, slots)
+        for p in idle:
+            p.query_deadline = now + 2 * cfg.have_wait
+            p.next_query = now + cfg.have_min_interval
+            self._queries += 1
+            self._timer(p.query_deadline, _T_QUERY, p.id)
+            out.append(QueryHave(p.id, self.digest, self._wanted))
+
+    def _maybe_lookup(self, now: float, out: list[Event]) -> None:
+        cfg = self.config
+        starving = (
+            not self._n_inflight and not self._upstream and not (self._queries and self._peers)
+        )
+        if not starving and len(self._peers) >= cfg.min_peers:
+            return
+        if self.lease and not starving:
+            return
+        if now >= self._next_lookup:
+            self._next_lookup = now + cfg.lookup_interval
+            out.append(NeedProviders(self.digest))
+        elif not self._lookup_timer:
+            self._lookup_timer = True
+            self._timer(self._next_lookup, _T_WAKE, "", -2)
+
+
+# ---------------------------------------------------------------------------------------
+# Uploader
+
+
+class _Seed:
+    __slots__ = ("complete", "have", "parked", "piece_count")
+
+    def __init__(self, piece_count: int, have: int) -> None:
+        self.piece_count = piece_count
+        self.have = have
+        self.complete = have == bitmap_full(piece_count)
+        self.parked: dict[MemberId, tuple[int, float]] = {}  # requester -> (want, until)
+
+
+class Uploader:
+    """One cell's upload side: `slots` uploads at once, then a queue of `queue`, then
+    BUSY so the asker goes elsewhere rather than wait behind a crowd. A fixed number of
+    slots (not one per asker) keeps each upload fast: a piece sent at full speed to one
+    peer becomes a source twice sooner than two pieces sent at half speed."""
+
+    def __init__(
+        self,
+        self_id: MemberId,
+        *,
+        slots: int = 4,
+        queue: int = 0,
+        max_parked: int = 32,
+        have_wait: float = 1.0,
+    ) -> None:
+        self.self_id = self_id
+        self.slots = slots
+        self.queue_limit = queue
+        self.max_parked = max_parked
+        self.have_wait = have_wait
+        self._seeds: dict[Digest, _Seed] = {}
+        self._active: set[tuple[MemberId, Digest, int]] = set()
+        self._queue: deque[PieceRequest] = deque()
+        self._parked_deadlines: list[tuple[float, Digest, MemberId]] = []
+        self.uploads_done = 0
+        self.busy_replies = 0
+
+    @property
+    def load(self) -> int:
+        """Uploads in progress (what announcements report)."""
+        return len(self._active)
+
+    def have(self, digest: Digest) -> int:
+        seed = self._seeds.get(digest)
+        return seed.have if seed is not None else 0
+
+    def add_seed(
+        self, digest: Digest, piece_count: int, have: int = 0
+    ) -> list[tuple[MemberId, HaveReply]]:
+        seed = self._seeds.get(digest)
+        if seed is None:
+            self._seeds[digest] = _Seed(piece_count, have)
+            return []
+        out: list[tuple[MemberId, HaveReply]] = []
+        for index in bitmap_indices(have & ~seed.have):
+            out.extend(self.piece_added(digest, index))
+        return out
+
+    def remove_seed(self, digest: Digest) -> None:
+        """Evicted: later requests get MISSING with an empty bitmap."""
+        self._seeds.pop(digest, None)
+
+    def piece_added(self, digest: Digest, index: int) -> list[tuple[MemberId, HaveReply]]:
+        """The cell now holds piece `index`: the parked queries that wanted it are
+        answered, as (requester, reply) pairs to send."""
+        seed = self._seeds.get(digest)
+        if seed is None:
+            return []
+        bit = 1 << index
+        seed.have |= bit
+        seed.complete = seed.have == bitmap_full(seed.piece_count)
+        if not seed.parked:
+            return []
+        wake = [r for r, (want, _) in seed.parked.items() if want & bit]
+        return [self._answer(digest, seed, r) for r in wake]
+
+    def _answer(
+        self, digest: Digest, seed: _Seed, requester: MemberId
+    ) -> tuple[MemberId, HaveReply]:
+        seed.parked.pop(requester, None)
+        return requester, HaveReply(digest, self.self_id, seed.have, seed.complete)
+
+    def on_have_query(self, q: HaveQuery, now: float) -> HaveReply | None:
+        """The answer now, or None when parked (it comes from piece_added or poll)."""
+        seed = self._seeds.get(q.digest)
+        if seed is None:
+            return HaveReply(q.digest, self.self_id, 0, False)
+        if seed.have & q.want or seed.complete or len(seed.parked) >= self.max_parked:
+            seed.parked.pop(q.requester, None)
+            return HaveReply(q.digest, self.self_id, seed.have, seed.complete)
+        until = now + self.have_wait
+        seed.parked[q.requester] = (q.want, until)
+        heapq.heappush(self._parked_deadlines, (until, q.digest, q.requester))
+        return None
+
+    def poll(self, now: float) -> list[tuple[MemberId, HaveReply]]:
+        """Parked queries whose wait is over, answered with the bitmap as it is."""
+        out: list[tuple[MemberId, HaveReply]] = []
+        heap = self._parked_deadlines
+        while heap and heap[0][0] <= now:
+            until, digest, requester = heapq.heappop(heap)
+            seed = self._seeds.get(digest)
+            if seed is None:
+                continue
+            parked = seed.parked.get(requester)
+            if parked is not None and parked[1] == until:
+                out.append(self._answer(digest, seed, requester))
+        return out
+
+    def next_deadline(self) -> float | None:
+        return self._parked_deadlines[0][0] if self._parked_deadlines else None
+
+    def on_request(self, req: PieceRequest, now: float) -> PieceReply:
+        """OK: start sending now. QUEUED: on_done will start it. BUSY/MISSING: sent back
+        at once, with this cell's bitmap."""
+        seed = self._seeds.get(req.digest)
+        if seed is None or not (seed.have >> req.index) & 1 or req.index < 0:
+            have, complete = (seed.have, seed.complete) if seed is not None else (0, False)
+            return PieceReply(
+                req.digest, req.index, self.self_id, PieceStatus.MISSING, have, complete
+            )
+        key = (req.requester, req.digest, req.index)
+        if len(self._active) < self.slots:
+            self._active.add(key)
+            status = PieceStatus.OK
+        elif len(self._queue) < self.queue_limit:
+            self._queue.append(req)
+            status = PieceStatus.QUEUED
+        else:
+            self.busy_replies += 1
+            status = PieceStatus.BUSY
+        return PieceReply(req.digest, req.index, self.self_id, status, seed.have, seed.complete)
+
+    def on_done(self, requester: MemberId, digest: Digest, index: int) -> list[PieceRequest]:
+        """An upload finished (or failed): frees its slot; returns queued requests that
+        start now (send each piece as for OK)."""
+        key = (requester, digest, index)
+        if key in self._active:
+            self._active.discard(key)
+            self.uploads_done += 1
+        started: list[PieceRequest] = []
+        while self._queue and len(self._active) < self.slots:
+            req = self._queue.popleft()
+            self._active.add((req.requester, req.digest, req.index))
+            started.append(req)
+        return started
+
+    def on_cancel(self, msg: PieceCancel) -> list[PieceRequest]:
+        """The requester no longer wants it: drop it from the queue, or free its slot."""
+        for req in self._queue:
+            if (req.requester, req.digest, req.index) == (msg.requester, msg.digest, msg.index):
+                self._queue.remove(req)
+                return []
+        return self.on_done(msg.requester, msg.digest, msg.index)
+
+    def piece_reply(self, digest: Digest, index: int) -> PieceReply:
+        """The OK reply that goes with a piece (carries the current bitmap)."""
+        seed = self._seeds.get(digest)
+        have, complete = (seed.have, seed.complete) if seed is not None else (0, False)
+        return PieceReply(digest, index, self.self_id, PieceStatus.OK, have, complete)
