@@ -198,6 +198,12 @@ async def serve_connection(stream: trio.SocketStream, handler: Handler) -> None:
     except OSError as exc:
         log.debug("connection dropped: %s", exc)
         return
+    except Exception as exc:
+        # A body that failed after its headers went out (a fetch that did not
+        # verify): the client sees the connection close short of
+        # Content-Length; everyone else is served as before.
+        log.warning("response aborted: %s", exc)
+        return
     finally:
         with trio.move_on_after(1) as cleanup:
             cleanup.shield = True

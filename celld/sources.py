@@ -178,6 +178,7 @@ class Sources:
 
     def _source_failed(self, source: Source, exc: Exception) -> None:
         log.warning("%s unavailable: %s", source.label, exc)
+        self.metrics.fetches.labels(source.kind, "unavailable").inc()
         if source.kind != "registry":
             return
         url = source.label.removeprefix("registry:")
@@ -223,7 +224,6 @@ class Sources:
                     errors.append(f"{source.label}: {exc}")
                     self.metrics.fetches.labels(source.kind, "unauthorized").inc()
                 except Unavailable as exc:
-                    self.metrics.fetches.labels(source.kind, "unavailable").inc()
                     self._source_failed(source, exc)
                     errors.append(f"{source.label}: unavailable")
                     if fetch.started:

@@ -10,6 +10,8 @@ import pytest
 from tests.support.celld import Celld
 from tests.support.registry import Registry
 
+pytest_plugins = ["tests.support.fixtures", "tests.support.auth"]
+
 
 @pytest.fixture
 def hub(tmp_path: Path) -> Iterator[Registry]:
