@@ -28,13 +28,13 @@ from typing import Any
 
 import httpx
 import trio
-from protocol.manifest import UPSTREAM_ACCEPT
 
 from celld.config import Config
 from celld.metrics import Metrics
 from celld.registry import NotFound, RegistryClient, Unauthorized, Unavailable
 from celld.store import BlobEntry, BlobWriter, DigestMismatch, Store
 from protocol.errors import OCIError, oci_error
+from protocol.manifest import UPSTREAM_ACCEPT
 from protocol.reference import Digest
 
 log = logging.getLogger(__name__)

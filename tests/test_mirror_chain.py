@@ -46,10 +46,12 @@ async def test_fifty_waiters_one_upstream_get(cell, hub):
         results.append(h.hexdigest())
 
     limits = httpx.Limits(max_connections=60)
-    async with httpx.AsyncClient(base_url=cell.url, limits=limits, timeout=60) as client:
-        async with trio.open_nursery() as nursery:
-            for _ in range(50):
-                nursery.start_soon(pull, client)
+    async with (
+        httpx.AsyncClient(base_url=cell.url, limits=limits, timeout=60) as client,
+        trio.open_nursery() as nursery,
+    ):
+        for _ in range(50):
+            nursery.start_soon(pull, client)
     assert results == [want] * 50
     gets = hub.requests("GET", layer.digest)
     assert len(gets) == 1, gets
