@@ -1,0 +1,867 @@
+"""Who is in the cluster: SWIM membership with Lifeguard, as a sans-IO state machine.
+
+This module owns one cell's view of the cluster: which cells are alive, suspect, dead or
+gone, at which address and zone, and what it must send to keep that view right. It
+never does I/O, never reads a clock and never draws randomness from the OS: the caller
+passes `now` (seconds, any epoch, never going back) and an `rng: random.Random`, and
+sends and delivers the messages (protocol/wire.py types) itself. So the daemon
+(celld/gossip.py, over UDP) and the simulator (simulations/model/, thousands of cells in
+one process) run exactly this code.
+
+How to drive it
+---------------
+::
+
+    m = Membership("cell-a", "10.0.0.1:7946", "zone-1", Config(), random.Random(seed))
+    out = m.join(["10.0.0.2:7946"], now)        # seed addresses; [] for the first cell
+    loop:
+        for o in out: send wire.encode(o.msg, ...) to o.addr      # Outgoing(addr, msg)
+        wait until m.next_deadline() or a datagram arrives, then either
+            out = m.tick(now)                          # timers: probes, gossip, suspicion
+            out = m.receive(decoded.msg, from_addr, now)   # a MEMBERSHIP_MESSAGES type
+        while (ev := m.next_event()) is not None: react (MemberJoined, MemberDead, ...)
+    out = m.leave(now); keep ticking until m.done_leaving, then stop.
+
+`tick` may be called as often or as rarely as the caller likes: it catches up on every
+deadline that passed, but a late tick makes the protocol late too. Between ticks,
+`next_deadline()` says when the next timer fires; ask it again after every call.
+
+Theory of operation
+-------------------
+Every member row holds (incarnation, status) and changes only through four rules, the
+same whether the news came piggybacked, by gossip or by push-pull (`_apply`):
+
+* Alive(n, i) wins over anything about n with an incarnation below i. A new name adds a
+  row (MemberJoined); a dead or left row coming back is a rejoin (MemberJoined);
+  a suspect one is cleared (MemberAlive).
+* Suspect(n, i, by) wins over Alive(n, i') with i' <= i; a second Suspect at the same
+  incarnation from another cell is a Lifeguard confirmation that shortens the timer.
+* Dead(n, i, by) wins over Alive and Suspect with incarnation <= i; by == n is a leave.
+* About ourselves, Suspect or Dead at our incarnation or above (and Alive above it) is
+  refuted: our incarnation becomes theirs + 1 and a fresh Alive is gossiped. Only our
+  own leave is never refuted.
+
+Each accepted change is queued for dissemination (`_Broadcasts`): updates ride on every
+Ping, Ack, Nack and PingReq we send and on Gossip messages to `gossip_nodes` random
+members every `gossip_interval`, each sent at most retransmit_mult * ceil(log10(N+1))
+times, fewest-sent first; a newer update about a cell replaces an older one.
+
+Failure detection is one probe at a time, round-robin over a shuffled list: Ping the
+target; no Ack within probe_timeout -> PingReq to `indirect_checks` others, who ping it
+and relay its Ack, or a Nack if it stays silent; no Ack by the end of the probe
+interval -> Suspect(target). A suspect is declared dead when its suspicion timer runs
+out: it starts at max = suspicion_max_timeout_mult * min and shrinks logarithmically to
+min = suspicion_mult * log10(N) * probe_interval as independent confirmations arrive
+(Lifeguard's dynamic suspicion, memberlist's formula). Our own health score (Lifeguard's
+local health awareness, 0 .. awareness_max - 1) grows on failed probes (by the number of
+missing Nacks, which tell "my network is bad" from "the target is dead") and on
+refutations, shrinks on each Ack, and multiplies our probe interval and timeout, so a
+struggling cell probes less and accuses nobody in haste.
+
+Every `push_pull_interval` (scaled up with log2 N past 32 cells, as memberlist does) we
+send our whole table to one random member in chunks that fit a datagram; it merges
+each chunk and answers with its own table. That repairs whatever gossip lost. Joining is
+the same exchange with seed addresses, retried until some other member is known.
+Dead and left rows are kept for `dead_retention` (to stop old Alive news from
+resurrecting them and to keep gossiping to the dead so a live cell can refute) and then
+forgotten.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from protocol import wire
+from protocol.wire import (
+    Ack,
+    Alive,
+    Dead,
+    Gossip,
+    MemberState,
+    Message,
+    Nack,
+    Ping,
+    PingReq,
+    PushPull,
+    Status,
+    Suspect,
+    Update,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Timing of the protocol. Defaults follow memberlist's DefaultLANConfig, which serf
+    and Consul run on LANs of thousands of nodes, with the gossip interval and fanout of
+    issue 4 (200 ms, 3): a 1 s probe interval and 500 ms probe timeout suit a datacenter
+    round trip of < 50 ms while keeping each cell at ~1 probe/s however big the cluster;
+    3 indirect checks make a live cell's probe fail under 10% loss only ~1% of the time;
+    suspicion_mult 4 and max 6x give a live-but-unlucky cell 4 log10(N) .. 24 log10(N)
+    seconds to refute; retransmit_mult 4 sends each update 4 ceil(log10(N+1)) times
+    (20 at N = 10,000), enough for an epidemic to reach everyone with high probability.
+    """
+
+    probe_interval: float = 1.0
+    probe_timeout: float = 0.5
+    indirect_checks: int = 3
+    gossip_interval: float = 0.2
+    gossip_nodes: int = 3
+    retransmit_mult: int = 4
+    suspicion_mult: int = 4
+    suspicion_max_timeout_mult: int = 6
+    push_pull_interval: float = 30.0
+    awareness_max: int = 8
+    dead_retention: float = 30.0
+    join_retry: float = 2.0
+    nack_fraction: float = 0.8  # a relay nacks after this share of probe_timeout
+    record_events: bool = True  # a simulator of 10,000 cells may not want 10^8 events
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """Send `msg` to `addr`."""
+
+    addr: str
+    msg: Message
+
+
+@dataclass(frozen=True, slots=True)
+class MemberJoined:
+    node: str
+    addr: str
+    zone: str
+    incarnation: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class MemberAlive:
+    """A suspect refuted the suspicion."""
+
+    node: str
+    incarnation: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class MemberSuspected:
+    node: str
+    incarnation: int
+    by: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class MemberDead:
+    node: str
+    incarnation: int
+    by: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class MemberLeft:
+    node: str
+    incarnation: int
+    at: float
+
+
+Event = MemberJoined | MemberAlive | MemberSuspected | MemberDead | MemberLeft
+
+
+class _Member:
+    __slots__ = ("addr", "incarnation", "node", "since", "status", "zone")
+
+    def __init__(
+        self, node: str, addr: str, zone: str, incarnation: int, status: Status, since: float
+    ) -> None:
+        self.node = node
+        self.addr = addr
+        self.zone = zone
+        self.incarnation = incarnation
+        self.status = status
+        self.since = since
+
+    def state(self) -> MemberState:
+        return MemberState(self.node, self.incarnation, self.addr, self.zone, self.status)
+
+
+class _Suspicion:
+    """Lifeguard's dynamic suspicion timer for one suspect at one incarnation."""
+
+    __slots__ = ("confirmers", "deadline", "incarnation", "k", "max", "min", "start")
+
+    def __init__(
+        self, by: str, incarnation: int, k: int, lo: float, hi: float, start: float
+    ) -> None:
+        self.confirmers = {by}
+        self.incarnation = incarnation
+        self.k = k
+        self.min = lo
+        self.max = hi
+        self.start = start
+        self.deadline = start + (lo if k < 1 else hi)
+
+    def confirm(self, by: str) -> bool:
+        """Count an independent confirmation; True if it was new (and so worth gossiping)."""
+        if by in self.confirmers or len(self.confirmers) - 1 >= self.k:
+            return False
+        self.confirmers.add(by)
+        c = len(self.confirmers) - 1
+        frac = math.log(c + 1) / math.log(self.k + 1)
+        self.deadline = self.start + max(self.min, self.max - (self.max - self.min) * frac)
+        return True
+
+
+class _Probe:
+    __slots__ = ("end_at", "expected_nacks", "id", "indirect", "nacks", "target", "timeout_at")
+
+    def __init__(self, pid: int, target: str, timeout_at: float, end_at: float) -> None:
+        self.id = pid
+        self.target = target
+        self.timeout_at = timeout_at
+        self.end_at = end_at
+        self.indirect = False
+        self.expected_nacks = 0
+        self.nacks = 0
+
+
+class _Relay:
+    """A ping we send on behalf of a PingReq."""
+
+    __slots__ = ("nack_at", "origin", "origin_probe", "until", "want_nack")
+
+    def __init__(
+        self, origin: str, origin_probe: int, want_nack: bool, nack_at: float, until: float
+    ) -> None:
+        self.origin = origin
+        self.origin_probe = origin_probe
+        self.want_nack = want_nack
+        self.nack_at = nack_at
+        self.until = until
+
+
+class _Broadcasts:
+    """Updates waiting to be piggybacked, one per node, fewest transmissions first.
+
+    Buckets by transmit count keep `take` proportional to what it returns, not to the
+    queue length, which matters when 10,000 cells join at once."""
+
+    __slots__ = ("_buckets", "_where")
+
+    def __init__(self) -> None:
+        self._buckets: list[dict[str, tuple[Update, int]]] = [{}]
+        self._where: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def push(self, update: Update) -> None:
+        node = update.node
+        t = self._where.get(node)
+        if t is not None:
+            del self._buckets[t][node]
+        self._buckets[0][node] = (update, wire.record_size(update))
+        self._where[node] = 0
+
+    def take(self, budget: int, limit: int) -> list[Update]:
+        """Up to `budget` bytes of updates (fewest sent, newest first); counts them sent."""
+        if not self._where or budget < _MIN_UPDATE:
+            return []
+        picked: list[tuple[int, str, Update, int]] = []
+        for t, bucket in enumerate(self._buckets):
+            for node in reversed(bucket):
+                update, size = bucket[node]
+                if size <= budget:
+                    picked.append((t, node, update, size))
+                    budget -= size
+                    if budget < _MIN_UPDATE:
+                        break
+            if budget < _MIN_UPDATE:
+                break
+        for t, node, update, size in picked:
+            del self._buckets[t][node]
+            if t + 1 >= limit:
+                del self._where[node]
+                continue
+            if t + 1 == len(self._buckets):
+                self._buckets.append({})
+            self._buckets[t + 1][node] = (update, size)
+            self._where[node] = t + 1
+        return [p[2] for p in picked]
+
+
+_MIN_UPDATE = 9  # the smallest update: kind, 1-byte name, u32, 1-byte name
+
+
+class Membership:
+    """One cell's SWIM + Lifeguard membership. See the module docstring for how to drive it."""
+
+    def __init__(
+        self, self_id: str, addr: str, zone: str, config: Config, rng: random.Random
+    ) -> None:
+        self.id = self_id
+        self.addr = addr
+        self.zone = zone
+        self.config = config
+        self.rng = rng
+        self.incarnation = 0
+        self.health = 0  # Lifeguard local health score, 0 .. awareness_max - 1
+        self.epoch = 0  # bumped whenever the set of live members changes
+        self.stats: Counter[str] = Counter()
+        self._members: dict[str, _Member] = {
+            self_id: _Member(self_id, addr, zone, 0, Status.ALIVE, 0.0)
+        }
+        self._others: list[str] = []  # every known node but us, for random picks
+        self._probe_order: list[str] = []
+        self._probe_next = 0
+        self._live = 1  # members alive or suspect, us included
+        self._bcast = _Broadcasts()
+        self._suspicions: dict[str, _Suspicion] = {}
+        self._probe: _Probe | None = None
+        self._relays: dict[int, _Relay] = {}
+        self._next_id = rng.randrange(1 << 31)
+        self._events: deque[Event] = deque()
+        self._leaving = False
+        self._seeds: list[str] = []
+        self._started = False
+        self._next_probe = math.inf
+        self._next_gossip = math.inf
+        self._next_push_pull = math.inf
+        self._next_join = math.inf
+        self._exchange = 0
+
+    # ----------------------------------------------------------------- public API
+
+    def join(self, seeds: Sequence[str], now: float) -> list[Outgoing]:
+        """Start the protocol, and join the cluster through `seeds` (addresses other than
+        our own; none for the first cell). Retries every join_retry until a member is known."""
+        self._start(now)
+        self._seeds = [s for s in seeds if s != self.addr]
+        if not self._seeds:
+            return []
+        self._next_join = now + self.config.join_retry
+        return self._join_messages()
+
+    def preload(self, states: Iterable[MemberState], now: float) -> None:
+        """Start as if a push-pull had brought `states`, without events or gossip: lets a
+        simulator begin from a converged cluster of 10,000 cells in O(N) per cell."""
+        self._start(now)
+        for s in states:
+            if s.node != self.id and s.node not in self._members:
+                self._add(s.node, s.addr, s.zone, s.incarnation, s.status, now)
+
+    def leave(self, now: float) -> list[Outgoing]:
+        """Leave gracefully: gossip Dead(self, by=self) now and on later ticks until
+        `done_leaving`; stop probing. Others report MemberLeft, not MemberDead."""
+        if self._leaving:
+            return []
+        self._leaving = True
+        me = self._members[self.id]
+        me.status = Status.LEFT
+        self._probe = None
+        self._bcast.push(Dead(self.id, self.incarnation, self.id))
+        return self._gossip(now)
+
+    @property
+    def done_leaving(self) -> bool:
+        """True once the leave has been gossiped as often as the retransmit limit asks."""
+        return self._leaving and len(self._bcast) == 0
+
+    def tick(self, now: float) -> list[Outgoing]:
+        """Run every timer that is due at `now`."""
+        out: list[Outgoing] = []
+        if not self._started:
+            return out
+        if now >= self._next_join:
+            if self._live > 1 or self._leaving:
+                self._next_join = math.inf
+            else:
+                self._next_join = now + self.config.join_retry
+                out += self._join_messages()
+        if self._relays:
+            out += self._tick_relays(now)
+        if self._suspicions:
+            self._tick_suspicions(now)
+        if not self._leaving:
+            out += self._tick_probe(now)
+            if now >= self._next_push_pull:
+                self._next_push_pull = now + self._push_pull_interval()
+                target = self._random_others(1, live_only=True)
+                if target:
+                    out += self._push_pull(self._members[target[0]].addr, reply=False, join=False)
+        if now >= self._next_gossip:
+            k = math.floor((now - self._next_gossip) / self.config.gossip_interval) + 1
+            self._next_gossip += k * self.config.gossip_interval
+            out += self._gossip(now)
+        return out
+
+    def next_deadline(self) -> float:
+        """When `tick` next has something to do (math.inf: nothing until a message comes)."""
+        if not self._started:
+            return math.inf
+        t = min(self._next_join, self._next_probe if not self._leaving else math.inf)
+        if self._bcast:
+            t = min(t, self._next_gossip)
+        if not self._leaving:
+            t = min(t, self._next_push_pull)
+        p = self._probe
+        if p is not None:
+            t = min(t, p.end_at if p.indirect else p.timeout_at)
+        for r in self._relays.values():
+            t = min(t, r.nack_at if r.want_nack else r.until)
+        for s in self._suspicions.values():
+            t = min(t, s.deadline)
+        return t
+
+    def receive(self, msg: Message, sender_addr: str, now: float) -> list[Outgoing]:
+        """Handle one decoded membership message that came from `sender_addr`."""
+        if not self._started:
+            return []
+        self.stats["received"] += 1
+        updates = getattr(msg, "updates", ())
+        for u in updates:
+            self._apply(u, now)
+        kind = type(msg)
+        if kind is Ping:
+            if msg.target != self.id:
+                self.stats["misdirected_ping"] += 1
+                return []
+            return [Outgoing(sender_addr, self._piggyback(Ack(msg.probe), Ack, (msg.probe,)))]
+        if kind is Ack:
+            return self._on_ack(msg.probe)
+        if kind is Nack:
+            p = self._probe
+            if p is not None and p.id == msg.probe:
+                p.nacks += 1
+            return []
+        if kind is PingReq:
+            return self._on_ping_req(msg, sender_addr, now)
+        if kind is PushPull:
+            return self._on_push_pull(msg, sender_addr, now)
+        return []
+
+    def next_event(self) -> Event | None:
+        """The oldest event not yet taken, or None."""
+        return self._events.popleft() if self._events else None
+
+    def members(self) -> list[MemberState]:
+        """Every row of the table, us included, dead and left ones until forgotten."""
+        return [m.state() for m in self._members.values()]
+
+    def live_members(self) -> list[MemberState]:
+        """Members alive or suspect (a suspect may well be alive), us included."""
+        return [
+            m.state()
+            for m in self._members.values()
+            if m.status is Status.ALIVE or m.status is Status.SUSPECT
+        ]
+
+    def status_of(self, node: str) -> Status | None:
+        m = self._members.get(node)
+        return None if m is None else m.status
+
+    def member(self, node: str) -> MemberState | None:
+        m = self._members.get(node)
+        return None if m is None else m.state()
+
+    @property
+    def num_live(self) -> int:
+        return self._live
+
+    @property
+    def pending_broadcasts(self) -> int:
+        return len(self._bcast)
+
+    # ----------------------------------------------------------------- rules
+
+    def _start(self, now: float) -> None:
+        if self._started:
+            return
+        self._started = True
+        c = self.config
+        self._members[self.id].since = now
+        # Random phases so that cells started together do not probe and gossip in step.
+        self._next_probe = now + self.rng.uniform(0, c.probe_interval)
+        self._next_gossip = now + self.rng.uniform(0, c.gossip_interval)
+        self._next_push_pull = now + self.rng.uniform(0, self._push_pull_interval())
+
+    def _emit(self, ev: Event) -> None:
+        if self.config.record_events:
+            self._events.append(ev)
+
+    def _add(
+        self, node: str, addr: str, zone: str, inc: int, status: Status, now: float
+    ) -> _Member:
+        m = _Member(node, addr, zone, inc, status, now)
+        self._members[node] = m
+        self._others.append(node)
+        self._probe_order.insert(self.rng.randrange(len(self._probe_order) + 1), node)
+        if status is Status.ALIVE or status is Status.SUSPECT:
+            self._live += 1
+            self.epoch += 1
+        return m
+
+    def _apply(self, u: Update, now: float) -> None:
+        kind = type(u)
+        if kind is Alive:
+            self._on_alive(u, now)
+        elif kind is Suspect:
+            self._on_suspect(u, now)
+        else:
+            self._on_dead(u, now)
+
+    def _on_alive(self, a: Alive, now: float) -> None:
+        if a.node == self.id:
+            if a.incarnation > self.incarnation and not self._leaving:
+                self._refute(a.incarnation)
+            return
+        m = self._members.get(a.node)
+        if m is None:
+            self._add(a.node, a.addr, a.zone, a.incarnation, Status.ALIVE, now)
+            self._bcast.push(a)
+            self._emit(MemberJoined(a.node, a.addr, a.zone, a.incarnation, now))
+            return
+        if a.incarnation <= m.incarnation:
+            return
+        old = m.status
+        m.incarnation, m.addr, m.zone, m.status, m.since = (
+            a.incarnation,
+            a.addr,
+            a.zone,
+            Status.ALIVE,
+            now,
+        )
+        self._suspicions.pop(a.node, None)
+        self._bcast.push(a)
+        if old is Status.SUSPECT:
+            self._emit(MemberAlive(a.node, a.incarnation, now))
+        elif old is Status.DEAD or old is Status.LEFT:
+            self._live += 1
+            self.epoch += 1
+            self._emit(MemberJoined(a.node, a.addr, a.zone, a.incarnation, now))
+
+    def _on_suspect(self, s: Suspect, now: float) -> None:
+        if s.node == self.id:
+            if s.incarnation >= self.incarnation and not self._leaving:
+                self._refute(s.incarnation)
+            return
+        m = self._members.get(s.node)
+        if m is None or s.incarnation < m.incarnation:
+            return
+        if m.status is Status.DEAD or m.status is Status.LEFT:
+            return
+        if m.status is Status.SUSPECT and s.incarnation == m.incarnation:
+            timer = self._suspicions.get(s.node)
+            if timer is not None and timer.confirm(s.by):
+                self.stats["suspicion_confirmations"] += 1
+                self._bcast.push(s)
+            return
+        m.incarnation, m.status, m.since = s.incarnation, Status.SUSPECT, now
+        c = self.config
+        n = self._live
+        k = c.suspicion_mult - 2 if n - 2 >= c.suspicion_mult - 2 else 0
+        lo = c.suspicion_mult * max(1.0, math.log10(max(1, n))) * c.probe_interval
+        self._suspicions[s.node] = _Suspicion(
+            s.by, s.incarnation, k, lo, c.suspicion_max_timeout_mult * lo, now
+        )
+        self._bcast.push(s)
+        self.stats["suspected"] += 1
+        self._emit(MemberSuspected(s.node, s.incarnation, s.by, now))
+
+    def _on_dead(self, d: Dead, now: float) -> None:
+        if d.node == self.id:
+            if d.incarnation >= self.incarnation and not self._leaving:
+                self._refute(d.incarnation)
+            return
+        m = self._members.get(d.node)
+        if m is None or d.incarnation < m.incarnation:
+            return
+        if m.status is Status.DEAD or m.status is Status.LEFT:
+            return
+        left = d.by == d.node
+        m.incarnation, m.since = d.incarnation, now
+        m.status = Status.LEFT if left else Status.DEAD
+        self._suspicions.pop(d.node, None)
+        self._live -= 1
+        self.epoch += 1
+        self._bcast.push(d)
+        if left:
+            self._emit(MemberLeft(d.node, d.incarnation, now))
+        else:
+            self.stats["declared_dead"] += 1
+            self._emit(MemberDead(d.node, d.incarnation, d.by, now))
+
+    def _refute(self, seen: int) -> None:
+        self.incarnation = max(self.incarnation, seen) + 1
+        self._members[self.id].incarnation = self.incarnation
+        self._bcast.push(Alive(self.id, self.incarnation, self.addr, self.zone))
+        self._health(+1)
+        self.stats["refuted"] += 1
+
+    def _health(self, delta: int) -> None:
+        self.health = min(max(self.health + delta, 0), self.config.awareness_max - 1)
+
+    # ----------------------------------------------------------------- probing
+
+    def _new_id(self) -> int:
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+        return self._next_id
+
+    def _next_target(self, now: float) -> _Member | None:
+        order = self._probe_order
+        for _ in range(2):
+            while self._probe_next < len(order):
+                m = self._members.get(order[self._probe_next])
+                self._probe_next += 1
+                if m is not None and (m.status is Status.ALIVE or m.status is Status.SUSPECT):
+                    return m
+            self._new_round(now)
+        return None
+
+    def _new_round(self, now: float) -> None:
+        """End of a probe round: forget rows dead longer than dead_retention, reshuffle."""
+        self._probe_next = 0
+        horizon = now - self.config.dead_retention
+        gone = [
+            n
+            for n, m in self._members.items()
+            if (m.status is Status.DEAD or m.status is Status.LEFT)
+            and m.since < horizon
+            and n != self.id
+        ]
+        if gone:
+            for n in gone:
+                del self._members[n]
+            forgotten = set(gone)
+            self._others = [n for n in self._others if n not in forgotten]
+            self._probe_order = [n for n in self._probe_order if n not in forgotten]
+        self.rng.shuffle(self._probe_order)
+
+    def _tick_probe(self, now: float) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        c = self.config
+        scale = self.health + 1
+        p = self._probe
+        if p is not None and not p.indirect and now >= p.timeout_at:
+            p.indirect = True
+            target = self._members.get(p.target)
+            if target is not None:
+                for node in self._random_others(c.indirect_checks, live_only=True, skip=p.target):
+                    base = (p.id, p.target, target.addr, True)
+                    out.append(
+                        Outgoing(
+                            self._members[node].addr,
+                            self._piggyback(PingReq(*base), PingReq, base),
+                        )
+                    )
+                    p.expected_nacks += 1
+                self.stats["indirect_probes"] += 1
+        if p is not None and now >= p.end_at:
+            self._probe = None
+            missing = p.expected_nacks - p.nacks if p.expected_nacks else 1
+            self._health(missing)
+            self.stats["probe_failures"] += 1
+            m = self._members.get(p.target)
+            if m is not None and (m.status is Status.ALIVE or m.status is Status.SUSPECT):
+                self._on_suspect(Suspect(m.node, m.incarnation, self.id), now)
+        if self._probe is None and now >= self._next_probe:
+            m = self._next_target(now)
+            self._next_probe = max(self._next_probe + c.probe_interval * scale, now)
+            if m is None:
+                return out
+            pid = self._new_id()
+            self._probe = _Probe(
+                pid, m.node, now + c.probe_timeout * scale, now + c.probe_interval * scale
+            )
+            self.stats["probes"] += 1
+            first: list[Update] = []
+            if m.status is Status.SUSPECT:  # tell it, so that it can refute at once
+                first.append(Suspect(m.node, m.incarnation, self.id))
+            out.append(
+                Outgoing(m.addr, self._piggyback(Ping(pid, m.node), Ping, (pid, m.node), first))
+            )
+        return out
+
+    def _on_ack(self, probe: int) -> list[Outgoing]:
+        p = self._probe
+        if p is not None and p.id == probe:
+            self._probe = None
+            self._health(-1)
+            return []
+        r = self._relays.pop(probe, None)
+        if r is not None:
+            return [
+                Outgoing(r.origin, self._piggyback(Ack(r.origin_probe), Ack, (r.origin_probe,)))
+            ]
+        return []
+
+    def _on_ping_req(self, msg: PingReq, sender_addr: str, now: float) -> list[Outgoing]:
+        c = self.config
+        pid = self._new_id()
+        self._relays[pid] = _Relay(
+            sender_addr,
+            msg.probe,
+            msg.nack,
+            now + c.probe_timeout * c.nack_fraction,
+            now + c.probe_interval,
+        )
+        self.stats["relayed"] += 1
+        return [
+            Outgoing(
+                msg.target_addr, self._piggyback(Ping(pid, msg.target), Ping, (pid, msg.target))
+            )
+        ]
+
+    def _tick_relays(self, now: float) -> list[Outgoing]:
+        out = []
+        for pid, r in list(self._relays.items()):
+            if r.want_nack and now >= r.nack_at:
+                r.want_nack = False
+                out.append(
+                    Outgoing(
+                        r.origin, self._piggyback(Nack(r.origin_probe), Nack, (r.origin_probe,))
+                    )
+                )
+            if now >= r.until:
+                del self._relays[pid]
+        return out
+
+    def _tick_suspicions(self, now: float) -> None:
+        for node, s in list(self._suspicions.items()):
+            if now >= s.deadline:
+                del self._suspicions[node]
+                m = self._members.get(node)
+                if m is not None and m.status is Status.SUSPECT and m.incarnation == s.incarnation:
+                    self._on_dead(Dead(node, s.incarnation, self.id), now)
+
+    # ----------------------------------------------------------------- dissemination
+
+    def _retransmit_limit(self) -> int:
+        return self.config.retransmit_mult * math.ceil(math.log10(self._live + 1))
+
+    def _piggyback(
+        self, base: Message, cls: type, args: tuple, first: Sequence[Update] = ()
+    ) -> Message:
+        """`cls(*args, updates=...)` with as many queued updates as fit in a datagram."""
+        budget = wire.room(base, self.id)
+        ups = list(first)
+        for u in first:
+            budget -= wire.record_size(u)
+        ups += self._bcast.take(budget, self._retransmit_limit())
+        if not ups:
+            return base
+        return cls(*args, updates=tuple(ups))
+
+    def _random_others(self, k: int, *, live_only: bool, skip: str = "") -> list[str]:
+        """Up to k distinct random other members (alive or suspect; with live_only False,
+        also dead ones within dead_retention, so that gossip reaches the dead to refute)."""
+        others = self._others
+        if not others or k <= 0:
+            return []
+        picked: list[str] = []
+        members = self._members
+        for _ in range(3 * k):
+            node = others[self.rng.randrange(len(others))]
+            m = members.get(node)
+            if m is None or node == skip or node in picked:
+                continue
+            if (
+                m.status is Status.ALIVE
+                or m.status is Status.SUSPECT
+                or (not live_only and m.status is Status.DEAD)
+            ):
+                picked.append(node)
+                if len(picked) == k:
+                    return picked
+        # Few eligible members among many rows: fall back to filtering them all.
+        eligible = [
+            n
+            for n in others
+            if n != skip
+            and n not in picked
+            and (
+                members[n].status in (Status.ALIVE, Status.SUSPECT)
+                or (not live_only and members[n].status is Status.DEAD)
+            )
+        ]
+        picked += self.rng.sample(eligible, min(k - len(picked), len(eligible)))
+        return picked
+
+    def _gossip(self, now: float) -> list[Outgoing]:
+        if not self._bcast:
+            return []
+        out = []
+        limit = self._retransmit_limit()
+        budget = wire.room(Gossip(()), self.id)
+        for node in self._random_others(self.config.gossip_nodes, live_only=False):
+            ups = self._bcast.take(budget, limit)
+            if not ups:
+                break
+            out.append(Outgoing(self._members[node].addr, Gossip(tuple(ups))))
+        self.stats["gossip_sent"] += len(out)
+        return out
+
+    # ----------------------------------------------------------------- push-pull, join
+
+    def _push_pull_interval(self) -> float:
+        """memberlist's pushPullScale: past 32 nodes, one more interval per doubling."""
+        n = self._live
+        base = self.config.push_pull_interval
+        if n <= 32:
+            return base
+        return base * (math.ceil(math.log2(n) - math.log2(32)) + 1)
+
+    def _states(self) -> list[MemberState]:
+        me = self._members[self.id]
+        me.incarnation = self.incarnation
+        return [m.state() for m in self._members.values()]
+
+    def _push_pull(self, addr: str, *, reply: bool, join: bool) -> list[Outgoing]:
+        self._exchange = (self._exchange + 1) & 0xFFFFFFFF
+        budget = wire.room(PushPull(0, join, reply, 0, 0, ()), self.id)
+        chunks: list[list[MemberState]] = [[]]
+        used = 0
+        for s in self._states():
+            size = wire.record_size(s)
+            if used + size > budget:
+                chunks.append([])
+                used = 0
+            chunks[-1].append(s)
+            used += size
+        self.stats["push_pull_sent"] += 1
+        return [
+            Outgoing(addr, PushPull(self._exchange, join, reply, i, len(chunks), tuple(c)))
+            for i, c in enumerate(chunks)
+        ]
+
+    def _join_messages(self) -> list[Outgoing]:
+        out = []
+        for seed in self._seeds:
+            out += self._push_pull(seed, reply=False, join=True)
+        return out
+
+    def _on_push_pull(self, msg: PushPull, sender_addr: str, now: float) -> list[Outgoing]:
+        for s in msg.states:
+            self._merge(s, now)
+        if not msg.reply and msg.part == 0:
+            return self._push_pull(sender_addr, reply=True, join=False)
+        return []
+
+    def _merge(self, s: MemberState, now: float) -> None:
+        """One row of a peer's table. A remote DEAD only makes us suspect (memberlist's
+        rule): the cell gets its chance to refute before we declare it dead ourselves."""
+        st = s.status
+        if st is Status.ALIVE or st is Status.SUSPECT:
+            if s.node not in self._members or st is Status.ALIVE:
+                self._on_alive(Alive(s.node, s.incarnation, s.addr, s.zone), now)
+            if st is Status.SUSPECT:
+                self._on_suspect(Suspect(s.node, s.incarnation, self.id), now)
+        elif st is Status.DEAD:
+            self._on_suspect(Suspect(s.node, s.incarnation, self.id), now)
+        else:
+            self._on_dead(Dead(s.node, s.incarnation, s.node), now)

@@ -1,0 +1,344 @@
+"""SWIM + Lifeguard membership, run as many cells joined by an in-memory network.
+
+The `Net` below is the smallest faithful driver of protocol.membership: every message
+is really encoded, signed and checked by protocol.wire, delivered after a random
+latency or dropped with a seeded rng, and every cell is ticked exactly at its
+`next_deadline()`. The same seed gives the same run.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from dataclasses import dataclass, field
+
+import pytest
+
+from protocol import wire
+from protocol.membership import (
+    Config,
+    Event,
+    MemberDead,
+    MemberJoined,
+    MemberLeft,
+    Membership,
+    MemberSuspected,
+    _Broadcasts,
+    _Suspicion,
+)
+from protocol.wire import Alive, Codec, Dead, Gossip, MemberState, Reason, Status, Suspect
+
+KEY = bytes(range(32))
+
+
+@dataclass
+class Cell:
+    m: Membership
+    codec: Codec
+    up: bool = True
+    gen: int = 0
+    next_tick: float = math.inf
+    events: list[Event] = field(default_factory=list)
+
+
+class Net:
+    """Cells addressed by name, a heap of deliveries and ticks, seeded loss and latency."""
+
+    def __init__(
+        self,
+        *,
+        loss: float = 0.0,
+        latency: tuple[float, float] = (0.001, 0.010),
+        seed: int = 1,
+        config: Config | None = None,
+    ) -> None:
+        self.rng = random.Random(seed)
+        self.loss = loss
+        self.latency = latency
+        self.config = config or Config()
+        self.cells: dict[str, Cell] = {}
+        self.heap: list[tuple[float, int, str, str, object]] = []
+        self.now = 0.0
+        self._n = 0
+        self.cut: set[str] = set()  # cells whose packets are all dropped (a partition)
+        self.sent = 0
+        self.max_datagram = 0
+
+    def add(self, name: str, zone: str = "z1") -> Cell:
+        m = Membership(name, name, zone, self.config, random.Random(self.rng.random()))
+        cell = Cell(m, Codec(KEY, name, now=self.now))
+        self.cells[name] = cell
+        return cell
+
+    def _push(self, t: float, kind: str, addr: str, payload: object) -> None:
+        self._n += 1
+        heapq.heappush(self.heap, (t, self._n, kind, addr, payload))
+
+    def send(self, src: str, outs: list, now: float) -> None:
+        cell = self.cells[src]
+        for o in outs:
+            data = cell.codec.seal(o.msg, now)
+            self.sent += 1
+            self.max_datagram = max(self.max_datagram, len(data))
+            if src in self.cut or o.addr in self.cut or self.rng.random() < self.loss:
+                continue
+            self._push(now + self.rng.uniform(*self.latency), "deliver", o.addr, (src, data))
+        self._reschedule(cell, now)
+
+    def inject(self, addr: str, src_addr: str, data: bytes, at: float) -> None:
+        self._push(at, "deliver", addr, (src_addr, data))
+
+    def _reschedule(self, cell: Cell, now: float) -> None:
+        t = max(cell.m.next_deadline(), now)
+        if t < cell.next_tick:
+            cell.gen += 1
+            cell.next_tick = t
+            self._push(t, "tick", cell.m.id, cell.gen)
+
+    def join(self, name: str, seeds: list[str], at: float | None = None) -> None:
+        now = self.now if at is None else at
+        self._push(now, "join", name, seeds)
+
+    def crash(self, name: str) -> None:
+        self.cells[name].up = False
+
+    def run_until(self, t_end: float) -> None:
+        while self.heap and self.heap[0][0] <= t_end:
+            t, _, kind, addr, payload = heapq.heappop(self.heap)
+            self.now = t
+            cell = self.cells.get(addr)
+            if cell is None or not cell.up:
+                continue
+            if kind == "tick":
+                if payload != cell.gen:
+                    continue
+                cell.next_tick = math.inf
+                self.send(addr, cell.m.tick(t), t)
+            elif kind == "join":
+                self.send(addr, cell.m.join(payload, t), t)
+            else:
+                src, data = payload
+                d = cell.codec.open(data, t)
+                if isinstance(d, wire.Decoded):
+                    self.send(addr, cell.m.receive(d.msg, src, t), t)
+            while (ev := cell.m.next_event()) is not None:
+                cell.events.append(ev)
+        self.now = t_end
+
+    def live(self) -> list[Cell]:
+        return [c for c in self.cells.values() if c.up]
+
+
+def cluster(n: int, *, stagger: float = 0.05, **kw: object) -> Net:
+    """n cells, each joining through cell c0 `stagger` seconds after the previous one."""
+    net = Net(**kw)
+    for i in range(n):
+        net.add(f"c{i}", zone=f"z{i % 3}")
+        net.join(f"c{i}", [] if i == 0 else ["c0"], at=i * stagger)
+    return net
+
+
+def views_agree(net: Net, n: int) -> bool:
+    return all(c.m.num_live == n for c in net.live())
+
+
+# ----------------------------------------------------------------------- cluster behaviour
+
+
+def test_fifty_cells_converge_after_joining_through_one_seed() -> None:
+    net = cluster(50)
+    net.run_until(2.5)
+    t = 2.5
+    while not views_agree(net, 50) and t < 20:
+        t += 0.25
+        net.run_until(t)
+    assert views_agree(net, 50), sorted(c.m.num_live for c in net.live())
+    assert t < 10, f"took until t={t}s to converge"
+    for c in net.live():
+        assert {s.node for s in c.m.live_members()} == set(net.cells)
+        assert sum(isinstance(e, MemberJoined) for e in c.events) == 49
+    assert net.max_datagram <= wire.MAX_DATAGRAM
+
+
+def test_a_crashed_cell_is_declared_dead_by_everyone_within_a_few_periods() -> None:
+    net = cluster(50)
+    net.run_until(10)
+    assert views_agree(net, 50)
+    net.crash("c17")
+    crash_at = net.now
+    net.run_until(crash_at + 30)
+    min_timeout = 4 * math.log10(50) * 1.0  # suspicion_mult * log10(N) * probe_interval
+    for c in net.live():
+        assert c.m.status_of("c17") is Status.DEAD, c.m.id
+        dead = [e for e in c.events if isinstance(e, MemberDead) and e.node == "c17"]
+        assert len(dead) == 1
+        # first detection ~1.6 periods, then the (confirmed, so minimum) suspicion timeout
+        assert dead[0].at - crash_at < min_timeout + 6, (c.m.id, dead[0].at - crash_at)
+    assert views_agree(net, 49)
+
+
+def test_a_suspected_live_cell_refutes_and_is_not_declared_dead() -> None:
+    net = cluster(30)
+    net.run_until(8)
+    assert views_agree(net, 30)
+    net.cut.add("c5")  # c5 drops off the network long enough to be suspected...
+    net.run_until(net.now + 3)
+    net.cut.discard("c5")  # ...and comes back before its suspicion times out
+    net.run_until(net.now + 40)
+    events = [e for c in net.live() for e in c.events]
+    assert any(isinstance(e, MemberSuspected) and e.node == "c5" for e in events)
+    assert not any(isinstance(e, MemberDead) for e in events)
+    assert net.cells["c5"].m.incarnation >= 1
+    assert net.cells["c5"].m.stats["refuted"] >= 1
+    for c in net.live():
+        assert c.m.status_of("c5") is Status.ALIVE
+        assert c.m.member("c5").incarnation == net.cells["c5"].m.incarnation
+
+
+def test_ten_percent_packet_loss_declares_no_live_cell_dead() -> None:
+    net = cluster(50, loss=0.10, seed=7)
+    net.run_until(180)
+    events = [e for c in net.live() for e in c.events]
+    assert not [e for e in events if isinstance(e, MemberDead)]
+    assert views_agree(net, 50)
+    probes = sum(c.m.stats["probes"] for c in net.live())
+    assert probes > 50 * 100  # it really probed all along (health scaling may slow it)
+
+
+def test_a_graceful_leave_reaches_everyone_as_left_not_dead() -> None:
+    net = cluster(40)
+    net.run_until(8)
+    leaver = net.cells["c9"]
+    net.send("c9", leaver.m.leave(net.now), net.now)
+    net.run_until(net.now + 5)
+    assert leaver.m.done_leaving
+    net.crash("c9")  # the process exits
+    net.run_until(net.now + 20)
+    for c in net.live():
+        assert c.m.status_of("c9") is Status.LEFT
+        assert [e.node for e in c.events if isinstance(e, MemberLeft)] == ["c9"]
+        assert not any(isinstance(e, MemberDead) for e in c.events)
+
+
+def test_messages_with_a_bad_mac_are_dropped_and_counted() -> None:
+    net = cluster(10)
+    net.run_until(5)
+    assert views_agree(net, 10)
+    forger = Codec(bytes(32), "c0", now=net.now)  # right sender name, wrong key
+    kill = Gossip((Dead("c3", 99, "c0"),))
+    for i in range(5):
+        net.inject("c1", "c0", forger.seal(kill, net.now), net.now + 0.01 * i)
+    net.inject("c1", "c0", b"\x01garbage" * 10, net.now + 0.1)
+    net.run_until(net.now + 2)
+    c1 = net.cells["c1"]
+    assert c1.codec.errors[Reason.BAD_MAC] == 6
+    assert c1.m.status_of("c3") is Status.ALIVE
+    assert views_agree(net, 10)
+
+
+def test_a_restarted_cell_rejoins_with_a_higher_incarnation() -> None:
+    net = cluster(20)
+    net.run_until(6)
+    net.crash("c4")
+    net.run_until(net.now + 30)
+    assert all(c.m.status_of("c4") is Status.DEAD for c in net.live())
+    reborn = net.add("c4")  # same name and address, fresh state, incarnation 0
+    net.join("c4", ["c0"])
+    net.run_until(net.now + 10)
+    assert reborn.m.incarnation >= 1
+    assert views_agree(net, 20)
+
+
+# ----------------------------------------------------------------------- pieces of the machine
+
+
+def test_suspicion_timeout_shrinks_with_confirmations_to_the_minimum() -> None:
+    s = _Suspicion("a", 0, k=2, lo=10.0, hi=60.0, start=100.0)
+    assert s.deadline == 160.0
+    assert not s.confirm("a")  # the accuser does not confirm itself
+    assert s.confirm("b")
+    assert 110.0 < s.deadline < 160.0
+    assert s.confirm("c")
+    assert s.deadline == pytest.approx(110.0)
+    assert not s.confirm("d")  # k reached: no more gossip about it
+    assert _Suspicion("a", 0, k=0, lo=10.0, hi=60.0, start=0.0).deadline == 10.0
+
+
+def test_broadcasts_go_fewest_sent_first_replace_older_news_and_stop_at_the_limit() -> None:
+    q = _Broadcasts()
+    q.push(Alive("a", 1, "a", "z"))
+    q.push(Alive("b", 1, "b", "z"))
+    assert [u.node for u in q.take(1000, limit=3)] == ["b", "a"]
+    q.push(Suspect("c", 0, "x"))
+    first = q.take(1000, limit=3)
+    assert first[0].node == "c"  # never sent before, so first
+    q.push(Dead("a", 1, "y"))  # replaces the queued Alive about a
+    taken = q.take(1000, limit=3)
+    assert Dead("a", 1, "y") in taken and Alive("a", 1, "a", "z") not in taken
+    for _ in range(5):
+        q.take(1000, limit=3)
+    assert len(q) == 0
+    q.push(Alive("big", 1, "x" * 200, "z"))
+    assert q.take(100, limit=3) == []  # does not fit this datagram; waits for a bigger one
+
+
+def test_many_pending_updates_are_spread_over_datagrams_that_fit() -> None:
+    m = Membership("me", "me", "z", Config(), random.Random(1))
+    m.join([], 0.0)
+    for i in range(500):
+        m.receive(
+            Gossip((Alive(f"node-{i:04d}", 3, f"10.0.{i // 256}.{i % 256}:7946", "zone-x"),)),
+            "x",
+            0.0,
+        )
+    codec = Codec(KEY, "me", now=0.0)
+    t, sizes, per_msg = 0.0, [], []
+    while m.pending_broadcasts and t < 60:
+        t += 0.2
+        for o in m.tick(t):
+            sizes.append(len(codec.seal(o.msg, t)))
+            per_msg.append(len(getattr(o.msg, "updates", ())))
+    assert max(sizes) <= wire.MAX_DATAGRAM
+    assert max(per_msg) > 20  # full datagrams, not one update each
+    assert m.pending_broadcasts == 0  # every update reached its retransmit limit
+
+
+def test_push_pull_of_a_large_table_is_chunked_and_fully_merged() -> None:
+    rng = random.Random(3)
+    a = Membership("a", "a", "z", Config(), rng)
+    states = [
+        MemberState(
+            f"cell-{i:05d}", i % 7, f"10.1.{i // 256}.{i % 256}:7946", "zone-a", Status.ALIVE
+        )
+        for i in range(2000)
+    ]
+    a.preload(states, 0.0)
+    b = Membership("b", "b", "z", Config(), random.Random(4))
+    push = b.join(["a"], 0.0)
+    reply = [o for p in push for o in a.receive(p.msg, "b", 0.5)]
+    assert len(reply) > 40
+    codec = Codec(KEY, "a", now=0.0)
+    assert all(len(codec.seal(o.msg, 0.5)) <= wire.MAX_DATAGRAM for o in reply)
+    for o in reply:
+        b.receive(o.msg, "a", 0.6)
+    assert b.num_live == 2002
+    assert a.status_of("b") is Status.ALIVE
+
+
+def test_an_isolated_cell_loses_health_and_slows_its_probing() -> None:
+    m = Membership("me", "me", "z", Config(), random.Random(5))
+    m.preload([MemberState(f"n{i}", 0, f"n{i}", "z", Status.ALIVE) for i in range(20)], 0.0)
+    t, sent = 0.0, 0
+    while t < 30:  # nobody answers anything
+        t = max(m.next_deadline(), t)
+        sent += sum(isinstance(o.msg, wire.Ping) for o in m.tick(t))
+    assert m.health == Config().awareness_max - 1
+    assert sent < 15  # ~30 with a healthy score
+    m2 = Membership("you", "you", "z", Config(), random.Random(5))
+    m2.preload([MemberState("n1", 0, "n1", "z", Status.ALIVE)], 0.0)
+    m2.health = 3
+    t = m2.next_deadline()
+    ping = next(o.msg for o in m2.tick(t) if isinstance(o.msg, wire.Ping))
+    m2.receive(wire.Ack(ping.probe), "n1", t + 0.01)
+    assert m2.health == 2
