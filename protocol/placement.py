@@ -19,13 +19,13 @@ How to drive it (one cell; `send(to, msg)` is the caller's datagram sender)::
 
     dirs = ProviderDirectory("cell-a", rng=random.Random(seed))
     dirs.set_members(members, now)                     # drops the dead's records/leases
-    on Announce/Withdraw:  dirs.receive_announce(msg, now) / dirs.receive_withdraw(...)
-    on Lookup:             send(msg.asker, dirs.receive_lookup(msg, now))
+    on Announce/Withdraw:  dirs.receive_announce(sender, msg, now) / receive_withdraw(..)
+    on Lookup:             send(sender, dirs.receive_lookup(sender, msg, now))
     every second or so:    dirs.expire(now)
 
-    look = ProviderLookup(digest, "cell-a", "z1", ann.homes(digest), request_id=7)
+    look = ProviderLookup(digest, "z1", ann.homes(digest), request_id=7)
     look.start(now) -> [Send]; look.poll(now) -> [Send] (hedge, escalation)
-    look.receive(reply, now) -> LookupResult | None;   look.done / look.result
+    look.receive(sender, reply, now) -> LookupResult | None;   look.done / look.result
 
 Theory of operation
 -------------------
@@ -99,7 +99,9 @@ Digest = str  # "sha256:<hex>", as in OCI
 
 
 # ---------------------------------------------------------------------------------------
-# Messages (wire.py encodes each 1:1). Bitmaps are ints (see pieces.py); TTLs are
+# Messages (wire.py encodes each 1:1). The sender is not a field: it travels in the
+# datagram's MAC-covered header, so a cell cannot announce or ask in another's name, and
+# every receive_* takes it as `sender`. Bitmaps are ints (see pieces.py); TTLs are
 # relative seconds because cells share no clock.
 
 
@@ -108,7 +110,6 @@ class Announce:
     """Provider -> home: I hold (or am downloading) `digest`; keep me for `ttl` seconds."""
 
     digest: Digest
-    provider: MemberId
     zone: str
     complete: bool
     pieces: int  # bitmap of pieces held (all ones when complete)
@@ -124,7 +125,6 @@ class Withdraw:
     a lease the provider held is released)."""
 
     digest: Digest
-    provider: MemberId
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +133,6 @@ class Lookup:
     from the digest's first home in time, so any home may grant the lease."""
 
     digest: Digest
-    asker: MemberId
     zone: str
     request_id: int
     escalate: bool = False
@@ -157,12 +156,13 @@ class LeaseStatus(IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class LookupReply:
+    """Home -> asker. `lease_holder` is "" when there is none."""
+
     digest: Digest
-    responder: MemberId
     request_id: int
     providers: tuple[ProviderInfo, ...]
     lease: LeaseStatus
-    lease_holder: MemberId | None
+    lease_holder: MemberId
     piece_count: int  # 0 when the home knows no provider
     authority: bool  # the responder is the digest's first live home
 
@@ -394,38 +394,38 @@ class ProviderDirectory:
 
     # -- records --------------------------------------------------------------------
 
-    def receive_announce(self, msg: Announce, now: float) -> None:
+    def receive_announce(self, sender: MemberId, msg: Announce, now: float) -> None:
         entry = self._entries.get(msg.digest)
         if entry is None:
             entry = self._entries[msg.digest] = _Entry()
         expires = now + msg.ttl
-        entry.records[msg.provider] = _Record(
+        entry.records[sender] = _Record(
             msg.zone, msg.complete, msg.pieces, msg.piece_count, msg.load, expires
         )
         entry.piece_count = msg.piece_count
-        self._by_member.setdefault(msg.provider, set()).add(msg.digest)
+        self._by_member.setdefault(sender, set()).add(msg.digest)
         heapq.heappush(self._expiry, (expires, msg.digest))
         lease = entry.lease
         if msg.complete:
-            entry.complete.add(msg.provider)
-            if lease is not None and lease.holder == msg.provider:
+            entry.complete.add(sender)
+            if lease is not None and lease.holder == sender:
                 entry.lease = None
             return
-        entry.complete.discard(msg.provider)
-        if msg.lease and (lease is None or lease.holder == msg.provider or lease.expires <= now):
+        entry.complete.discard(sender)
+        if msg.lease and (lease is None or lease.holder == sender or lease.expires <= now):
             # A renewal, or news of a lease another home granted. A different live holder
             # keeps it (two grants raced); the announcer sees HELD on its next lookup.
-            entry.lease = _Lease(msg.provider, now + self.config.lease_ttl)
+            entry.lease = _Lease(sender, now + self.config.lease_ttl)
             heapq.heappush(self._expiry, (now + self.config.lease_ttl, msg.digest))
 
-    def receive_withdraw(self, msg: Withdraw, now: float) -> None:
+    def receive_withdraw(self, sender: MemberId, msg: Withdraw, now: float) -> None:
         entry = self._entries.get(msg.digest)
         if entry is None:
             return
-        digests = self._by_member.get(msg.provider)
+        digests = self._by_member.get(sender)
         if digests is not None:
             digests.discard(msg.digest)
-        self._forget(msg.digest, entry, msg.provider)
+        self._forget(msg.digest, entry, sender)
 
     def expire(self, now: float) -> None:
         """Drop records and leases whose time has passed."""
@@ -452,9 +452,9 @@ class ProviderDirectory:
     # -- lookups --------------------------------------------------------------------
 
     def receive_lookup(
-        self, msg: Lookup, now: float, *, authority: bool | None = None
+        self, sender: MemberId, msg: Lookup, now: float, *, authority: bool | None = None
     ) -> LookupReply:
-        """The answer to send back to `msg.asker`. `authority`: whether this cell is the
+        """The answer to send back to `sender`. `authority`: whether this cell is the
         digest's first live home (computed from set_members when not given)."""
         if authority is None:
             authority = self._is_authority(msg.digest)
@@ -462,7 +462,7 @@ class ProviderDirectory:
         if entry is None:
             entry = _Entry()
         records = entry.records
-        asker = msg.asker
+        asker = sender
 
         complete = [
             (m, records[m]) for m in entry.complete if m != asker and records[m].expires > now
@@ -471,7 +471,7 @@ class ProviderDirectory:
         if lease is not None and lease.expires <= now:
             lease = entry.lease = None
         status = LeaseStatus.NONE
-        holder: MemberId | None = None
+        holder: MemberId = ""
         if complete:
             status = LeaseStatus.COMPLETE
         elif lease is not None and lease.holder == asker:
@@ -509,16 +509,15 @@ class ProviderDirectory:
         for *_, r in ranked:
             r.handouts += 1
         if status == LeaseStatus.HELD and holder not in {p.member for p in providers}:
-            rec = records.get(holder) if holder is not None else None
+            rec = records.get(holder)
             info = (
                 ProviderInfo(holder, rec.zone, False, rec.pieces, rec.load + rec.handouts)
                 if rec is not None
-                else ProviderInfo(holder or "", "", False, 0, 0)
+                else ProviderInfo(holder, "", False, 0, 0)
             )
             providers = [info, *providers[: self.config.max_providers - 1]]
         return LookupReply(
             digest=msg.digest,
-            responder=self.self_id,
             request_id=msg.request_id,
             providers=tuple(providers),
             lease=status,
@@ -596,7 +595,6 @@ class ProviderAnnouncer:
         h.last_sent = now
         msg = Announce(
             digest=digest,
-            provider=self.self_id,
             zone=self.zone,
             complete=h.complete,
             pieces=h.pieces,
@@ -648,7 +646,7 @@ class ProviderAnnouncer:
         self.homes_index.untrack(digest)
         if h is None:
             return []
-        msg = Withdraw(digest, self.self_id)
+        msg = Withdraw(digest)
         return [Send(m, msg) for m in h.homes]
 
     def _refresh_after(self, h: _Held) -> float:
@@ -683,7 +681,7 @@ class LookupResult:
     digest: Digest
     providers: tuple[ProviderInfo, ...]
     lease: LeaseStatus  # GRANTED: go to the registries; HELD/COMPLETE/NONE: use providers
-    lease_holder: MemberId | None
+    lease_holder: MemberId  # "" when none
     piece_count: int
     answered_by: tuple[MemberId, ...]
 
@@ -699,7 +697,6 @@ class ProviderLookup:
     def __init__(
         self,
         digest: Digest,
-        asker: MemberId,
         zone: str,
         homes: Sequence[MemberId],
         *,
@@ -707,7 +704,6 @@ class ProviderLookup:
         config: PlacementConfig = PlacementConfig(),
     ) -> None:
         self.digest = digest
-        self.asker = asker
         self.zone = zone
         self.homes = list(homes)
         self.request_id = request_id
@@ -716,14 +712,14 @@ class ProviderLookup:
         self._started = 0.0
         self._asked: set[MemberId] = set()
         self._escalated = False
-        self._replies: list[LookupReply] = []
+        self._replies: list[tuple[MemberId, LookupReply]] = []
 
     @property
     def done(self) -> bool:
         return self.result is not None
 
     def _ask(self, homes: Iterable[MemberId], escalate: bool) -> list[Send]:
-        msg = Lookup(self.digest, self.asker, self.zone, self.request_id, escalate)
+        msg = Lookup(self.digest, self.zone, self.request_id, escalate)
         out = []
         for m in homes:
             self._asked.add(m)
@@ -737,12 +733,12 @@ class ProviderLookup:
             return []
         return self._ask(self.homes[: self.config.hedge_first], False)
 
-    def receive(self, reply: LookupReply, now: float) -> LookupResult | None:
+    def receive(self, sender: MemberId, reply: LookupReply, now: float) -> LookupResult | None:
         if self.result is not None or reply.request_id != self.request_id:
             return None
-        if reply.digest != self.digest or reply.responder not in self._asked:
+        if reply.digest != self.digest or sender not in self._asked:
             return None
-        self._replies.append(reply)
+        self._replies.append((sender, reply))
         # A bare list from a home that cannot grant the lease is not final: if nobody is
         # fetching, this asker may be the one the authority sends upstream.
         useful = (
@@ -781,10 +777,11 @@ class ProviderLookup:
         return self._started + self.config.lookup_give_up
 
     def _finish(self, now: float) -> LookupResult:
-        decided = [r for r in self._replies if r.lease != LeaseStatus.NONE]
-        best = decided[0] if decided else (self._replies[-1] if self._replies else None)
+        replies = [r for _, r in self._replies]
+        decided = [r for r in replies if r.lease != LeaseStatus.NONE]
+        best = decided[0] if decided else (replies[-1] if replies else None)
         providers: dict[MemberId, ProviderInfo] = {}
-        for r in self._replies:
+        for r in replies:
             for p in r.providers:
                 known = providers.get(p.member)
                 if known is None or p.pieces.bit_count() > known.pieces.bit_count():
@@ -793,8 +790,8 @@ class ProviderLookup:
             digest=self.digest,
             providers=tuple(providers.values()),
             lease=best.lease if best is not None else LeaseStatus.NONE,
-            lease_holder=best.lease_holder if best is not None else None,
-            piece_count=max((r.piece_count for r in self._replies), default=0),
-            answered_by=tuple(r.responder for r in self._replies),
+            lease_holder=best.lease_holder if best is not None else "",
+            piece_count=max((r.piece_count for r in replies), default=0),
+            answered_by=tuple(m for m, _ in self._replies),
         )
         return self.result

@@ -32,10 +32,12 @@ How to drive the uploader (one per cell)::
 
     up = Uploader("cell-a", slots=4)
     up.add_seed(digest, piece_count, have=bits); up.piece_added(digest, i) -> [(to, HaveReply)]
-    up.on_request(PieceRequest, now) -> PieceReply(status=OK: send the piece now;
-                                       QUEUED: it starts later, from on_done; BUSY/MISSING)
-    up.on_done(peer, digest, index) -> [PieceRequest to start now]   (upload finished)
-    up.on_have_query(HaveQuery, now) -> HaveReply | None (parked); up.poll(now) -> [(to, ..)]
+    up.on_request(sender, PieceRequest, now) -> PieceReply(status=OK: send the piece now,
+                              QUEUED: it starts later, from on_done; BUSY/MISSING: reply)
+    up.on_done(peer, digest, index) -> [(peer, PieceRequest) to start now]  (upload ended)
+    up.on_cancel(sender, PieceCancel) -> same as on_done
+    up.on_have_query(sender, HaveQuery, now) -> HaveReply | None (parked)
+    up.poll(now) -> [(to, HaveReply)]                  (parked queries whose wait is over)
 
 Theory of operation (Download)
 ------------------------------
@@ -134,7 +136,9 @@ class SwarmConfig:
 
 
 # ---------------------------------------------------------------------------------------
-# Messages between a downloader and an uploader (peer API; wire.py may encode them too)
+# Messages between a downloader and an uploader (peer API; wire.py may encode them too).
+# As in placement.py the sender is not a field: the transport authenticates it and passes
+# it to the Uploader's methods (and to the Download's on_* as `peer_id`).
 
 
 class PieceStatus(IntEnum):
@@ -148,14 +152,12 @@ class PieceStatus(IntEnum):
 class PieceRequest:
     digest: Digest
     index: int
-    requester: MemberId
 
 
 @dataclass(frozen=True, slots=True)
 class PieceReply:
     digest: Digest
     index: int
-    responder: MemberId
     status: PieceStatus
     have: int  # the responder's bitmap now (piggybacked)
     complete: bool
@@ -165,7 +167,6 @@ class PieceReply:
 class PieceCancel:
     digest: Digest
     index: int
-    requester: MemberId
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,14 +174,12 @@ class HaveQuery:
     """'Tell me your pieces once you hold one of `want`' (parked up to have_wait)."""
 
     digest: Digest
-    requester: MemberId
     want: int
 
 
 @dataclass(frozen=True, slots=True)
 class HaveReply:
     digest: Digest
-    responder: MemberId
     have: int
     complete: bool
 
@@ -191,7 +190,7 @@ class HaveReply:
 
 @dataclass(frozen=True, slots=True)
 class RequestPiece:
-    """Send PieceRequest(digest, index, self) to `peer`."""
+    """Send PieceRequest(digest, index) to `peer`."""
 
     peer: MemberId
     digest: Digest
@@ -209,7 +208,7 @@ class CancelPiece:
 
 @dataclass(frozen=True, slots=True)
 class QueryHave:
-    """Send HaveQuery(digest, self, want) to `peer`."""
+    """Send HaveQuery(digest, want) to `peer`."""
 
     peer: MemberId
     digest: Digest
@@ -828,7 +827,7 @@ class Uploader:
         self.have_wait = have_wait
         self._seeds: dict[Digest, _Seed] = {}
         self._active: set[tuple[MemberId, Digest, int]] = set()
-        self._queue: deque[PieceRequest] = deque()
+        self._queue: deque[tuple[MemberId, Digest, int]] = deque()
         self._parked_deadlines: list[tuple[float, Digest, MemberId]] = []
         self.uploads_done = 0
         self.busy_replies = 0
@@ -876,19 +875,19 @@ class Uploader:
         self, digest: Digest, seed: _Seed, requester: MemberId
     ) -> tuple[MemberId, HaveReply]:
         seed.parked.pop(requester, None)
-        return requester, HaveReply(digest, self.self_id, seed.have, seed.complete)
+        return requester, HaveReply(digest, seed.have, seed.complete)
 
-    def on_have_query(self, q: HaveQuery, now: float) -> HaveReply | None:
+    def on_have_query(self, sender: MemberId, q: HaveQuery, now: float) -> HaveReply | None:
         """The answer now, or None when parked (it comes from piece_added or poll)."""
         seed = self._seeds.get(q.digest)
         if seed is None:
-            return HaveReply(q.digest, self.self_id, 0, False)
+            return HaveReply(q.digest, 0, False)
         if seed.have & q.want or seed.complete or len(seed.parked) >= self.max_parked:
-            seed.parked.pop(q.requester, None)
-            return HaveReply(q.digest, self.self_id, seed.have, seed.complete)
+            seed.parked.pop(sender, None)
+            return HaveReply(q.digest, seed.have, seed.complete)
         until = now + self.have_wait
-        seed.parked[q.requester] = (q.want, until)
-        heapq.heappush(self._parked_deadlines, (until, q.digest, q.requester))
+        seed.parked[sender] = (q.want, until)
+        heapq.heappush(self._parked_deadlines, (until, q.digest, sender))
         return None
 
     def poll(self, now: float) -> list[tuple[MemberId, HaveReply]]:
@@ -908,51 +907,51 @@ class Uploader:
     def next_deadline(self) -> float | None:
         return self._parked_deadlines[0][0] if self._parked_deadlines else None
 
-    def on_request(self, req: PieceRequest, now: float) -> PieceReply:
+    def on_request(self, sender: MemberId, req: PieceRequest, now: float) -> PieceReply:
         """OK: start sending now. QUEUED: on_done will start it. BUSY/MISSING: sent back
         at once, with this cell's bitmap."""
         seed = self._seeds.get(req.digest)
-        if seed is None or not (seed.have >> req.index) & 1 or req.index < 0:
+        if seed is None or req.index < 0 or not (seed.have >> req.index) & 1:
             have, complete = (seed.have, seed.complete) if seed is not None else (0, False)
-            return PieceReply(
-                req.digest, req.index, self.self_id, PieceStatus.MISSING, have, complete
-            )
-        key = (req.requester, req.digest, req.index)
+            return PieceReply(req.digest, req.index, PieceStatus.MISSING, have, complete)
+        key = (sender, req.digest, req.index)
         if len(self._active) < self.slots:
             self._active.add(key)
             status = PieceStatus.OK
         elif len(self._queue) < self.queue_limit:
-            self._queue.append(req)
+            self._queue.append(key)
             status = PieceStatus.QUEUED
         else:
             self.busy_replies += 1
             status = PieceStatus.BUSY
-        return PieceReply(req.digest, req.index, self.self_id, status, seed.have, seed.complete)
+        return PieceReply(req.digest, req.index, status, seed.have, seed.complete)
 
-    def on_done(self, requester: MemberId, digest: Digest, index: int) -> list[PieceRequest]:
-        """An upload finished (or failed): frees its slot; returns queued requests that
-        start now (send each piece as for OK)."""
+    def on_done(
+        self, requester: MemberId, digest: Digest, index: int
+    ) -> list[tuple[MemberId, PieceRequest]]:
+        """An upload finished (or failed): frees its slot; returns the queued requests
+        that start now, as (requester, request): send each piece as for OK."""
         key = (requester, digest, index)
         if key in self._active:
             self._active.discard(key)
             self.uploads_done += 1
-        started: list[PieceRequest] = []
+        started: list[tuple[MemberId, PieceRequest]] = []
         while self._queue and len(self._active) < self.slots:
-            req = self._queue.popleft()
-            self._active.add((req.requester, req.digest, req.index))
-            started.append(req)
+            key = self._queue.popleft()
+            self._active.add(key)
+            started.append((key[0], PieceRequest(key[1], key[2])))
         return started
 
-    def on_cancel(self, msg: PieceCancel) -> list[PieceRequest]:
+    def on_cancel(self, sender: MemberId, msg: PieceCancel) -> list[tuple[MemberId, PieceRequest]]:
         """The requester no longer wants it: drop it from the queue, or free its slot."""
-        for req in self._queue:
-            if (req.requester, req.digest, req.index) == (msg.requester, msg.digest, msg.index):
-                self._queue.remove(req)
-                return []
-        return self.on_done(msg.requester, msg.digest, msg.index)
+        key = (sender, msg.digest, msg.index)
+        if key in self._queue:
+            self._queue.remove(key)
+            return []
+        return self.on_done(sender, msg.digest, msg.index)
 
     def piece_reply(self, digest: Digest, index: int) -> PieceReply:
         """The OK reply that goes with a piece (carries the current bitmap)."""
         seed = self._seeds.get(digest)
         have, complete = (seed.have, seed.complete) if seed is not None else (0, False)
-        return PieceReply(digest, index, self.self_id, PieceStatus.OK, have, complete)
+        return PieceReply(digest, index, PieceStatus.OK, have, complete)
