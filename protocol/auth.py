@@ -17,8 +17,9 @@ Several challenges may share one header, separated by commas like their paramete
 a token followed by "=" is a parameter of the current challenge; a token followed by
 anything else starts the next challenge. Scheme and parameter names are
 case-insensitive and stored lowercase; a repeated parameter keeps its first value.
-Quoted strings may hold commas and backslash escapes. The scan is one pass, so hostile
-headers cost linear time.
+Quoted strings may hold commas and backslash escapes; an unterminated quote ends the
+parse (what follows it cannot be read reliably). Each character is looked at a bounded
+number of times, so hostile headers cost linear time.
 """
 
 from __future__ import annotations
@@ -80,8 +81,11 @@ class _Scanner:
         return self.text[start : self.pos]
 
     def quoted(self) -> str | None:
-        """A quoted-string's content, or None (pos unchanged) when it is unterminated."""
-        start = self.pos
+        """A quoted-string's content, or None when it is unterminated.
+
+        An unterminated quote swallows the rest of the header (pos goes to the end):
+        retrying from each later quote would make hostile input cost quadratic time.
+        """
         self.pos += 1  # the opening quote
         out: list[str] = []
         while self.pos < len(self.text):
@@ -94,12 +98,12 @@ class _Scanner:
                 ch = self.text[self.pos]
             out.append(ch)
             self.pos += 1
-        self.pos = start
         return None
 
 
 def _param(scan: _Scanner) -> tuple[str, str] | None:
-    """`name = value` at the cursor, or None with the cursor where it was."""
+    """`name = value` at the cursor, or None with the cursor where it was (or at the
+    end, after an unterminated quote)."""
     start = scan.pos
     name = scan.token()
     if name:
@@ -107,8 +111,13 @@ def _param(scan: _Scanner) -> tuple[str, str] | None:
         if scan.peek() == "=":
             scan.pos += 1
             scan.skip(_OWS)
-            value = scan.quoted() if scan.peek() == '"' else scan.token()
-            if value is not None and (value or scan.text[scan.pos - 1 : scan.pos] == '"'):
+            if scan.peek() == '"':
+                value = scan.quoted()
+                if value is None:
+                    return None  # unterminated: the cursor stays at the end
+                return name.lower(), value
+            value = scan.token()
+            if value:
                 return name.lower(), value
     scan.pos = start
     return None
@@ -150,7 +159,7 @@ def parse_www_authenticate(header: str) -> list[Challenge]:
         token68 = None
         if scan.peek() in _OWS and scan.peek():
             scan.skip(_OWS)
-            token68 = None if _param_follows(scan) else _token68(scan)
+            token68 = _token68(scan)
             while token68 is None:
                 scan.skip(_OWS)
                 param = _param(scan)
@@ -175,17 +184,22 @@ def parse_www_authenticate(header: str) -> list[Challenge]:
 
 
 def _param_follows(scan: _Scanner) -> bool:
+    """Whether `token BWS "="` is at the cursor: a parameter, not the next challenge
+    (which is a scheme followed by a space, a comma or the end)."""
     start = scan.pos
-    found = _param(scan) is not None
+    found = bool(scan.token())
+    scan.skip(_OWS)
+    found = found and scan.peek() == "="
     scan.pos = start
     return found
 
 
 def _skip_to_comma(scan: _Scanner) -> None:
     while not scan.at_end() and scan.peek() != ",":
-        if scan.peek() == '"' and scan.quoted() is not None:
-            continue
-        scan.pos += 1
+        if scan.peek() == '"':
+            scan.quoted()
+        else:
+            scan.pos += 1
 
 
 def token_query(challenge: Challenge, scope: str | None) -> tuple[str, list[tuple[str, str]]]:

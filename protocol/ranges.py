@@ -90,7 +90,9 @@ def _position(text: str) -> int | None:
     if not text or not text.isascii() or not text.isdigit():
         return None
     significant = text.lstrip("0")
-    return _HUGE if len(significant) > _HUGE_DIGITS else int(text)
+    if len(significant) > _HUGE_DIGITS:
+        return _HUGE
+    return int(significant) if significant else 0  # int() refuses > 4,300 digits
 
 
 def _one(spec: str, size: int) -> ByteRange | bool | None:
@@ -117,16 +119,18 @@ def _one(spec: str, size: int) -> ByteRange | bool | None:
     return ByteRange(first, size - 1 if last is None else min(last, size - 1))
 
 
-def parse_range(header: str | None, size: int) -> ByteRange | None:
+def parse_range(header: str | bytes | None, size: int) -> ByteRange | None:
     """The part of a blob of `size` bytes to send, or None for the whole body.
 
-    Raises `Unsatisfiable` (a 416 `OCIError`) when no range overlaps the blob. See the
-    module docstring for every case.
+    `header` may be the raw bytes h11 gives. Raises `Unsatisfiable` (a 416 `OCIError`)
+    when no range overlaps the blob. See the module docstring for every case.
     """
     if size < 0:
         raise ValueError("size must be >= 0")
     if header is None:
         return None
+    if isinstance(header, bytes | bytearray):
+        header = bytes(header).decode("latin-1")
     unit, equals, range_set = header.strip(_OWS).partition("=")
     if not equals or unit.lower() != "bytes":
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,6 +67,8 @@ def test_docker_hub_challenge() -> None:
         ("Basic realm=a, realm=b", [Challenge("basic", {"realm": "a"})]),  # first one kept
         (", , Basic realm=a,, ", [Challenge("basic", {"realm": "a"})]),
         ('Basic realm="unterminated', [Challenge("basic")]),
+        ('Bearer realm="a", service="b', [Challenge("bearer", {"realm": "a"})]),
+        ("Basic realm=", [Challenge("basic", token68="realm=")]),  # a token68, per the ABNF
         ("Bearer realm=a junk, Basic", [Challenge("bearer", {"realm": "a"}), Challenge("basic")]),
         ("", []),
         ("   ", []),
@@ -109,6 +112,25 @@ def test_token_query_needs_an_http_realm(realm: str | None) -> None:
     params = {} if realm is None else {"realm": realm}
     with pytest.raises(ValueError):
         token_query(Challenge("bearer", params), None)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        'Basic realm=a x"' + '\\"' * 5000,
+        'a="' + '\\"' * 5000,
+        "x, a=" + '"\\' * 5000,
+        "Bearer " + "a=b," * 5000,
+        "a " * 5000,
+        '"' * 10_000,
+        "Negotiate " + "a" * 10_000 + "==" + "=" * 5000 + "x",
+    ],
+    ids=range(7),
+)
+def test_hostile_headers_take_linear_time(header: str) -> None:
+    start = time.perf_counter()
+    parse_www_authenticate(header)
+    assert time.perf_counter() - start < 0.1
 
 
 # --- properties -----------------------------------------------------------------------

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,10 +45,12 @@ def unsatisfiable(header: str, size: int) -> Unsatisfiable:
         ("bytes=,1-2", ByteRange(1, 2)),
         ("bytes=0-1,500-", ByteRange(0, 1)),  # the unsatisfiable one is dropped
         ("bytes=000-001", ByteRange(0, 1)),
+        ("bytes=" + "0" * 5000 + "1-" + "0" * 5000 + "2", ByteRange(1, 2)),
     ],
 )
 def test_single_ranges(header: str, expected: ByteRange) -> None:
     assert parse_range(header, 100) == expected
+    assert parse_range(header.encode(), 100) == expected  # as h11 hands it over
 
 
 @pytest.mark.parametrize(
@@ -103,6 +107,24 @@ def test_content_range_and_length() -> None:
     r = ByteRange(10, 19)
     assert r.length == 10
     assert r.content_range(100) == "bytes 10-19/100"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "bytes=" + "0-1," * 3000,
+        "bytes=" + "0" * 10_000 + "-",
+        "bytes=-" + "9" * 10_000,
+        "bytes=" + "," * 10_000,
+        "bytes=" + "0" * 10_000 + "1-" + "0" * 10_000 + "2",
+    ],
+    ids=["many-ranges", "zeros", "nines", "commas", "padded"],
+)
+def test_hostile_headers_take_linear_time(header: str) -> None:
+    start = time.perf_counter()
+    with contextlib.suppress(Unsatisfiable):
+        parse_range(header, 100)
+    assert time.perf_counter() - start < 0.1
 
 
 # --- a reference model: the set of requested byte positions ----------------------------
