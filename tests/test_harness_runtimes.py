@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.server
+import subprocess
 import threading
 import tracemalloc
 from collections.abc import Iterator
@@ -22,17 +23,17 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from tests.support.containerd import Containerd
+from tests.support.containerd import Containerd, loopback_only_env
 from tests.support.images import Image, Index, make_image, make_index, push_image, sha256
 from tests.support.podman import Podman
 from tests.support.procs import free_port
 from tests.support.registry import Registry
 from tests.support.skopeo import skopeo_copy, stored_blobs, top_digest, write_registries_conf
 
-# bcrypt (cost 4, so the registry checks it fast) of "harness-pw".
 # Until tests/conftest.py takes them in: containerd, containerd_daemon, fault_proxy, podman.
 pytest_plugins = ["tests.support.fixtures"]
 
+# bcrypt (cost 4, so the registry checks it fast) of "harness-pw".
 HTPASSWD = "celld:$2b$04$oe.cVBxNBtgKuCX49bXChOxOWB.T6EupsouthAm5Dg4ipy394709i\n"
 
 
@@ -96,6 +97,33 @@ def test_containerd_pull_fails_when_the_mirror_cannot_serve(containerd: Containe
     assert not result.ok
     assert "connection refused" in result.output
     assert containerd.images() == {}
+
+
+def test_nothing_reaches_beyond_loopback(containerd: Containerd, tmp_path: Path) -> None:
+    """A pull that would go to the real registry ends at the dead proxy port.
+
+    The runtimes run inside an empty network namespace here, so that if the
+    guard were broken the test would see a DNS error rather than send one."""
+    with pytest.raises(ValueError, match=r"no hosts\.toml"):
+        containerd.pull("quay.io/acme/app:1")
+    containerd.write_hosts(
+        "docker.io", f"http://127.0.0.1:{free_port()}", server="https://registry-1.docker.io"
+    )
+    ctr = [
+        *("/usr/bin/ctr", "-a", str(containerd.address), "-n", containerd.namespace),
+        *("content", "fetch", "--hosts-dir", str(containerd.hosts_dir), "docker.io/library/x:1"),
+    ]
+    skopeo = ["skopeo", "--insecure-policy", "inspect", "docker://docker.io/library/x:1"]
+    for cmd in (ctr, skopeo):
+        run = subprocess.run(
+            ["unshare", "--net", *cmd],
+            env=loopback_only_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert run.returncode != 0
+        assert "proxyconnect tcp: dial tcp 127.0.0.1:1" in run.stderr, run.stderr
 
 
 @pytest.mark.parametrize("snapshotter", ["native", "overlayfs"])

@@ -5,7 +5,8 @@ hosts.toml whose `[host."http://127.0.0.1:PORT"]` is the mirror, and whose
 `server` is a dead loopback port by default, so a pull succeeds through the
 mirror or not at all (never through the registry the image names, and never
 off the machine). containerd then sends `?ns=<registry host>` with every
-request to the mirror, which is how celld picks the upstream.
+request to the mirror, which is how celld picks the upstream; the value is
+query-escaped (`ns=registry.example%3A5000` for a host with a port).
 
 What it knows about containerd 1.6 here (checked, not assumed):
 - An `http://` host in hosts.toml is enough for plain HTTP; `--plain-http` is
@@ -20,6 +21,13 @@ What it knows about containerd 1.6 here (checked, not assumed):
   against the config's diff_ids) before committing it; content in the store is
   therefore byte-exact. `content_bytes()` reads it back through the API for
   tests that want to compare bytes themselves.
+- A failed blob download stays behind as a partial "ingest" that the next
+  pull resumes (with a Range request) or commits as it is. After a corrupt
+  transfer it is poisoned: retries in that namespace keep failing with the
+  same wrong digest until `drop_partial_downloads()` or a fresh `view()`.
+- A ref whose registry has no hosts.toml in the hosts dir would go to that
+  registry itself; `pull()` refuses it, and every ctr runs with
+  `loopback_only_env()` in case a test builds its own command line.
 - The content store is made "isolated" per namespace: with the default
   "shared" policy a blob fetched in one namespace is silently reused by the
   next, and a second test's pull would never reach the mirror.

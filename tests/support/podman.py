@@ -2,15 +2,15 @@
 
 Each `Podman` has its own storage (`--root`, `--runroot`, vfs driver, which
 needs no overlay mounts) under a test's tmp dir (the runroot in a short /tmp
-dir: podman 4.3 refuses a runroot path over 50 characters), so pulls never touch the
+dir: podman 4.3 refuses one over 50 characters), so pulls never touch the
 machine's image store. It runs as root here; rootless podman needs user
 namespaces and newuidmap, which a CI sandbox may not have, so tests ask
 `podman_unavailable_reason()` and skip with its answer rather than fail.
 
 What it still writes outside its dirs (podman 4.3 has no flag against it):
 /var/lib/containers/cache/blob-info-cache-v1.boltdb, shared with skopeo,
-which records where blobs were seen; it cannot make a pull into fresh
-storage skip a download.
+which records where blobs were seen (it cannot make a pull into fresh storage
+skip a download), and an empty /run/containers/networks.
 """
 
 from __future__ import annotations
