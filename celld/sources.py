@@ -31,7 +31,13 @@ import trio
 
 from celld.config import Config
 from celld.metrics import Metrics
-from celld.registry import NotFound, RegistryClient, Unauthorized, Unavailable
+from celld.registry import (
+    NotFound,
+    RegistryClient,
+    RegistryError,
+    Unauthorized,
+    Unavailable,
+)
 from celld.store import BlobEntry, BlobWriter, DigestMismatch, Store
 from protocol.errors import OCIError, oci_error
 from protocol.manifest import UPSTREAM_ACCEPT
@@ -40,6 +46,8 @@ from protocol.reference import Digest
 log = logging.getLogger(__name__)
 
 WRITE_BATCH = 1 << 20  # bytes handed to the writer thread at once
+FIRST_WRITE = 16 << 10  # the first write is small, for time to first byte
+INLINE_WRITE = 64 << 10  # writes up to this size stay on the event loop
 
 
 def central_repo(ns: str, name: str) -> str:
@@ -228,6 +236,11 @@ class Sources:
                     errors.append(f"{source.label}: unavailable")
                     if fetch.started:
                         raise FetchFailed(f"{source.label} failed mid-transfer") from exc
+                except RegistryError as exc:  # another refusal: try the next source
+                    if fetch.started:
+                        raise FetchFailed(f"{source.label}: {exc}") from exc
+                    errors.append(f"{source.label}: {exc}")
+                    self.metrics.fetches.labels(source.kind, "refused").inc()
                 except DigestMismatch:
                     self.metrics.digest_mismatches.labels(source.kind).inc()
                     self.metrics.fetches.labels(source.kind, "digest_mismatch").inc()
@@ -272,19 +285,29 @@ class Sources:
         fetch.entry = entry
 
     async def _copy(self, fetch: Fetch, writer: BlobWriter, chunks: AsyncIterator[bytes]) -> None:
-        """Moves bytes to disk in batches; hashing and writing off the event loop."""
+        """Moves bytes to disk as they arrive, hashing as it goes.
+
+        The first bytes are written at once, on the event loop (a few KiB cost
+        microseconds), so waiters get them without delay; after that, batches
+        grow to WRITE_BATCH and go through a worker thread, so hashing a large
+        layer never stalls the loop and thread hops stay few.
+        """
         batch = bytearray()
         async for chunk in chunks:
             batch += chunk
-            if len(batch) >= WRITE_BATCH:
-                await trio.to_thread.run_sync(writer.write, bytes(batch))
+            if len(batch) >= min(WRITE_BATCH, max(FIRST_WRITE, writer.written)):
+                await self._write(fetch, writer, bytes(batch))
                 batch.clear()
-                fetch.written = writer.written
-                fetch.notify()
         if batch:
-            await trio.to_thread.run_sync(writer.write, bytes(batch))
-            fetch.written = writer.written
-            fetch.notify()
+            await self._write(fetch, writer, bytes(batch))
+
+    async def _write(self, fetch: Fetch, writer: BlobWriter, data: bytes) -> None:
+        if len(data) <= INLINE_WRITE:
+            writer.write(data)
+        else:
+            await trio.to_thread.run_sync(writer.write, data)
+        fetch.written = writer.written
+        fetch.notify()
 
     # -- manifests ---------------------------------------------------------
 
@@ -340,6 +363,9 @@ class Sources:
                 self._source_failed(source, exc)
                 errors.append(f"{source.label}: unavailable")
                 continue
+            except RegistryError as exc:
+                errors.append(f"{source.label}: {exc}")
+                continue
             self._source_ok(source)
             if _sha256(got.data) != digest:
                 self.metrics.digest_mismatches.labels(source.kind).inc()
@@ -387,6 +413,9 @@ class Sources:
             except Unavailable as exc:
                 self._source_failed(source, exc)
                 errors.append(f"{source.label}: unavailable")
+                continue
+            except RegistryError as exc:
+                errors.append(f"{source.label}: {exc}")
                 continue
             self._source_ok(source)
             digest = _sha256(got.data)

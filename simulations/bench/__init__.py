@@ -1,0 +1,1 @@
+"""Benchmarks of celld against nginx and distribution, reported as ratios."""

@@ -1,0 +1,202 @@
+"""Cache-hit throughput and miss time-to-first-byte: celld vs nginx vs registry.
+
+Runs every contender in the same process tree at the same time on the same
+machine, interleaved over several rounds, and prints ratios (the machines are
+shared and noisy, so only ratios measured side by side mean anything):
+
+- hit throughput: a cached blob served to 1 and to 16 concurrent clients by
+  celld, by nginx (sendfile on, one worker, like celld's one event loop) and
+  by docker-registry; ratios celld/nginx and celld/registry; celld's peak RSS.
+- miss TTFB: time to the first body byte of an uncached blob through celld,
+  against the same blob fetched directly from the upstream registry.
+
+The client is curl writing to /dev/null, one process per concurrent client,
+the same for every server. Run: python -m simulations.bench.serve [--size-mib 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support.celld import Celld
+from tests.support.images import Blob, Pusher
+from tests.support.procs import free_port, stop_process, wait_for_port
+from tests.support.registry import Registry
+
+NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    client_body_temp_path {root}/tmp;
+    proxy_temp_path {root}/tmp;
+    fastcgi_temp_path {root}/tmp;
+    uwsgi_temp_path {root}/tmp;
+    scgi_temp_path {root}/tmp;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root}/www;
+        location / {{ }}
+    }}
+}}
+"""
+
+
+@dataclass
+class Nginx:
+    root: Path
+    port: int = 0
+    proc: subprocess.Popen | None = None
+
+    def start(self, files: dict[str, Path]) -> Nginx:
+        self.port = free_port()
+        (self.root / "www").mkdir(parents=True, exist_ok=True)
+        (self.root / "tmp").mkdir(exist_ok=True)
+        for name, path in files.items():
+            target = self.root / "www" / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(
+                path, target
+            ) if path.stat().st_dev == target.parent.stat().st_dev else shutil.copy(path, target)
+        conf = self.root / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(root=self.root, port=self.port))
+        self.proc = subprocess.Popen(
+            ["nginx", "-p", str(self.root), "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, self.proc)
+        return self
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+def curl_many(url: str, clients: int, repeat: int) -> float:
+    """Aggregate bytes/second of `clients` curls each fetching `url` `repeat` times."""
+    args = ["curl", "-s", "-f", "-w", "%{size_download}\n"]
+    started = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [*args, *(["-o", "/dev/null", url] * repeat)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(clients)
+    ]
+    total = 0
+    for p in procs:
+        out, _ = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"curl failed ({p.returncode}) on {url}")
+        total += sum(int(x) for x in out.split())
+    return total / (time.perf_counter() - started)
+
+
+def ttfb(url: str) -> float:
+    out = subprocess.run(
+        ["curl", "-s", "-f", "-o", "/dev/null", "-w", "%{time_starttransfer}", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return float(out)
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ttfb-blobs", type=int, default=3)
+    args = ap.parse_args()
+    size = args.size_mib * 2**20
+
+    with tempfile.TemporaryDirectory(prefix="celld-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        tmp.chmod(0o755)  # nginx's worker runs as nobody
+        upstream = Registry(tmp / "upstream").start()
+        cell = Celld(tmp / "cell", upstreams={"docker.io": upstream.url}).start()
+        nginx = Nginx(tmp / "nginx")
+        try:
+            pusher = Pusher(upstream.url)
+            blobs = [
+                Blob("application/octet-stream", os.urandom(size))
+                for _ in range(1 + args.ttfb_blobs)
+            ]
+            for b in blobs:
+                pusher.blob("library/bench", b)
+            pusher.close()
+            hot = blobs[0]
+            path = upstream.root / "hot.bin"
+            path.write_bytes(hot.data)
+            nginx.start({"hot.bin": path})
+            del path
+            urls = {
+                "celld": f"{cell.url}/v2/library/bench/blobs/{hot.digest}",
+                "nginx": f"http://127.0.0.1:{nginx.port}/hot.bin",
+                "registry": f"{upstream.url}/v2/library/bench/blobs/{hot.digest}",
+            }
+            curl_many(urls["celld"], 1, 1)  # warm celld's store
+
+            results: dict[tuple[str, int], list[float]] = {}
+            for _ in range(args.rounds):
+                for clients, repeat in ((1, 4), (16, 2)):
+                    for name, url in urls.items():
+                        results.setdefault((name, clients), []).append(
+                            curl_many(url, clients, repeat)
+                        )
+
+            miss_celld, miss_direct = [], []
+            for b in blobs[1:]:
+                miss_direct.append(ttfb(f"{upstream.url}/v2/library/bench/blobs/{b.digest}"))
+                miss_celld.append(ttfb(f"{cell.url}/v2/library/bench/blobs/{b.digest}"))
+
+            rss = peak_rss_mib(cell.proc.pid)
+        finally:
+            nginx.stop()
+            cell.stop()
+            upstream.stop()
+
+    def med(name: str, clients: int) -> float:
+        return statistics.median(results[(name, clients)])
+
+    print(
+        f"cached blob of {args.size_mib} MiB, median of {args.rounds} interleaved rounds (MiB/s):"
+    )
+    print(
+        f"{'clients':>8} {'celld':>10} {'nginx':>10} {'registry':>10} {'celld/nginx':>12} {'celld/registry':>15}"
+    )
+    for clients in (1, 16):
+        c, n, r = med("celld", clients), med("nginx", clients), med("registry", clients)
+        print(
+            f"{clients:>8} {c / 2**20:>10.0f} {n / 2**20:>10.0f} {r / 2**20:>10.0f} "
+            f"{c / n:>12.2f} {c / r:>15.2f}"
+        )
+    print(f"celld peak RSS: {rss:.0f} MiB")
+    tc, td = statistics.median(miss_celld), statistics.median(miss_direct)
+    print(
+        f"uncached {args.size_mib} MiB TTFB, median of {len(miss_celld)}: "
+        f"celld {tc * 1000:.1f} ms, direct {td * 1000:.1f} ms, ratio {tc / td:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
