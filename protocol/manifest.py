@@ -68,6 +68,7 @@ class Descriptor:
     digest: Digest
     size: int
     platform: Platform | None = None
+    urls: tuple[str, ...] = ()  # where a foreign layer lives (not in any registry)
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,11 @@ def _descriptor(value: object, where: str) -> Descriptor:
     size = value.get("size")
     if type(size) is not int or not 0 <= size <= _MAX_SIZE:
         raise _invalid(f"{where}.size must be an integer 0..2^63-1")
-    return Descriptor(media_type, digest, size, _platform(value.get("platform"), where))
+    urls = value.get("urls", [])
+    if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        raise _invalid(f"{where}.urls must be a list of strings")
+    platform = _platform(value.get("platform"), where)
+    return Descriptor(media_type, digest, size, platform, tuple(urls))
 
 
 def _descriptors(doc: dict[str, Any], key: str) -> tuple[Descriptor, ...]:
@@ -220,7 +225,10 @@ def select_platform(manifest: Manifest, want: Platform) -> Descriptor | None:
 
     OS and architecture must match; the variant must match too, where a missing variant
     means the architecture's default (arm64 -> v8, arm -> v7, others none). Entries
-    without a platform (attestations have "unknown/unknown") never match.
+    without a platform (attestations have "unknown/unknown") never match. Unlike
+    containerd's `platforms.Only`, there is no fallback to a compatible platform (arm64
+    taking arm/v7, amd64 taking 386), and Windows `os.version` is not compared: a cell
+    runs what it asked for or nothing.
     """
     wanted = normalize_platform(want)
     for descriptor in manifest.manifests:

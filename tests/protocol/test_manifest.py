@@ -17,6 +17,7 @@ from protocol.errors import OCIError
 from protocol.manifest import (
     ALL_MANIFEST_TYPES,
     DOCKER_CONFIG,
+    DOCKER_FOREIGN_LAYER,
     DOCKER_LAYER,
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -99,6 +100,15 @@ def test_docker_manifest() -> None:
     doc["layers"] = [descriptor(1, DOCKER_LAYER)]
     m = parse(doc)
     assert m.media_type == DOCKER_MANIFEST and len(m.blobs) == 2
+
+
+def test_foreign_layer_urls() -> None:
+    layer = descriptor(1, DOCKER_FOREIGN_LAYER, urls=["https://example.invalid/layer"])
+    m = parse(image_doc(DOCKER_MANIFEST, layers=[layer]))
+    assert m.layers[0].urls == ("https://example.invalid/layer",)
+    assert m.config is not None and m.config.urls == ()
+    invalid(json.dumps(image_doc(layers=[descriptor(1, urls="https://x")])).encode())
+    invalid(json.dumps(image_doc(layers=[descriptor(1, urls=[1])])).encode())
 
 
 def test_index_and_manifest_list() -> None:

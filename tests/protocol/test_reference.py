@@ -247,6 +247,22 @@ def test_every_digest_round_trips(text: str) -> None:
     assert parse_reference(text) == parse_digest(text)
 
 
+LABEL = st.from_regex(r"\A[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?\Z").filter(lambda x: not x.isdigit())
+HOSTS = st.one_of(
+    st.lists(LABEL, min_size=1, max_size=4).map(".".join),
+    st.ip_addresses(v=4).map(str),
+    st.ip_addresses(v=6).map(lambda ip: f"[{ip.compressed}]"),
+)
+PORTS = st.one_of(st.none(), st.integers(1, 65535))
+
+
+@given(HOSTS, PORTS)
+def test_every_canonical_host_round_trips(host: str, port: int | None) -> None:
+    ns = host if port is None else f"{host}:{port}"
+    assert parse_ns(ns) == ns
+    assert parse_ns(ns.upper()) == ns
+
+
 def _model_component(component: str) -> bool:
     """The component rule written as a scan over runs, independent of the regex."""
     runs: list[tuple[bool, str]] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 from contextlib import ExitStack
+from urllib.parse import quote
 
 import pytest
 from hypothesis import given
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from protocol.errors import ERROR_CODES, OCIError, oci_error
 from protocol.reference import parse_digest
 from protocol.routes import MAX_TARGET, ApiBase, BlobRoute, ManifestRoute, route
-from tests.protocol.test_reference import digests, names, tags
+from tests.protocol.test_reference import HOSTS, PORTS, digests, names, tags
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -227,6 +228,13 @@ def test_every_valid_manifest_request_routes(name: str, reference: str, ns: str 
     r = route(b"GET", target.encode())
     assert isinstance(r, ManifestRoute)
     assert (r.name, str(r.reference), r.ns) == (name, reference, ns)
+
+
+@given(host=HOSTS, port=PORTS)
+def test_any_percent_encoded_ns_routes(host: str, port: int | None) -> None:
+    ns = host if port is None else f"{host}:{port}"
+    r = route(b"GET", f"/v2/a/manifests/v1?x=1&ns={quote(ns, safe='')}&y".encode())
+    assert isinstance(r, ManifestRoute) and r.ns == ns
 
 
 @given(name=names, digest=digests)
