@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     from tests.support.auth import AuthHub
 
 # token_hub and htpasswd_hub, until tests/conftest.py offers them to every test.
-pytest_plugins = ("tests.support.auth",)
 
 ACCEPT = f"{OCI_MANIFEST}, application/vnd.docker.distribution.manifest.v2+json"
 
