@@ -13,14 +13,13 @@ from __future__ import annotations
 import os
 import time
 
-from protocol.manifest import negotiate
-from protocol.ranges import ByteRange, Unsatisfiable, parse_range
-
 from celld.http import FileRange, Output, Request, Response
 from celld.metrics import Metrics
 from celld.sources import Fetch, FetchFailed, Sources
 from celld.store import BlobEntry, Store
 from protocol.errors import OCIError, oci_error
+from protocol.manifest import negotiate
+from protocol.ranges import ByteRange, Unsatisfiable, parse_range
 from protocol.routes import ApiBase, BlobRoute, ManifestRoute, route
 
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")

@@ -30,7 +30,6 @@ from tests.support.procs import free_port
 from tests.support.registry import Registry
 from tests.support.skopeo import skopeo_copy, stored_blobs, top_digest, write_registries_conf
 
-
 # bcrypt (cost 4, so the registry checks it fast) of "harness-pw".
 HTPASSWD = "celld:$2b$04$oe.cVBxNBtgKuCX49bXChOxOWB.T6EupsouthAm5Dg4ipy394709i\n"
 
