@@ -187,6 +187,10 @@ def from_dict(doc: dict) -> Config:
         if "url" not in reg:
             raise ConfigError(f"{prefix}url: missing")
         pw = _str(reg, "password_file", prefix)
+        if (pw is None) != (reg.get("username") is None):
+            raise ConfigError(f"{prefix}username: username and password_file go together")
+        if pw is not None and not Path(pw).is_file():
+            raise ConfigError(f"{prefix}password_file: no such file: {pw}")
         registries.append(
             RegistryConfig(
                 url=_url(reg["url"], prefix + "url"),

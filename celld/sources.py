@@ -29,9 +29,11 @@ from typing import Any
 import httpx
 import trio
 
-from celld.config import Config
+from celld.config import Config, RegistryConfig
 from celld.metrics import Metrics
 from celld.registry import (
+    Credentials,
+    ManifestResponse,
     NotFound,
     RegistryClient,
     RegistryError,
@@ -59,6 +61,21 @@ def central_repo(ns: str, name: str) -> str:
     return f"{ns.replace(':', '-')}/{name}"
 
 
+_OUTCOMES: tuple[tuple[type[Exception], str], ...] = (
+    (NotFound, "not_found"),
+    (Unauthorized, "unauthorized"),
+    (Unavailable, "unavailable"),
+    (DigestMismatch, "digest_mismatch"),
+)
+
+
+def service_credentials(reg: RegistryConfig) -> Credentials | None:
+    """The platform's own account on a central registry, read once at startup."""
+    if reg.username is None or reg.password_file is None:
+        return None
+    return Credentials(reg.username, reg.password_file.read_text().strip())
+
+
 def unavailable(detail: str) -> OCIError:
     return OCIError("UNAVAILABLE", "no source could provide the content", 503, detail)
 
@@ -79,6 +96,31 @@ class Health:
 
     down_until: float = 0.0
     failures: int = 0
+
+
+@dataclass
+class Misses:
+    """Why the sources of a chain did not answer, and so what the client hears.
+
+    All "not found": the content does not exist (404). Only "not found" and
+    "unauthorized": the client may not see it (401). Anything else: a source
+    was down or broken (503), worth retrying.
+    """
+
+    notes: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def last(self) -> str | None:
+        return self.notes[-1][0] if self.notes else None
+
+    def error(self, unknown: OCIError) -> OCIError:
+        outcomes = {outcome for outcome, _ in self.notes}
+        detail = "; ".join(text for _, text in self.notes) or "no source configured"
+        if outcomes == {"not_found"}:
+            return unknown
+        if "unauthorized" in outcomes and outcomes <= {"not_found", "unauthorized"}:
+            return oci_error("UNAUTHORIZED", detail=detail)
+        return unavailable(detail)
 
 
 @dataclass(frozen=True)
@@ -157,7 +199,15 @@ class Sources:
         self._manifest_flights: dict[tuple, trio.Event] = {}
         self._health: dict[str, Health] = {}
         self._central = [
-            (reg.url, RegistryClient(reg.url, http=http, connect_timeout=config.connect_timeout))
+            (
+                reg.url,
+                RegistryClient(
+                    reg.url,
+                    credentials=service_credentials(reg),
+                    http=http,
+                    connect_timeout=config.connect_timeout,
+                ),
+            )
             for reg in config.registries
         ]
         self._upstreams = {
@@ -184,9 +234,21 @@ class Sources:
         if (ns or "docker.io") not in self._upstreams:
             raise oci_error("NAME_UNKNOWN", detail=f"no upstream is configured for registry {ns!r}")
 
-    def _source_failed(self, source: Source, exc: Exception) -> None:
-        log.warning("%s unavailable: %s", source.label, exc)
-        self.metrics.fetches.labels(source.kind, "unavailable").inc()
+    def _miss(self, misses: Misses, source: Source, exc: Exception | str) -> None:
+        """Records why `source` did not answer; a dead central registry is benched."""
+        outcome = next((name for kind, name in _OUTCOMES if isinstance(exc, kind)), "refused")
+        misses.notes.append(
+            (outcome, f"{source.label}: {exc if outcome != 'not_found' else 'not found'}")
+        )
+        self.metrics.fetches.labels(source.kind, outcome).inc()
+        if outcome == "digest_mismatch":
+            self.metrics.digest_mismatches.labels(source.kind).inc()
+            log.error("%s sent bytes that do not match their digest: %s", source.label, exc)
+        if outcome == "unavailable":
+            log.warning("%s unavailable: %s", source.label, exc)
+            self._source_failed(source)
+
+    def _source_failed(self, source: Source) -> None:
         if source.kind != "registry":
             return
         url = source.label.removeprefix("registry:")
@@ -218,40 +280,20 @@ class Sources:
         return fetch
 
     async def _run_fetch(self, fetch: Fetch, name: str, ns: str | None) -> None:
-        errors: list[str] = []
+        misses = Misses()
         try:
             for source in self._chain(name, ns):
                 try:
                     await self._fetch_from(fetch, source)
                     self._source_ok(source)
                     return
-                except NotFound:
-                    errors.append(f"{source.label}: not found")
-                    self.metrics.fetches.labels(source.kind, "not_found").inc()
-                except Unauthorized as exc:
-                    errors.append(f"{source.label}: {exc}")
-                    self.metrics.fetches.labels(source.kind, "unauthorized").inc()
-                except Unavailable as exc:
-                    self._source_failed(source, exc)
-                    errors.append(f"{source.label}: unavailable")
+                except (RegistryError, DigestMismatch) as exc:
+                    self._miss(misses, source, exc)
+                    # Bytes already went to waiters: another source cannot
+                    # continue them, so this fetch is over.
                     if fetch.started:
-                        raise FetchFailed(f"{source.label} failed mid-transfer") from exc
-                except RegistryError as exc:  # another refusal: try the next source
-                    if fetch.started:
-                        raise FetchFailed(f"{source.label}: {exc}") from exc
-                    errors.append(f"{source.label}: {exc}")
-                    self.metrics.fetches.labels(source.kind, "refused").inc()
-                except DigestMismatch:
-                    self.metrics.digest_mismatches.labels(source.kind).inc()
-                    self.metrics.fetches.labels(source.kind, "digest_mismatch").inc()
-                    log.error("%s sent bytes that do not match %s", source.label, fetch.digest)
-                    raise FetchFailed(f"{source.label} sent corrupt bytes") from None
-            all_missing = errors and all(e.endswith("not found") for e in errors)
-            fetch.error = (
-                oci_error("BLOB_UNKNOWN", detail=fetch.digest)
-                if all_missing
-                else unavailable("; ".join(errors) or "no source configured")
-            )
+                        raise FetchFailed(misses.notes[-1][1]) from exc
+            fetch.error = misses.error(oci_error("BLOB_UNKNOWN", detail=fetch.digest))
         except FetchFailed as exc:
             fetch.error = unavailable(str(exc))
         except Exception as exc:  # never let one fetch take the daemon down
@@ -347,34 +389,30 @@ class Sources:
         data = await trio.to_thread.run_sync(entry.path.read_bytes)
         return ManifestResult(entry.media_type or "", data, entry.digest, source)
 
+    async def _get_manifest(
+        self, source: Source, ref: str, misses: Misses
+    ) -> ManifestResponse | None:
+        try:
+            got = await source.client.get_manifest(source.repo, ref, UPSTREAM_ACCEPT)
+        except RegistryError as exc:
+            self._miss(misses, source, exc)
+            return None
+        self._source_ok(source)
+        return got
+
     async def _fetch_manifest_by_digest(
         self, name: str, digest: str, ns: str | None
     ) -> ManifestResult:
-        errors = []
+        misses = Misses()
         for source in self._chain(name, ns):
-            try:
-                got = await source.client.get_manifest(source.repo, digest, UPSTREAM_ACCEPT)
-            except NotFound:
-                errors.append("not found")
+            got = await self._get_manifest(source, digest, misses)
+            if got is None:
                 continue
-            except Unauthorized as exc:
-                raise oci_error("UNAUTHORIZED", detail=str(exc)) from None
-            except Unavailable as exc:
-                self._source_failed(source, exc)
-                errors.append(f"{source.label}: unavailable")
-                continue
-            except RegistryError as exc:
-                errors.append(f"{source.label}: {exc}")
-                continue
-            self._source_ok(source)
             if _sha256(got.data) != digest:
-                self.metrics.digest_mismatches.labels(source.kind).inc()
-                errors.append(f"{source.label}: digest mismatch")
+                self._miss(misses, source, DigestMismatch(digest, _sha256(got.data)))
                 continue
             return await self._keep_manifest(got.data, got.media_type, digest, source)
-        if errors and all(e == "not found" for e in errors):
-            raise oci_error("MANIFEST_UNKNOWN", detail=digest)
-        raise unavailable("; ".join(errors) or "no source configured")
+        raise misses.error(oci_error("MANIFEST_UNKNOWN", detail=digest))
 
     async def _keep_manifest(
         self, data: bytes, media_type: str, digest: str, source: Source
@@ -393,35 +431,20 @@ class Sources:
 
     async def _resolve_tag(self, name: str, tag: str, ns: str | None) -> ManifestResult:
         ns_key = ns or "docker.io"
-        errors = []
-        # The upstream is the authority for tags; central registries only
-        # stand in for it when it does not answer.
+        unknown = oci_error("MANIFEST_UNKNOWN", detail=f"{name}:{tag}")
+        misses = Misses()
+        # The upstream is the authority for tags: its "not found" or "not
+        # allowed" is final. Central registries stand in only when it is down.
         chain = self._chain(name, ns)
         for source in [*chain[-1:], *chain[:-1]]:
-            try:
-                got = await source.client.get_manifest(source.repo, tag, UPSTREAM_ACCEPT)
-            except NotFound:
-                if source.kind == "upstream":
-                    raise oci_error("MANIFEST_UNKNOWN", detail=f"{name}:{tag}") from None
-                errors.append(f"{source.label}: not found")
+            got = await self._get_manifest(source, tag, misses)
+            if got is None:
+                if source.kind == "upstream" and misses.last in ("not_found", "unauthorized"):
+                    raise Misses(misses.notes[-1:]).error(unknown)
                 continue
-            except Unauthorized as exc:
-                if source.kind == "upstream":
-                    raise oci_error("UNAUTHORIZED", detail=str(exc)) from None
-                errors.append(f"{source.label}: unauthorized")
-                continue
-            except Unavailable as exc:
-                self._source_failed(source, exc)
-                errors.append(f"{source.label}: unavailable")
-                continue
-            except RegistryError as exc:
-                errors.append(f"{source.label}: {exc}")
-                continue
-            self._source_ok(source)
             digest = _sha256(got.data)
             if got.digest and got.digest != digest:
-                self.metrics.digest_mismatches.labels(source.kind).inc()
-                errors.append(f"{source.label}: digest mismatch")
+                self._miss(misses, source, DigestMismatch(got.digest, digest))
                 continue
             result = await self._keep_manifest(got.data, got.media_type, digest, source)
             await trio.to_thread.run_sync(
@@ -432,11 +455,9 @@ class Sources:
         entry = self.store.lookup(stale) if stale else None
         if entry is not None:
             self.metrics.stale_tags.inc()
-            log.warning("serving last known %s:%s -> %s (%s)", name, tag, stale, "; ".join(errors))
+            log.warning("serving last known %s:%s -> %s (no source answered)", name, tag, stale)
             return await self._stored_manifest(entry)
-        if errors and all(e.endswith("not found") for e in errors):
-            raise oci_error("MANIFEST_UNKNOWN", detail=f"{name}:{tag}")
-        raise unavailable("; ".join(errors) or "no source configured")
+        raise misses.error(unknown)
 
 
 def _sha256(data: bytes) -> str:

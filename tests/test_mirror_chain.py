@@ -224,3 +224,50 @@ def test_bad_config_one_line_exit_2(tmp_path, text, key):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert key in lines[0]
+
+
+def test_upstream_token_flow_anonymous_for_public_images(tmp_path, token_hub):
+    public, private = make_image((3000,)), make_image((4000,))
+    token_hub.push("public/app", "1", public)
+    token_hub.push("acme/secret", "1", private)
+    cell = Celld(tmp_path / "cell", upstreams={"docker.io": token_hub.url}).start()
+    try:
+        r = httpx.get(f"{cell.url}/v2/public/app/manifests/1", headers={"Accept": ACCEPT})
+        assert r.status_code == 200 and r.content == public.manifest.data
+        blob = public.layers[0]
+        assert httpx.get(f"{cell.url}/v2/public/app/blobs/{blob.digest}").content == blob.data
+        assert token_hub.tokens.count(user=None) >= 1
+        r = httpx.get(f"{cell.url}/v2/acme/secret/manifests/1", headers={"Accept": ACCEPT})
+        assert r.status_code == 401
+        assert r.json()["errors"][0]["code"] == "UNAUTHORIZED"
+        secret_layer = private.layers[0]
+        r = httpx.get(f"{cell.url}/v2/acme/secret/blobs/{secret_layer.digest}")
+        assert r.status_code == 401
+        assert secret_layer.digest.split(":")[1] not in blob_files(cell)
+    finally:
+        cell.stop()
+
+
+def test_central_registry_with_basic_auth(tmp_path, htpasswd_hub, hub):
+    image = make_image((6000,))
+    htpasswd_hub.push(central_repo("docker.io", "acme/basic"), "1", image)
+    ((user, password),) = htpasswd_hub.users.items()
+    pw_file = tmp_path / "central.password"
+    pw_file.write_text(password + "\n")
+    hub.stop()
+    cell = Celld(
+        tmp_path / "cell",
+        upstreams={"docker.io": hub.url},
+        extra=f'[[registry]]\nurl = "{htpasswd_hub.url}"\nusername = "{user}"\n'
+        f'password_file = "{pw_file}"\n',
+    ).start()
+    try:
+        r = httpx.get(
+            f"{cell.url}/v2/acme/basic/manifests/{image.digest}", headers={"Accept": ACCEPT}
+        )
+        assert r.status_code == 200, r.text
+        for blob in image.blobs:
+            assert httpx.get(f"{cell.url}/v2/acme/basic/blobs/{blob.digest}").content == blob.data
+        assert password not in cell.log()
+    finally:
+        cell.stop()
