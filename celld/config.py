@@ -145,8 +145,19 @@ def _str(table: dict, key: str, prefix: str, default: str | None = None) -> str 
     return value
 
 
+def _seconds(table: dict, key: str, default: float) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
+        raise ConfigError(f"sources.{key}: expected seconds between 0 and 3600, got {value!r}")
+    return float(value)
+
+
 def from_dict(doc: dict) -> Config:
-    _check_keys(doc, {"cell", "cluster", "mirror", "metrics", "store", "registry", "upstreams"}, "")
+    _check_keys(
+        doc,
+        {"cell", "cluster", "mirror", "metrics", "store", "registry", "upstreams", "sources"},
+        "",
+    )
     cell = _table(doc, "cell")
     _check_keys(cell, {"name", "data_dir"}, "cell.")
     name = _str(cell, "name", "cell.", socket.gethostname()) or "cell"
@@ -199,6 +210,11 @@ def from_dict(doc: dict) -> Config:
             )
         )
 
+    sources = _table(doc, "sources")
+    _check_keys(sources, {"connect_timeout", "retry_after"}, "sources.")
+    connect_timeout = _seconds(sources, "connect_timeout", 2.0)
+    retry_after = _seconds(sources, "retry_after", 30.0)
+
     upstreams = {h: UpstreamConfig(h, u) for h, u in DEFAULT_UPSTREAMS.items()}
     for host, table in _table(doc, "upstreams").items():
         prefix = f'upstreams."{host}".'
@@ -222,6 +238,8 @@ def from_dict(doc: dict) -> Config:
         registries=tuple(registries),
         upstreams=upstreams,
         key_file=Path(key_file) if key_file else None,
+        connect_timeout=connect_timeout,
+        source_retry_after=retry_after,
     )
 
 

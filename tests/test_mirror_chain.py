@@ -271,3 +271,31 @@ def test_central_registry_with_basic_auth(tmp_path, htpasswd_hub, hub):
         assert password not in cell.log()
     finally:
         cell.stop()
+
+
+def test_dead_central_registry_is_benched_then_retried(tmp_path, hub):
+    first = Registry(tmp_path / "central-1").start()
+    image = make_image((1000, 2000))
+    push_image(first.url, central_repo("docker.io", "acme/retry"), "1", image)
+    push_image(hub.url, "acme/retry", "1", image)
+    first.stop()
+    cell = Celld(
+        tmp_path / "cell",
+        registries=[first.url],
+        upstreams={"docker.io": hub.url},
+        extra="[sources]\nretry_after = 1.5\n",
+    ).start()
+    try:
+        config, layer_a, layer_b = image.blobs
+        assert httpx.get(f"{cell.url}/v2/acme/retry/blobs/{config.digest}").content == config.data
+        assert cell.metric("celld_fetches_total", source="registry", outcome="unavailable") == 1
+        first.start()  # back, but benched: the next miss goes straight upstream
+        assert httpx.get(f"{cell.url}/v2/acme/retry/blobs/{layer_a.digest}").content == layer_a.data
+        assert not first.requests("GET", layer_a.digest)
+        time.sleep(1.6)  # the bench expires: the central registry is asked again
+        assert httpx.get(f"{cell.url}/v2/acme/retry/blobs/{layer_b.digest}").content == layer_b.data
+        assert first.requests("GET", layer_b.digest)
+        assert not hub.requests("GET", layer_b.digest)
+    finally:
+        cell.stop()
+        first.stop()
