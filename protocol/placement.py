@@ -50,7 +50,11 @@ Lookups. A home answers with up to `max_providers` live records (the asker exclu
 same zone as the asker first, then the fewest active uploads. The announced load is
 stale between refreshes, so every provider handed out counts as one more upload in the
 home's estimate until its next announcement: a storm of askers is spread over the
-providers instead of herding on the least loaded one. Ties are broken with the rng.
+providers instead of herding on the least loaded one. Ties are broken with the rng. When
+a complete provider exists, one is always in the reply (the asker is told no lease is
+needed, so it must be able to reach every piece). With thousands of records for a digest
+(a storm), only a random sample of 32 plus the complete ones is ranked, so a lookup
+costs the same whatever the crowd.
 
 Fetch lease. While no complete provider and no live lease exist for a digest, the first
 asker is granted a lease: it alone goes to the registries. Later askers get the holder
@@ -502,6 +506,10 @@ class ProviderDirectory:
                 (r.zone != msg.zone, r.load + r.handouts, not r.complete, rng.random(), m, r)
             )
         ranked = heapq.nsmallest(self.config.max_providers, cand)
+        if complete and ranked and not any(c[5].complete for c in ranked):
+            # Always offer a complete provider when one exists: the asker was told no
+            # lease is needed, so it must be able to reach every piece.
+            ranked[-1] = min(c for c in cand if c[5].complete)
         providers = [
             ProviderInfo(m, r.zone, r.complete, r.pieces, r.load + r.handouts)
             for _, _, _, _, m, r in ranked

@@ -75,7 +75,10 @@ something we want, up to `have_wait`). When no known peer can help, or fewer tha
 Lease. Holding the fetch lease (`grant_lease`), the download asks the registries
 (`FetchUpstream`) for the wanted pieces no known peer has, and keeps taking the others
 from peers; if a peer holding a piece dies before we got it, the piece is added to the
-registry fetch.
+registry fetch. A download that bans the lease holder (it sent bad pieces) acts as if it
+held a lease itself: the pieces only the holder had would never come otherwise. That
+costs extra registry reads only while a corrupt cell holds a lease, one per cell that
+caught it.
 """
 
 from __future__ import annotations
@@ -351,6 +354,7 @@ class Download:
         self._lookup_timer = False
         self._done_reported = False
         self.lease = False
+        self._lease_holder: MemberId = ""
         # counters for reports
         self.pieces_from: dict[MemberId, int] = {}
         self.duplicates = 0
@@ -449,8 +453,15 @@ class Download:
         out.append(NeedProviders(self.digest))
         return out
 
-    def add_providers(self, providers: Iterable[ProviderLike], now: float) -> list[Event]:
-        """Providers from a lookup (or any other source). Bitmaps only grow knowledge."""
+    def add_providers(
+        self, providers: Iterable[ProviderLike], now: float, *, lease_holder: MemberId = ""
+    ) -> list[Event]:
+        """Providers from a lookup (or any other source). Bitmaps only grow knowledge.
+        `lease_holder`: the cell the homes say is fetching from the registries (the
+        lookup result's), remembered so that banning it makes this cell fetch for
+        itself instead of starving behind a cell that sends bad pieces."""
+        if lease_holder and lease_holder != self.self_id:
+            self._lease_holder = lease_holder
         for info in providers:
             member = info.member
             if member == self.self_id or member in self._banned:
@@ -532,6 +543,8 @@ class Download:
                     self._banned.add(peer_id)
                     out.append(PeerBanned(self.digest, peer_id, peer.bad))
                     self._drop(peer, out, cancel=True)
+                    if peer_id == self._lease_holder:
+                        self.lease = True  # a lease of our own: see add_providers
         self._step(now, out)
         return out
 
