@@ -298,6 +298,104 @@ class _Broadcasts:
 _MIN_UPDATE = 9  # the smallest update: kind, 1-byte name, u32, 1-byte name
 
 
+class Snapshot:
+    """A member table that many cells share read-only (see `Membership.preload`).
+
+    A simulator of N cells that each start knowing all N would otherwise build N^2 rows
+    (10^8 at N = 10,000: gigabytes, and minutes before the first tick). With a shared
+    snapshot each cell copies a row only when its view of that member changes."""
+
+    __slots__ = ("live", "names", "rows")
+
+    def __init__(self, states: Iterable[MemberState]) -> None:
+        self.rows: dict[str, MemberState] = {s.node: s for s in states}
+        self.names: list[str] = list(self.rows)
+        self.live = frozenset(n for n, s in self.rows.items() if _live(s))
+
+
+_EMPTY = Snapshot(())
+_NOT_OWN = object()
+
+Row = _Member | MemberState  # both have node, addr, zone, incarnation, status
+
+
+class _Roster:
+    """node -> row, copy-on-write over a shared Snapshot; indexable for random picks.
+
+    `own` holds this cell's rows: changed or new ones, and None for a snapshot row that
+    was forgotten. Indexes 0 .. size-1 cover the snapshot's names, then `extra` (nodes
+    that are not in the snapshot), so a uniform index is a uniform member."""
+
+    __slots__ = ("base", "extra", "own")
+
+    def __init__(self) -> None:
+        self.base = _EMPTY
+        self.own: dict[str, _Member | None] = {}
+        self.extra: list[str] = []
+
+    def get(self, node: str) -> Row | None:
+        r = self.own.get(node, _NOT_OWN)
+        if r is _NOT_OWN:
+            return self.base.rows.get(node)
+        return r  # type: ignore[return-value]
+
+    def mutable(self, node: str) -> _Member:
+        """The row of a known member, copied out of the snapshot if need be."""
+        r = self.own.get(node)
+        if r is None:
+            s = self.base.rows[node]
+            r = _Member(s.node, s.addr, s.zone, s.incarnation, s.status, 0.0)
+            self.own[node] = r
+        return r
+
+    def add(self, row: _Member) -> None:
+        if row.node not in self.base.rows:
+            self.extra.append(row.node)
+        self.own[row.node] = row
+
+    def forget(self, nodes: Iterable[str]) -> None:
+        dropped = set()
+        for node in nodes:
+            if node in self.base.rows:
+                self.own[node] = None
+            else:
+                del self.own[node]
+                dropped.add(node)
+        if dropped:
+            self.extra = [n for n in self.extra if n not in dropped]
+
+    def size(self) -> int:
+        return len(self.base.names) + len(self.extra)
+
+    def name(self, i: int) -> str:
+        names = self.base.names
+        return names[i] if i < len(names) else self.extra[i - len(names)]
+
+    def rows(self) -> Iterable[Row]:
+        for node in self.base.names:
+            r = self.get(node)
+            if r is not None:
+                yield r
+        own = self.own
+        for node in self.extra:
+            yield own[node]  # type: ignore[misc]
+
+
+def _state(r: Row) -> MemberState:
+    return r if type(r) is MemberState else r.state()  # type: ignore[union-attr]
+
+
+def _live(r: Row | None) -> bool:
+    return r is not None and (r.status is Status.ALIVE or r.status is Status.SUSPECT)
+
+
+def _next_prime(n: int) -> int:
+    n = max(n, 2)
+    while any(n % d == 0 for d in range(2, math.isqrt(n) + 1)):
+        n += 1
+    return n
+
+
 class Membership:
     """One cell's SWIM + Lifeguard membership. See the module docstring for how to drive it."""
 
@@ -313,13 +411,15 @@ class Membership:
         self.health = 0  # Lifeguard local health score, 0 .. awareness_max - 1
         self.epoch = 0  # bumped whenever the set of live members changes
         self.stats: Counter[str] = Counter()
-        self._members: dict[str, _Member] = {
-            self_id: _Member(self_id, addr, zone, 0, Status.ALIVE, 0.0)
-        }
-        self._others: list[str] = []  # every known node but us, for random picks
-        self._probe_order: list[str] = []
-        self._probe_next = 0
-        self._live = 1  # members alive or suspect, us included
+        self._me = _Member(self_id, addr, zone, 0, Status.ALIVE, 0.0)
+        self._roster = _Roster()
+        self._roster.add(self._me)
+        # Probe order: round-robin over the affine permutation i -> (a*i + b) mod p of
+        # roster indexes, p prime >= size, a and b drawn each round. A shuffled list of
+        # names per cell would cost N^2 memory in a simulator; this costs four ints.
+        self._perm = (1, 0, 2, 0)  # a, b, p, size at the start of the round
+        self._perm_j = 2
+        self._n_live = 1  # members alive or suspect, us included
         self._bcast = _Broadcasts()
         self._suspicions: dict[str, _Suspicion] = {}
         self._probe: _Probe | None = None
@@ -347,13 +447,20 @@ class Membership:
         self._next_join = now + self.config.join_retry
         return self._join_messages()
 
-    def preload(self, states: Iterable[MemberState], now: float) -> None:
-        """Start as if a push-pull had brought `states`, without events or gossip: lets a
-        simulator begin from a converged cluster of 10,000 cells in O(N) per cell."""
+    def preload(self, states: Snapshot | Iterable[MemberState], now: float) -> None:
+        """Start as if a push-pull had just brought `states` (live members), without
+        events or gossip, instead of joining. Pass one `Snapshot` to every cell of a
+        simulation so that they share its rows instead of each copying N of them."""
+        if self._roster.size() > 1 or self._roster.base is not _EMPTY:
+            raise RuntimeError("preload replaces the starting table: call it first, once")
+        snap = states if isinstance(states, Snapshot) else Snapshot(states)
+        roster = self._roster
+        roster.base = snap
+        if self.id in snap.rows:
+            roster.extra.remove(self.id)  # our row stays our own, indexed by the snapshot
+        self._n_live = len(snap.live) + (self.id not in snap.live)
+        self.epoch += 1
         self._start(now)
-        for s in states:
-            if s.node != self.id and s.node not in self._members:
-                self._add(s.node, s.addr, s.zone, s.incarnation, s.status, now)
 
     def leave(self, now: float) -> list[Outgoing]:
         """Leave gracefully: gossip Dead(self, by=self) now and on later ticks until
@@ -361,8 +468,7 @@ class Membership:
         if self._leaving:
             return []
         self._leaving = True
-        me = self._members[self.id]
-        me.status = Status.LEFT
+        self._me.status = Status.LEFT
         self._probe = None
         self._bcast.push(Dead(self.id, self.incarnation, self.id))
         return self._gossip(now)
@@ -378,7 +484,7 @@ class Membership:
         if not self._started:
             return out
         if now >= self._next_join:
-            if self._live > 1 or self._leaving:
+            if self._n_live > 1 or self._leaving:
                 self._next_join = math.inf
             else:
                 self._next_join = now + self.config.join_retry
@@ -393,7 +499,7 @@ class Membership:
                 self._next_push_pull = now + self._push_pull_interval()
                 target = self._random_others(1, live_only=True)
                 if target:
-                    out += self._push_pull(self._members[target[0]].addr, reply=False, join=False)
+                    out += self._push_pull(target[0].addr, reply=False, join=False)
         if now >= self._next_gossip:
             k = math.floor((now - self._next_gossip) / self.config.gossip_interval) + 1
             self._next_gossip += k * self.config.gossip_interval
@@ -451,27 +557,24 @@ class Membership:
 
     def members(self) -> list[MemberState]:
         """Every row of the table, us included, dead and left ones until forgotten."""
-        return [m.state() for m in self._members.values()]
+        self._me.incarnation = self.incarnation
+        return [_state(r) for r in self._roster.rows()]
 
     def live_members(self) -> list[MemberState]:
         """Members alive or suspect (a suspect may well be alive), us included."""
-        return [
-            m.state()
-            for m in self._members.values()
-            if m.status is Status.ALIVE or m.status is Status.SUSPECT
-        ]
+        return [_state(r) for r in self._roster.rows() if _live(r)]
 
     def status_of(self, node: str) -> Status | None:
-        m = self._members.get(node)
-        return None if m is None else m.status
+        r = self._roster.get(node)
+        return None if r is None else r.status
 
     def member(self, node: str) -> MemberState | None:
-        m = self._members.get(node)
-        return None if m is None else m.state()
+        r = self._roster.get(node)
+        return None if r is None else _state(r)
 
     @property
     def num_live(self) -> int:
-        return self._live
+        return self._n_live
 
     @property
     def pending_broadcasts(self) -> int:
@@ -484,7 +587,7 @@ class Membership:
             return
         self._started = True
         c = self.config
-        self._members[self.id].since = now
+        self._me.since = now
         # Random phases so that cells started together do not probe and gossip in step.
         self._next_probe = now + self.rng.uniform(0, c.probe_interval)
         self._next_gossip = now + self.rng.uniform(0, c.gossip_interval)
@@ -498,11 +601,9 @@ class Membership:
         self, node: str, addr: str, zone: str, inc: int, status: Status, now: float
     ) -> _Member:
         m = _Member(node, addr, zone, inc, status, now)
-        self._members[node] = m
-        self._others.append(node)
-        self._probe_order.insert(self.rng.randrange(len(self._probe_order) + 1), node)
+        self._roster.add(m)
         if status is Status.ALIVE or status is Status.SUSPECT:
-            self._live += 1
+            self._n_live += 1
             self.epoch += 1
         return m
 
@@ -520,14 +621,15 @@ class Membership:
             if a.incarnation > self.incarnation and not self._leaving:
                 self._refute(a.incarnation)
             return
-        m = self._members.get(a.node)
-        if m is None:
+        r = self._roster.get(a.node)
+        if r is None:
             self._add(a.node, a.addr, a.zone, a.incarnation, Status.ALIVE, now)
             self._bcast.push(a)
             self._emit(MemberJoined(a.node, a.addr, a.zone, a.incarnation, now))
             return
-        if a.incarnation <= m.incarnation:
+        if a.incarnation <= r.incarnation:
             return
+        m = self._roster.mutable(a.node)
         old = m.status
         m.incarnation, m.addr, m.zone, m.status, m.since = (
             a.incarnation,
@@ -541,7 +643,7 @@ class Membership:
         if old is Status.SUSPECT:
             self._emit(MemberAlive(a.node, a.incarnation, now))
         elif old is Status.DEAD or old is Status.LEFT:
-            self._live += 1
+            self._n_live += 1
             self.epoch += 1
             self._emit(MemberJoined(a.node, a.addr, a.zone, a.incarnation, now))
 
@@ -550,20 +652,21 @@ class Membership:
             if s.incarnation >= self.incarnation and not self._leaving:
                 self._refute(s.incarnation)
             return
-        m = self._members.get(s.node)
-        if m is None or s.incarnation < m.incarnation:
+        r = self._roster.get(s.node)
+        if r is None or s.incarnation < r.incarnation:
             return
-        if m.status is Status.DEAD or m.status is Status.LEFT:
+        if r.status is Status.DEAD or r.status is Status.LEFT:
             return
-        if m.status is Status.SUSPECT and s.incarnation == m.incarnation:
+        if r.status is Status.SUSPECT and s.incarnation == r.incarnation:
             timer = self._suspicions.get(s.node)
             if timer is not None and timer.confirm(s.by):
                 self.stats["suspicion_confirmations"] += 1
                 self._bcast.push(s)
             return
+        m = self._roster.mutable(s.node)
         m.incarnation, m.status, m.since = s.incarnation, Status.SUSPECT, now
         c = self.config
-        n = self._live
+        n = self._n_live
         k = c.suspicion_mult - 2 if n - 2 >= c.suspicion_mult - 2 else 0
         lo = c.suspicion_mult * max(1.0, math.log10(max(1, n))) * c.probe_interval
         self._suspicions[s.node] = _Suspicion(
@@ -578,16 +681,17 @@ class Membership:
             if d.incarnation >= self.incarnation and not self._leaving:
                 self._refute(d.incarnation)
             return
-        m = self._members.get(d.node)
-        if m is None or d.incarnation < m.incarnation:
+        r = self._roster.get(d.node)
+        if r is None or d.incarnation < r.incarnation:
             return
-        if m.status is Status.DEAD or m.status is Status.LEFT:
+        if r.status is Status.DEAD or r.status is Status.LEFT:
             return
+        m = self._roster.mutable(d.node)
         left = d.by == d.node
         m.incarnation, m.since = d.incarnation, now
         m.status = Status.LEFT if left else Status.DEAD
         self._suspicions.pop(d.node, None)
-        self._live -= 1
+        self._n_live -= 1
         self.epoch += 1
         self._bcast.push(d)
         if left:
@@ -598,7 +702,7 @@ class Membership:
 
     def _refute(self, seen: int) -> None:
         self.incarnation = max(self.incarnation, seen) + 1
-        self._members[self.id].incarnation = self.incarnation
+        self._me.incarnation = self.incarnation
         self._bcast.push(Alive(self.id, self.incarnation, self.addr, self.zone))
         self._health(+1)
         self.stats["refuted"] += 1
@@ -612,35 +716,38 @@ class Membership:
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         return self._next_id
 
-    def _next_target(self, now: float) -> _Member | None:
-        order = self._probe_order
+    def _next_target(self, now: float) -> Row | None:
+        roster = self._roster
         for _ in range(2):
-            while self._probe_next < len(order):
-                m = self._members.get(order[self._probe_next])
-                self._probe_next += 1
-                if m is not None and (m.status is Status.ALIVE or m.status is Status.SUSPECT):
-                    return m
+            a, b, p, size = self._perm
+            while self._perm_j < p:
+                i = (a * self._perm_j + b) % p
+                self._perm_j += 1
+                if i < size:
+                    r = roster.get(roster.name(i))
+                    if r is not None and r is not self._me and _live(r):
+                        return r
             self._new_round(now)
         return None
 
     def _new_round(self, now: float) -> None:
-        """End of a probe round: forget rows dead longer than dead_retention, reshuffle."""
-        self._probe_next = 0
+        """End of a probe round: forget rows dead longer than dead_retention, draw a new
+        permutation of the roster."""
         horizon = now - self.config.dead_retention
-        gone = [
-            n
-            for n, m in self._members.items()
-            if (m.status is Status.DEAD or m.status is Status.LEFT)
-            and m.since < horizon
-            and n != self.id
-        ]
-        if gone:
-            for n in gone:
-                del self._members[n]
-            forgotten = set(gone)
-            self._others = [n for n in self._others if n not in forgotten]
-            self._probe_order = [n for n in self._probe_order if n not in forgotten]
-        self.rng.shuffle(self._probe_order)
+        self._roster.forget(
+            [
+                node
+                for node, m in self._roster.own.items()
+                if m is not None
+                and (m.status is Status.DEAD or m.status is Status.LEFT)
+                and m.since < horizon
+                and m is not self._me
+            ]
+        )
+        size = self._roster.size()
+        p = _next_prime(size)
+        self._perm = (self.rng.randrange(1, p), self.rng.randrange(p), p, size)
+        self._perm_j = 0
 
     def _tick_probe(self, now: float) -> list[Outgoing]:
         out: list[Outgoing] = []
@@ -649,13 +756,13 @@ class Membership:
         p = self._probe
         if p is not None and not p.indirect and now >= p.timeout_at:
             p.indirect = True
-            target = self._members.get(p.target)
+            target = self._roster.get(p.target)
             if target is not None:
-                for node in self._random_others(c.indirect_checks, live_only=True, skip=p.target):
+                for relay in self._random_others(c.indirect_checks, live_only=True, skip=p.target):
                     base = (p.id, p.target, target.addr, True)
                     out.append(
                         Outgoing(
-                            self._members[node].addr,
+                            relay.addr,
                             self._piggyback(PingReq(*base), PingReq, base),
                         )
                     )
@@ -666,8 +773,8 @@ class Membership:
             missing = p.expected_nacks - p.nacks if p.expected_nacks else 1
             self._health(missing)
             self.stats["probe_failures"] += 1
-            m = self._members.get(p.target)
-            if m is not None and (m.status is Status.ALIVE or m.status is Status.SUSPECT):
+            m = self._roster.get(p.target)
+            if m is not None and _live(m):
                 self._on_suspect(Suspect(m.node, m.incarnation, self.id), now)
         if self._probe is None and now >= self._next_probe:
             m = self._next_target(now)
@@ -735,14 +842,14 @@ class Membership:
         for node, s in list(self._suspicions.items()):
             if now >= s.deadline:
                 del self._suspicions[node]
-                m = self._members.get(node)
+                m = self._roster.get(node)
                 if m is not None and m.status is Status.SUSPECT and m.incarnation == s.incarnation:
                     self._on_dead(Dead(node, s.incarnation, self.id), now)
 
     # ----------------------------------------------------------------- dissemination
 
     def _retransmit_limit(self) -> int:
-        return self.config.retransmit_mult * math.ceil(math.log10(self._live + 1))
+        return self.config.retransmit_mult * math.ceil(math.log10(self._n_live + 1))
 
     def _piggyback(
         self, base: Message, cls: type, args: tuple, first: Sequence[Update] = ()
@@ -757,39 +864,30 @@ class Membership:
             return base
         return cls(*args, updates=tuple(ups))
 
-    def _random_others(self, k: int, *, live_only: bool, skip: str = "") -> list[str]:
+    def _random_others(self, k: int, *, live_only: bool, skip: str = "") -> list[Row]:
         """Up to k distinct random other members (alive or suspect; with live_only False,
         also dead ones within dead_retention, so that gossip reaches the dead to refute)."""
-        others = self._others
-        if not others or k <= 0:
+        roster = self._roster
+        size = roster.size()
+        if size <= 1 or k <= 0:
             return []
-        picked: list[str] = []
-        members = self._members
-        for _ in range(3 * k):
-            node = others[self.rng.randrange(len(others))]
-            m = members.get(node)
-            if m is None or node == skip or node in picked:
-                continue
-            if (
-                m.status is Status.ALIVE
-                or m.status is Status.SUSPECT
-                or (not live_only and m.status is Status.DEAD)
-            ):
-                picked.append(node)
+
+        def eligible(r: Row | None) -> bool:
+            if r is None or r is self._me or r.node == skip or r in picked:
+                return False
+            return _live(r) or (not live_only and r.status is Status.DEAD)
+
+        picked: list[Row] = []
+        rand = self.rng.randrange
+        for _ in range(3 * k + 3):
+            r = roster.get(roster.name(rand(size)))
+            if eligible(r):
+                picked.append(r)  # type: ignore[arg-type]
                 if len(picked) == k:
                     return picked
         # Few eligible members among many rows: fall back to filtering them all.
-        eligible = [
-            n
-            for n in others
-            if n != skip
-            and n not in picked
-            and (
-                members[n].status in (Status.ALIVE, Status.SUSPECT)
-                or (not live_only and members[n].status is Status.DEAD)
-            )
-        ]
-        picked += self.rng.sample(eligible, min(k - len(picked), len(eligible)))
+        rest = [r for r in roster.rows() if eligible(r)]
+        picked += self.rng.sample(rest, min(k - len(picked), len(rest)))
         return picked
 
     def _gossip(self, now: float) -> list[Outgoing]:
@@ -798,11 +896,11 @@ class Membership:
         out = []
         limit = self._retransmit_limit()
         budget = wire.room(Gossip(()), self.id)
-        for node in self._random_others(self.config.gossip_nodes, live_only=False):
+        for member in self._random_others(self.config.gossip_nodes, live_only=False):
             ups = self._bcast.take(budget, limit)
             if not ups:
                 break
-            out.append(Outgoing(self._members[node].addr, Gossip(tuple(ups))))
+            out.append(Outgoing(member.addr, Gossip(tuple(ups))))
         self.stats["gossip_sent"] += len(out)
         return out
 
@@ -810,16 +908,15 @@ class Membership:
 
     def _push_pull_interval(self) -> float:
         """memberlist's pushPullScale: past 32 nodes, one more interval per doubling."""
-        n = self._live
+        n = self._n_live
         base = self.config.push_pull_interval
         if n <= 32:
             return base
         return base * (math.ceil(math.log2(n) - math.log2(32)) + 1)
 
     def _states(self) -> list[MemberState]:
-        me = self._members[self.id]
-        me.incarnation = self.incarnation
-        return [m.state() for m in self._members.values()]
+        self._me.incarnation = self.incarnation
+        return [_state(r) for r in self._roster.rows()]
 
     def _push_pull(self, addr: str, *, reply: bool, join: bool) -> list[Outgoing]:
         self._exchange = (self._exchange + 1) & 0xFFFFFFFF
@@ -856,8 +953,11 @@ class Membership:
         """One row of a peer's table. A remote DEAD only makes us suspect (memberlist's
         rule): the cell gets its chance to refute before we declare it dead ourselves."""
         st = s.status
+        r = self._roster.get(s.node)
+        if r is not None and r.incarnation == s.incarnation and r.status is st:
+            return  # the common case: we already agree
         if st is Status.ALIVE or st is Status.SUSPECT:
-            if s.node not in self._members or st is Status.ALIVE:
+            if st is Status.ALIVE or r is None:
                 self._on_alive(Alive(s.node, s.incarnation, s.addr, s.zone), now)
             if st is Status.SUSPECT:
                 self._on_suspect(Suspect(s.node, s.incarnation, self.id), now)
