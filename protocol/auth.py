@@ -1,8 +1,9 @@
-"""Registry authentication: reading `WWW-Authenticate` challenges (pull tokens come later).
+"""Registry authentication: `WWW-Authenticate` challenges, and celld's pull tokens.
 
-Owns: turning the challenges an upstream registry sends with a 401 into values, and
-the query of the token request a Bearer challenge asks for (the docker token flow:
-GET realm?service=...&scope=...).
+Owns: turning the challenges an upstream registry sends with a 401 into values, the
+query of the token request a Bearer challenge asks for (the docker token flow:
+GET realm?service=...&scope=...), and the pull tokens staging hands out for private
+images (`mint_pull_token`, `verify_pull_token`, `token_from_authorization`).
 
 Never: raises on what a remote registry sent (garbage yields fewer challenges, possibly
 none), does I/O, or sees a credential: the caller adds those to the token request.
@@ -24,9 +25,15 @@ number of times, so hostile headers cost linear time.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+
+import blake3
 
 _TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _TOKEN68 = frozenset("-._~+/0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -222,3 +229,95 @@ def token_query(challenge: Challenge, scope: str | None) -> tuple[str, list[tupl
     for s in dict.fromkeys(scopes):
         query.append(("scope", s))
     return realm, query
+
+
+# -- pull tokens -----------------------------------------------------------------
+#
+# A pull token lets a runtime pull one staged private image from any cell: it is a
+# blake3 keyed MAC, under the cluster key every cell shares, over the app scope and
+# the image's manifest digest. Any cell checks it with no state (a fresh cell with
+# an empty store included), and a token for one app opens nothing of another: the
+# scope and digest are inside the MAC. It is not a secret of the user's registry
+# account: it grants only what staging already fetched, and only through celld.
+#
+# Form: "celld1." + base64url(scope) + "." + <64 hex manifest digest> + "." +
+# base64url(32-byte MAC). The runtime presents it as the password of HTTP Basic
+# (any user name) or as a Bearer token.
+
+PULL_TOKEN_PREFIX = "celld1"
+_MAC_CONTEXT = b"celld pull token v1\x00"
+SCOPE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class PullGrant:
+    """What a verified pull token allows: the images of `scope` under `manifest`."""
+
+    scope: str
+    manifest: str  # "sha256:<hex>"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _pull_mac(key: bytes, scope: str, manifest_hex: str) -> bytes:
+    data = _MAC_CONTEXT + scope.encode() + b"\x00" + manifest_hex.encode()
+    return blake3.blake3(data, key=key).digest()
+
+
+def mint_pull_token(key: bytes, scope: str, manifest_digest: str) -> str:
+    """The token staging prints for `scope`'s image `manifest_digest`."""
+    if len(key) != 32:
+        raise ValueError("the cluster key must be 32 bytes")
+    if not SCOPE_RE.fullmatch(scope):
+        raise ValueError(f"not a valid app scope: {scope!r}")
+    algorithm, _, hex_ = manifest_digest.partition(":")
+    if algorithm != "sha256" or not _HEX64.fullmatch(hex_):
+        raise ValueError(f"not a sha256 digest: {manifest_digest!r}")
+    mac = _pull_mac(key, scope, hex_)
+    return f"{PULL_TOKEN_PREFIX}.{_b64(scope.encode())}.{hex_}.{_b64(mac)}"
+
+
+def verify_pull_token(key: bytes, token: str) -> PullGrant | None:
+    """The grant a token carries, or None for anything forged, altered or garbled."""
+    if len(token) > 512:
+        return None
+    parts = token.split(".")
+    if len(parts) != 4 or parts[0] != PULL_TOKEN_PREFIX:
+        return None
+    _, scope_b64, hex_, mac_b64 = parts
+    try:
+        scope = _unb64(scope_b64).decode()
+        mac = _unb64(mac_b64)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+    if not SCOPE_RE.fullmatch(scope) or not _HEX64.fullmatch(hex_) or len(mac) != 32:
+        return None
+    if not hmac.compare_digest(mac, _pull_mac(key, scope, hex_)):
+        return None
+    return PullGrant(scope, f"sha256:{hex_}")
+
+
+def token_from_authorization(header: bytes | str | None) -> str | None:
+    """The pull token in an Authorization header: Bearer, or Basic's password."""
+    if not header:
+        return None
+    text = header.decode("latin-1") if isinstance(header, bytes) else header
+    scheme, _, value = text.strip().partition(" ")
+    value = value.strip()
+    if scheme.lower() == "bearer":
+        return value or None
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            return None
+        _, sep, password = decoded.partition(":")
+        return password if sep and password else None
+    return None
