@@ -43,6 +43,8 @@ from typing import Any, TypeVar
 
 import blake3
 
+from protocol import placement, swarm
+
 VERSION = 1
 MAX_DATAGRAM = 1400
 MAC_LEN = 16
@@ -611,78 +613,94 @@ class PushPull:
 MEMBERSHIP_MESSAGES: tuple[type, ...] = (Ping, Ack, Nack, PingReq, Gossip, PushPull)
 
 # ---------------------------------------------------------------------------------------
-# Placement messages (protocol/placement.py). Provisional fields until placement needs more.
+# Placement and swarm messages. placement.py and swarm.py own these dataclasses (their
+# logic reads them); this module only gives each a type byte and a layout. Piece
+# bitmaps are ints there and BITMAP here: little-endian bytes, as few as the value needs.
 
+
+class _Bitmap(Field):
+    """A non-negative int bitmap as u16 length + little-endian bytes, no trailing zeros."""
+
+    __slots__ = ()
+
+    def put(self, out: bytearray, value: int) -> None:
+        if type(value) is not int or value < 0:
+            raise EncodeError(f"bitmap must be a non-negative int, not {value!r}")
+        n = (value.bit_length() + 7) // 8
+        if n > 0xFFFF:
+            raise EncodeError("bitmap longer than 65535 bytes")
+        out += _U16.pack(n)
+        out += value.to_bytes(n, "little")
+
+    def get(self, data: bytes, off: int) -> tuple[int, int]:
+        n = _U16.unpack_from(data, off)[0]
+        end = off + 2 + n
+        if end > len(data):
+            raise _Malformed("bitmap past the end")
+        if n and data[end - 1] == 0:  # one encoding per value
+            raise _Malformed("non-canonical bitmap")
+        return int.from_bytes(data[off + 2 : end], "little"), end
+
+    def size(self, value: int) -> int:
+        return 2 + (value.bit_length() + 7) // 8
+
+
+BITMAP = _Bitmap()
 PROVIDERS = _Records()
 
+record(1, PROVIDERS, member=STR, zone=STR, complete=BOOL, pieces=BITMAP, load=U32)(
+    placement.ProviderInfo
+)
+message(
+    0x20,
+    digest=DIGEST,
+    zone=STR,
+    complete=BOOL,
+    pieces=BITMAP,
+    piece_count=U32,
+    load=U32,
+    ttl=SECONDS,
+    lease=BOOL,
+)(placement.Announce)
+message(0x21, digest=DIGEST)(placement.Withdraw)
+message(0x22, digest=DIGEST, zone=STR, request_id=U32, escalate=BOOL)(placement.Lookup)
+message(
+    0x23,
+    digest=DIGEST,
+    request_id=U32,
+    providers=PROVIDERS,
+    lease=_Enum(placement.LeaseStatus),
+    lease_holder=STR,
+    piece_count=U32,
+    authority=BOOL,
+)(placement.LookupReply)
 
-class HoldState(enum.Enum):
-    """How much of a digest a provider holds."""
+message(0x40, digest=DIGEST, index=U32)(swarm.PieceRequest)
+message(
+    0x41,
+    digest=DIGEST,
+    index=U32,
+    status=_Enum(swarm.PieceStatus),
+    have=BITMAP,
+    complete=BOOL,
+)(swarm.PieceReply)
+message(0x42, digest=DIGEST, index=U32)(swarm.PieceCancel)
+message(0x43, digest=DIGEST, want=BITMAP)(swarm.HaveQuery)
+message(0x44, digest=DIGEST, have=BITMAP, complete=BOOL)(swarm.HaveReply)
 
-    COMPLETE = 0
-    DOWNLOADING = 1
-
-
-@record(1, PROVIDERS, cell=STR, zone=STR, load=U16, state=_Enum(HoldState))
-@dataclass(frozen=True, slots=True)
-class Provider:
-    """A cell that holds (or is fetching) a digest, with its zone and current upload load."""
-
-    cell: str
-    zone: str
-    load: int
-    state: HoldState
-
-
-@message(0x20, digest=DIGEST, state=_Enum(HoldState), pieces=BYTES, ttl=SECONDS)
-@dataclass(frozen=True, slots=True)
-class Announce:
-    """To a home of `digest`: I hold it (or these pieces of it) for the next `ttl` seconds."""
-
-    digest: str
-    state: HoldState
-    pieces: bytes
-    ttl: float
-
-
-@message(0x21, digest=DIGEST)
-@dataclass(frozen=True, slots=True)
-class Withdraw:
-    """To a home of `digest`: I no longer hold it (evicted)."""
-
-    digest: str
-
-
-@message(0x22, digest=DIGEST, request_id=U32)
-@dataclass(frozen=True, slots=True)
-class Lookup:
-    """To a home of `digest`: who holds it?"""
-
-    digest: str
-    request_id: int
-
-
-@message(0x23, digest=DIGEST, request_id=U32, providers=PROVIDERS)
-@dataclass(frozen=True, slots=True)
-class Providers:
-    """Answer to Lookup: providers best first (same zone, then least loaded)."""
-
-    digest: str
-    request_id: int
-    providers: tuple[Provider, ...]
-
-
-@message(0x24, digest=DIGEST, request_id=U32, holder=STR, ttl=SECONDS)
-@dataclass(frozen=True, slots=True)
-class LeaseGrant:
-    """Answer to Lookup of an unprovided digest: `holder` fetches it upstream for `ttl`
-    seconds; if holder is the asker, go upstream, else take pieces from holder."""
-
-    digest: str
-    request_id: int
-    holder: str
-    ttl: float
-
+PLACEMENT_MESSAGES: tuple[type, ...] = (
+    placement.Announce,
+    placement.Withdraw,
+    placement.Lookup,
+    placement.LookupReply,
+)
+SWARM_MESSAGES: tuple[type, ...] = (
+    swarm.PieceRequest,
+    swarm.PieceReply,
+    swarm.PieceCancel,
+    swarm.HaveQuery,
+    swarm.HaveReply,
+)
 
 Message = (
     Ping
@@ -691,11 +709,15 @@ Message = (
     | PingReq
     | Gossip
     | PushPull
-    | Announce
-    | Withdraw
-    | Lookup
-    | Providers
-    | LeaseGrant
+    | placement.Announce
+    | placement.Withdraw
+    | placement.Lookup
+    | placement.LookupReply
+    | swarm.PieceRequest
+    | swarm.PieceReply
+    | swarm.PieceCancel
+    | swarm.HaveQuery
+    | swarm.HaveReply
 )
 
 
@@ -727,8 +749,8 @@ def body_size(msg: Message) -> int:
     return _TYPE_OF[type(msg)][1].size(msg)
 
 
-def record_size(item: Update | MemberState | Provider) -> int:
-    """Bytes one record adds to a list field (Update, MemberState, Provider)."""
+def record_size(item: Update | MemberState | placement.ProviderInfo) -> int:
+    """Bytes one record adds to a list field (Update, MemberState, ProviderInfo)."""
     return 1 + _RECORD_SIZE[type(item)](item)
 
 

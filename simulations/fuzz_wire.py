@@ -29,28 +29,23 @@ from dataclasses import dataclass, field
 import blake3
 
 from protocol import wire
+from protocol.placement import Announce, LeaseStatus, Lookup, LookupReply, ProviderInfo, Withdraw
+from protocol.swarm import HaveQuery, HaveReply, PieceCancel, PieceReply, PieceRequest, PieceStatus
 from protocol.wire import (
     Ack,
     Alive,
-    Announce,
     Dead,
     Decoded,
     DecodeError,
     Gossip,
-    HoldState,
-    LeaseGrant,
-    Lookup,
     MemberState,
     Nack,
     Ping,
     PingReq,
-    Provider,
-    Providers,
     PushPull,
     Reason,
     Status,
     Suspect,
-    Withdraw,
 )
 
 KEY = bytes(range(32))
@@ -87,6 +82,10 @@ def _digest(rng: random.Random) -> str:
     return "sha512:" + rng.randbytes(rng.randrange(0, 24)).hex()
 
 
+def _bitmap(rng: random.Random) -> int:
+    return rng.getrandbits(rng.choice((0, 8, 64, 768)))
+
+
 def _update(rng: random.Random) -> wire.Update:
     i = rng.randrange(2**32)
     kind = rng.randrange(3)
@@ -117,19 +116,38 @@ def random_message(rng: random.Random) -> wire.Message:
             ),
         ),
         lambda: Announce(
-            _digest(rng), rng.choice(list(HoldState)), rng.randbytes(rng.randrange(64)), 30.0
+            _digest(rng),
+            _name(rng),
+            rng.random() < 0.5,
+            _bitmap(rng),
+            rng.randrange(1000),
+            rng.randrange(100),
+            rng.uniform(0, 60),
+            rng.random() < 0.5,
         ),
         lambda: Withdraw(_digest(rng)),
-        lambda: Lookup(_digest(rng), n),
-        lambda: Providers(
+        lambda: Lookup(_digest(rng), _name(rng), n, rng.random() < 0.5),
+        lambda: LookupReply(
             _digest(rng),
             n,
             tuple(
-                Provider(_name(rng), _name(rng), rng.randrange(65536), rng.choice(list(HoldState)))
-                for _ in range(rng.randrange(6))
+                ProviderInfo(
+                    _name(rng), _name(rng), rng.random() < 0.5, _bitmap(rng), rng.randrange(99)
+                )
+                for _ in range(rng.randrange(5))
             ),
+            rng.choice(list(LeaseStatus)),
+            rng.choice(("", _name(rng))),
+            rng.randrange(1000),
+            rng.random() < 0.5,
         ),
-        lambda: LeaseGrant(_digest(rng), n, _name(rng), rng.uniform(0, 60)),
+        lambda: PieceRequest(_digest(rng), n),
+        lambda: PieceReply(
+            _digest(rng), n, rng.choice(list(PieceStatus)), _bitmap(rng), rng.random() < 0.5
+        ),
+        lambda: PieceCancel(_digest(rng), n),
+        lambda: HaveQuery(_digest(rng), _bitmap(rng)),
+        lambda: HaveReply(_digest(rng), _bitmap(rng), rng.random() < 0.5),
     ]
     return rng.choice(choices)()
 

@@ -9,32 +9,27 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import wire
+from protocol import placement, swarm, wire
+from protocol.placement import Announce, LeaseStatus, Lookup, LookupReply, ProviderInfo, Withdraw
+from protocol.swarm import HaveQuery, HaveReply, PieceCancel, PieceReply, PieceRequest, PieceStatus
 from protocol.wire import (
     Ack,
     Alive,
-    Announce,
     Codec,
     Dead,
     Decoded,
     DecodeError,
     EncodeError,
     Gossip,
-    HoldState,
-    LeaseGrant,
-    Lookup,
     MemberState,
     Nack,
     Ping,
     PingReq,
-    Provider,
-    Providers,
     PushPull,
     Reason,
     ReplayWindow,
     Status,
     Suspect,
-    Withdraw,
     decode,
     encode,
 )
@@ -61,9 +56,10 @@ updates = st.lists(
 states = st.lists(
     st.builds(MemberState, names, u32, names, names, st.sampled_from(Status)), max_size=6
 ).map(tuple)
+bitmaps = st.integers(0, 2**768 - 1)  # a 3 GB layer in 4 MiB pieces
 providers = st.lists(
-    st.builds(Provider, names, names, st.integers(0, 65535), st.sampled_from(HoldState)),
-    max_size=6,
+    st.builds(ProviderInfo, names, names, st.booleans(), st.integers(0, 2**64), u32),
+    max_size=4,
 ).map(tuple)
 
 MESSAGES = {
@@ -82,12 +78,27 @@ MESSAGES = {
         states,
     ),
     Announce: st.builds(
-        Announce, digests, st.sampled_from(HoldState), st.binary(max_size=200), seconds
+        Announce, digests, names, st.booleans(), bitmaps, u32, u32, seconds, st.booleans()
     ),
     Withdraw: st.builds(Withdraw, digests),
-    Lookup: st.builds(Lookup, digests, u32),
-    Providers: st.builds(Providers, digests, u32, providers),
-    LeaseGrant: st.builds(LeaseGrant, digests, u32, names, seconds),
+    Lookup: st.builds(Lookup, digests, names, u32, st.booleans()),
+    LookupReply: st.builds(
+        LookupReply,
+        digests,
+        u32,
+        providers,
+        st.sampled_from(LeaseStatus),
+        st.text(max_size=12),
+        u32,
+        st.booleans(),
+    ),
+    PieceRequest: st.builds(PieceRequest, digests, u32),
+    PieceReply: st.builds(
+        PieceReply, digests, u32, st.sampled_from(PieceStatus), bitmaps, st.booleans()
+    ),
+    PieceCancel: st.builds(PieceCancel, digests, u32),
+    HaveQuery: st.builds(HaveQuery, digests, bitmaps),
+    HaveReply: st.builds(HaveReply, digests, bitmaps, st.booleans()),
 }
 any_message = st.one_of(*MESSAGES.values())
 
@@ -209,14 +220,32 @@ def test_encoding_refuses_what_does_not_fit_or_is_out_of_range() -> None:
     with pytest.raises(EncodeError):
         encode(big, key=KEY, sender="a", seq=1, now=NOW)
     assert wire.room(Gossip(()), "a") < sum(wire.record_size(u) for u in big.updates)
-    for bad in (Ping(-1, "b"), Ping(2**32, "b"), Alive("x" * 256, 0, "", ""), Lookup("d", 1.5)):
+    for bad in (
+        Ping(-1, "b"),
+        Ping(2**32, "b"),
+        Alive("x" * 256, 0, "", ""),
+        Lookup("d", "z", 1.5),  # type: ignore[arg-type]
+        HaveQuery("d", -1),
+    ):
         msg = Gossip((bad,)) if isinstance(bad, Alive) else bad
         with pytest.raises(EncodeError):
             encode(msg, key=KEY, sender="a", seq=1, now=NOW)
     with pytest.raises(EncodeError):
-        encode(
-            Announce("d", HoldState.COMPLETE, b"", math.inf), key=KEY, sender="a", seq=1, now=NOW
-        )
+        encode(Announce("d", "z", True, 1, 1, 0, math.inf), key=KEY, sender="a", seq=1, now=NOW)
+
+
+def test_the_placement_and_swarm_messages_are_the_ones_their_modules_use() -> None:
+    for cls in (*wire.PLACEMENT_MESSAGES, *wire.SWARM_MESSAGES):
+        assert cls in wire.message_types().values()
+    assert (
+        placement.Announce,
+        placement.Withdraw,
+        placement.Lookup,
+        placement.LookupReply,
+    ) == wire.PLACEMENT_MESSAGES
+    assert swarm.PieceReply in wire.SWARM_MESSAGES
+    # a full bitmap of a 3 GB layer in 4 MiB pieces costs 2 + 96 bytes
+    assert wire.body_size(HaveQuery("sha256:" + "00" * 32, 2**768 - 1)) == 33 + 98
 
 
 def test_sha256_digests_travel_as_32_raw_bytes() -> None:
