@@ -310,9 +310,9 @@ def test_proxy_corruption_fails_containerd_and_nothing_bad_is_stored(
     assert not {blob.digest for blob in image.layers} & containerd.content_digests()
     assert all(ns_of(uri) == ["docker.io"] for uri in proxy.blob_gets)
 
-    # containerd would resume its poisoned partial download and fail again:
+    # containerd may resume a poisoned partial download (whether it keeps one
+    # depends on where the transfer failed), so a clean retry drops partials.
     proxy.corrupt = False
-    assert not containerd.pull("docker.io/library/demo:v1").ok
     containerd.drop_partial_downloads()
     containerd.pull("docker.io/library/demo:v1").check()
     assert containerd.content_digests() == all_digests(image)
