@@ -19,8 +19,10 @@ import contextlib
 import errno
 import logging
 import os
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import h11
@@ -42,6 +44,7 @@ class Request:
     method: bytes
     target: bytes
     headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes = b""
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.headers:
@@ -84,15 +87,24 @@ class FileRange:
         os.close(self.fd)
 
 
+@dataclass(frozen=True)
+class Streamed:
+    """A body of unknown length, sent chunked as the iterator yields (progress)."""
+
+    chunks: AsyncIterator[bytes]
+
+
 @dataclass
 class Response:
     status: int
     headers: list[tuple[str, str]] = field(default_factory=list)
-    body: bytes | FileRange | Body = b""
+    body: bytes | FileRange | Body | Streamed = b""
     on_done: Callable[[int], None] | None = None  # called with the body bytes sent
 
     @property
-    def length(self) -> int:
+    def length(self) -> int | None:
+        if isinstance(self.body, Streamed):
+            return None
         return len(self.body) if isinstance(self.body, bytes) else self.body.length
 
 
@@ -152,7 +164,10 @@ async def _next_event(conn: h11.Connection, stream: trio.SocketStream, timeout: 
         conn.receive_data(data)
 
 
-async def serve_connection(stream: trio.SocketStream, handler: Handler) -> None:
+async def serve_connection(
+    stream: trio.SocketStream, handler: Handler, *, max_body: int = 0
+) -> None:
+    """Serves one connection; request bodies up to `max_body` reach the handler."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
     out = _SocketOutput(stream)
     try:
@@ -167,16 +182,20 @@ async def serve_connection(stream: trio.SocketStream, handler: Handler) -> None:
                 return
             if not isinstance(event, h11.Request):
                 return
-            if event.http_version not in (b"1.0", b"1.1"):
+            if event.http_version not in (b"1.0", b"1.1"):  # h11 parses any 1-digit.1-digit
                 err = oci_error("UNSUPPORTED", event.http_version.decode("latin-1"), status=505)
                 await _send_response(conn, out, error_response(err), head=False)
                 return
-            request = Request(event.method, event.target, tuple(event.headers))
             try:
-                await _drain_body(conn, stream)
+                body = await _read_body(conn, stream, max_body)
+            except _TooLarge:
+                err = oci_error("SIZE_INVALID", f"request body over {max_body} bytes", status=413)
+                await _send_response(conn, out, error_response(err), head=False)
+                return
             except h11.RemoteProtocolError as exc:
                 await _send_protocol_error(conn, out, exc)
                 return
+            request = Request(event.method, event.target, tuple(event.headers), body)
             try:
                 response = await handler(request)
             except OCIError as err:
@@ -210,16 +229,26 @@ async def serve_connection(stream: trio.SocketStream, handler: Handler) -> None:
             await stream.aclose()
 
 
-async def _drain_body(conn: h11.Connection, stream: trio.SocketStream) -> None:
-    """Reads and drops a request body (push attempts) up to a bound."""
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(conn: h11.Connection, stream: trio.SocketStream, keep: int) -> bytes:
+    """Reads a request body: keeps up to `keep` bytes, or with keep=0 drops up to a
+    bound (a push attempt the mirror refuses anyway)."""
+    parts: list[bytes] = []
     seen = 0
     while True:
         event = await _next_event(conn, stream, HEADER_TIMEOUT)
         if isinstance(event, h11.EndOfMessage):
-            return
+            return b"".join(parts)
         if isinstance(event, h11.Data):
             seen += len(event.data)
-            if seen > MAX_DISCARDED_BODY:
+            if keep:
+                if seen > keep:
+                    raise _TooLarge
+                parts.append(bytes(event.data))
+            elif seen > MAX_DISCARDED_BODY:
                 raise _Discard
         elif isinstance(event, h11.ConnectionClosed):
             raise _Discard
@@ -265,11 +294,15 @@ async def _send_response(
     try:
         headers = [(k.encode(), v.encode()) for k, v in response.headers]
         names = {k.lower() for k, _ in headers}
-        if b"content-length" not in names:
+        if b"content-length" not in names and response.length is not None:
             headers.append((b"content-length", str(response.length).encode()))
         await out.send_bytes(conn.send(h11.Response(status_code=response.status, headers=headers)))
         header_end = out.sent
-        if not head and response.length:
+        if not head and isinstance(body, Streamed):
+            async for chunk in body.chunks:
+                if chunk:
+                    await out.send_bytes(conn.send(h11.Data(data=chunk)))
+        elif not head and response.length:
             if isinstance(body, bytes):
                 await out.send_bytes(conn.send(h11.Data(data=body)))
             else:
@@ -314,3 +347,35 @@ async def serve(
         await serve_connection(stream, handler)
 
     await trio.serve_listeners(one, listeners)
+
+
+async def serve_unix(
+    path: Path,
+    handler: Handler,
+    *,
+    max_body: int = 0,
+    task_status: trio.TaskStatus[trio.SocketListener] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listens on a unix socket only its owner may use (mode 0600, set before
+    any connection can be made) and serves until cancelled."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        await sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(64)
+    listener = trio.SocketListener(sock)
+    task_status.started(listener)
+
+    async def one(stream: trio.SocketStream) -> None:
+        await serve_connection(stream, handler, max_body=max_body)
+
+    try:
+        await trio.serve_listeners(one, [listener])
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()

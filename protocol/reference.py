@@ -179,3 +179,50 @@ def parse_ns(s: str) -> str:
             raise _ns_invalid(s, "port not 1..65535")
         return f"{host}:{port}"
     return host
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """A full image reference as users type it: `docker.io/acme/shop:2.1`."""
+
+    ns: str  # the registry host, canonical ("docker.io")
+    name: str  # the repository ("acme/shop", "library/alpine")
+    reference: str | Digest  # a tag or a digest
+
+    def __str__(self) -> str:
+        sep = "@" if isinstance(self.reference, Digest) else ":"
+        return f"{self.ns}/{self.name}{sep}{self.reference}"
+
+
+DOCKER_HUB = "docker.io"
+_HUB_ALIASES = {"index.docker.io", "registry-1.docker.io"}
+
+
+def parse_image(s: str) -> ImageRef:
+    """An image reference, normalised as docker and containerd do.
+
+    The first component is a registry host when it has a '.' or a ':' or is
+    `localhost`; otherwise the image is on Docker Hub, where single names live
+    under `library/`. No reference means the tag `latest`. A tag and a digest
+    together (`name:tag@digest`) keep the digest: it is what gets pulled.
+    """
+    if not isinstance(s, str) or not s or len(s) > NS_MAX + NAME_MAX + _DIGEST_MAX + 2:
+        raise oci_error("NAME_INVALID", {"image": _shown(str(s)), "reason": "empty or too long"})
+    rest, at, digest_text = s.partition("@")
+    reference: str | Digest | None = parse_digest(digest_text) if at else None
+    first, slash, remainder = rest.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        ns = parse_ns(first)
+        path = remainder
+    else:
+        ns, path = DOCKER_HUB, rest
+    if ns in _HUB_ALIASES:
+        ns = DOCKER_HUB
+    last_slash = path.rfind("/")
+    colon = path.rfind(":")
+    if colon > last_slash:
+        path, tag = path[:colon], parse_tag(path[colon + 1 :])
+        reference = reference or tag
+    if ns == DOCKER_HUB and "/" not in path:
+        path = f"library/{path}"
+    return ImageRef(ns, parse_name(path), reference or "latest")

@@ -15,6 +15,7 @@ from protocol.errors import OCIError
 from protocol.reference import (
     Digest,
     parse_digest,
+    parse_image,
     parse_name,
     parse_ns,
     parse_reference,
@@ -373,3 +374,33 @@ def _accepts(parser, text: str) -> bool:  # type: ignore[no-untyped-def]
     except OCIError:
         return False
     return True
+
+
+@pytest.mark.parametrize(
+    "text,ns,name,ref",
+    [
+        ("alpine", "docker.io", "library/alpine", "latest"),
+        ("acme/shop:2.1", "docker.io", "acme/shop", "2.1"),
+        ("docker.io/acme/shop:2.1", "docker.io", "acme/shop", "2.1"),
+        ("index.docker.io/library/redis", "docker.io", "library/redis", "latest"),
+        ("ghcr.io/org/app:v1", "ghcr.io", "org/app", "v1"),
+        ("127.0.0.1:5000/a/b:c", "127.0.0.1:5000", "a/b", "c"),
+        ("localhost/x", "localhost", "x", "latest"),
+    ],
+)
+def test_parse_image_normalises_like_docker(text, ns, name, ref):
+    image = parse_image(text)
+    assert (image.ns, image.name, image.reference) == (ns, name, ref)
+
+
+def test_parse_image_with_digest_keeps_the_digest():
+    digest = "sha256:" + "a" * 64
+    image = parse_image(f"acme/shop:2.1@{digest}")
+    assert str(image.reference) == digest
+    assert str(image) == f"docker.io/acme/shop@{digest}"
+
+
+@pytest.mark.parametrize("bad", ["", "UPPER/case", "a/../b", "acme/shop:bad tag", "x@sha256:zz"])
+def test_parse_image_rejects(bad):
+    with pytest.raises(OCIError):
+        parse_image(bad)
