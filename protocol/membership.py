@@ -20,6 +20,7 @@ How to drive it
             out = m.tick(now)                          # timers: probes, gossip, suspicion
             out = m.receive(decoded.msg, from_addr, now)   # a MEMBERSHIP_MESSAGES type
         while (ev := m.next_event()) is not None: react (MemberJoined, MemberDead, ...)
+        if m.epoch changed: members = m.live_ids()    # e.g. for placement's homes
     out = m.leave(now); keep ticking until m.done_leaving, then stop.
 
 `tick` may be called as often or as rarely as the caller likes: it catches up on every
@@ -434,6 +435,7 @@ class Membership:
         self._next_push_pull = math.inf
         self._next_join = math.inf
         self._exchange = 0
+        self._live_ids: tuple[int, frozenset[str]] | None = None
 
     # ----------------------------------------------------------------- public API
 
@@ -468,6 +470,7 @@ class Membership:
         if self._leaving:
             return []
         self._leaving = True
+        self.epoch += 1
         self._me.status = Status.LEFT
         self._probe = None
         self._bcast.push(Dead(self.id, self.incarnation, self.id))
@@ -563,6 +566,23 @@ class Membership:
     def live_members(self) -> list[MemberState]:
         """Members alive or suspect (a suspect may well be alive), us included."""
         return [_state(r) for r in self._roster.rows() if _live(r)]
+
+    def live_ids(self) -> frozenset[str]:
+        """Names of the members alive or suspect, us included (unless leaving): what
+        placement hashes homes over. Recomputed only when `epoch` moves; while a cell's
+        view still equals its preloaded Snapshot, every such cell returns the snapshot's
+        own frozenset, so a simulator's caches keyed by it are shared."""
+        if self._live_ids is not None and self._live_ids[0] == self.epoch:
+            return self._live_ids[1]
+        roster = self._roster
+        if len(roster.own) == 1 and not roster.extra and self.id in roster.base.live:
+            ids = roster.base.live
+        else:
+            ids = frozenset(r.node for r in roster.rows() if _live(r))
+        if self._leaving:
+            ids = ids - {self.id}
+        self._live_ids = (self.epoch, ids)
+        return ids
 
     def status_of(self, node: str) -> Status | None:
         r = self._roster.get(node)

@@ -24,6 +24,7 @@ from protocol.membership import (
     MemberLeft,
     Membership,
     MemberSuspected,
+    Snapshot,
     _Broadcasts,
     _Suspicion,
 )
@@ -342,3 +343,20 @@ def test_an_isolated_cell_loses_health_and_slows_its_probing() -> None:
     ping = next(o.msg for o in m2.tick(t) if isinstance(o.msg, wire.Ping))
     m2.receive(wire.Ack(ping.probe), "n1", t + 0.01)
     assert m2.health == 2
+
+
+def test_preloaded_cells_share_one_table_until_their_own_view_changes() -> None:
+    snap = Snapshot(MemberState(f"n{i}", 0, f"n{i}", "z", Status.ALIVE) for i in range(100))
+    cells = [Membership(f"n{i}", f"n{i}", "z", Config(), random.Random(i)) for i in range(3)]
+    for c in cells:
+        c.preload(snap, 0.0)
+    assert cells[0].live_ids() is cells[1].live_ids()
+    assert len(cells[0].live_ids()) == 100 and cells[0].num_live == 100
+    cells[0].receive(Gossip((Dead("n5", 0, "n7"),)), "n7", 1.0)
+    assert "n5" not in cells[0].live_ids() and len(cells[0].live_ids()) == 99
+    assert cells[0].status_of("n5") is Status.DEAD
+    assert cells[1].status_of("n5") is Status.ALIVE  # copy on write: the others unchanged
+    assert snap.rows["n5"].status is Status.ALIVE
+    assert cells[1].live_ids() is cells[2].live_ids()
+    assert {s.node for s in cells[0].members()} == {f"n{i}" for i in range(100)}
+    assert next(e for e in iter(cells[0].next_event, None)) == MemberDead("n5", 0, "n7", 1.0)
