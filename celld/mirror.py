@@ -40,7 +40,7 @@ class FetchBody:
 
     async def write(self, out: Output) -> None:
         fetch = self.fetch
-        fd = os.open(fetch.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = await _open_fetched(fetch)
         try:
             pos, end = self.start, self.start + self.length
             while pos < end:
@@ -55,6 +55,20 @@ class FetchBody:
                     await changed.wait()
         finally:
             os.close(fd)
+
+
+async def _open_fetched(fetch: Fetch) -> int:
+    """Opens the file a fetch writes. The commit renames it from a worker thread,
+    so the temp path can vanish before `fetch.entry` is set: then wait for the
+    fetch to finish and open the stored blob (or learn that it failed)."""
+    try:
+        return os.open(fetch.path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        while not fetch.finished:
+            await fetch.changed.wait()
+        if fetch.entry is None:
+            raise FetchFailed(fetch.error.detail if fetch.error else "fetch failed") from None
+        return os.open(fetch.entry.path, os.O_RDONLY | os.O_CLOEXEC)
 
 
 class Mirror:
