@@ -24,10 +24,13 @@ rejects a datagram whose timestamp is more than `max_skew` away from the receive
 (REPLAYED).
 
 Message types are frozen dataclasses registered with `@message(type_byte, field=codec,
-...)`; adding one is a dataclass and a decorator, nothing else. Records that travel in
-lists (membership updates, member states, providers) are registered with `@record` and
-share one kind-byte space per list codec. Type bytes: 0x01-0x1f membership, 0x20-0x3f
-placement, 0x40-0x5f swarm.
+...)` (or `message(...)(cls)` for a class another module owns, as placement.py's and
+swarm.py's are); adding one is a dataclass and a decorator, nothing else. The schema
+must name the dataclass's fields in order, or importing this module fails at once.
+Records that travel in lists (membership updates, member states, providers) are
+registered with `record` and share one kind-byte space per list codec. Type bytes:
+0x01-0x1f membership, 0x20-0x3f placement, 0x40-0x5f swarm; an unknown one decodes to
+UNKNOWN_TYPE, so a newer cell may add types without breaking older ones.
 """
 
 from __future__ import annotations
