@@ -43,6 +43,15 @@ class CentralOnly:
     def on_crash(self, cell: int) -> None:
         pass
 
+    def receive(self, cell: int, sender: str, msg: object) -> None:
+        pass
+
+    def member_changed(self, observer: int, member: int, state: str) -> None:
+        pass
+
+    def summary(self) -> dict[str, int]:
+        return {}
+
     def _request(self, arg: tuple[int, int]) -> None:
         cell, layer = arg
         w = self.w
@@ -88,6 +97,15 @@ class Spegel:
     def start(self, cell: int) -> None:
         for layer in range(len(self.w.sc.layers)):
             self._lookup((cell, layer))
+
+    def receive(self, cell: int, sender: str, msg: object) -> None:
+        pass
+
+    def member_changed(self, observer: int, member: int, state: str) -> None:
+        pass
+
+    def summary(self) -> dict[str, int]:
+        return {}
 
     def on_crash(self, cell: int) -> None:
         for p in self.providers:

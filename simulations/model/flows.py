@@ -29,8 +29,12 @@ bandwidth it frees is handed to the others at the next rebalance, at most `quant
 later. A few thousand flows ending within a few milliseconds on one registry then cost
 a few rebalances instead of one each.
 
-Completion events are invalidated, not removed: each rate change bumps the flow's
-version and schedules a new event; an event whose version is stale does nothing.
+Completion events are invalidated, not removed. A flow remembers the time of the
+earliest completion event it has queued (`due`). A rate change that brings the finish
+earlier queues a new event; one that pushes it later queues nothing: the queued event
+fires early, sees bytes left, and re-queues itself at the new time. An event whose time
+is no longer the flow's `due` does nothing. Rates fall far more often than they rise
+(every new flow lowers its neighbours' shares), so this keeps the heap small.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class Flow:
 
     __slots__ = (
         "dst",
+        "due",
         "ended",
         "fid",
         "mark",
@@ -71,7 +76,6 @@ class Flow:
         "started",
         "tag",
         "updated",
-        "version",
     )
 
     def __init__(
@@ -92,7 +96,7 @@ class Flow:
         self.rate = 0.0
         self.updated = now
         self.started = now
-        self.version = 0
+        self.due = math.inf  # time of the earliest completion event queued
         self.mark = 0
         self.on_end = on_end
         self.src = src
@@ -148,7 +152,6 @@ class FlowNet:
             return flow.size - flow.remaining
         self._settle(flow)
         flow.ended = True
-        flow.version += 1
         for r in flow.resources:
             del r.flows[flow.fid]
             self._touch(r)
@@ -204,23 +207,38 @@ class FlowNet:
                     share = res.capacity / len(res.flows)
                     if share < rate:
                         rate = share
-                if rate == flow.rate:
+                old = flow.rate
+                if rate == old:
                     continue
-                if flow.rate > 0.0:
-                    flow.remaining = max(0.0, flow.remaining - flow.rate * (now - flow.updated))
+                if old > 0.0:
+                    left = flow.remaining - old * (now - flow.updated)
+                    flow.remaining = left if left > 0.0 else 0.0
                 flow.updated = now
                 flow.rate = rate
-                flow.version += 1
                 if rate > 0.0:
-                    call_at(now + flow.remaining / rate, complete, (flow, flow.version))
+                    due = now + flow.remaining / rate
+                    # An earlier finish needs a new event; a later one is found by the
+                    # event already queued, which re-queues itself (fewer heap entries).
+                    if due < flow.due:
+                        flow.due = due
+                        call_at(due, complete, (flow, due))
 
-    def _complete(self, arg: tuple[Flow, int]) -> None:
-        flow, version = arg
-        if flow.ended or version != flow.version:
+    def _complete(self, arg: tuple[Flow, float]) -> None:
+        flow, due = arg
+        if flow.ended or due != flow.due:
+            return
+        now = self.engine.now
+        left = flow.remaining - flow.rate * (now - flow.updated)
+        if left > flow.size * 1e-9 + 1e-6:
+            # the rate dropped after this event was queued: finish later
+            flow.remaining = left
+            flow.updated = now
+            flow.due = now + left / flow.rate
+            self.engine.call_at(flow.due, self._complete, (flow, flow.due))
             return
         flow.ended = True
         flow.remaining = 0.0
-        flow.updated = self.engine.now
+        flow.updated = now
         for r in flow.resources:
             del r.flows[flow.fid]
             self._touch(r)

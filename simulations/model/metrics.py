@@ -53,6 +53,8 @@ class Tracked:
     member: int
     at: float
     knowers: set[int] = field(default_factory=set)
+    live_knowers: int = 0  # knowers that are live cells (kept by the world)
+    first_suspect: float | None = None  # "dead" events: when anyone first suspected it
     curve: list[tuple[float, float]] = field(default_factory=list)
 
 
@@ -132,11 +134,22 @@ class Metrics:
                     "t90_s": reach(0.9),
                     "t99_s": reach(0.99),
                     "t100_s": reach(1.0),
+                    "first_suspect_s": (
+                        r(t.first_suspect - t.at) if t.first_suspect is not None else None
+                    ),
                     "final_fraction": r(t.curve[-1][1]) if t.curve else 0.0,
                     "curve": [[r(a), r(b)] for a, b in _thin(t.curve)],
                 }
             )
+
+        def mean(key: str, kind: str) -> float | None:
+            xs = [e[key] for e in events if e["kind"] == kind and e[key] is not None]
+            return r(sum(xs) / len(xs)) if xs else None
+
         return {
+            "first_suspect_mean_s": mean("first_suspect_s", "dead"),
+            "dead_all_mean_s": mean("t100_s", "dead"),
+            "join_all_mean_s": mean("t100_s", "join"),
             "events": events,
             "false_dead": len(self.false_dead),
             "false_dead_first": [[r(a), b, c] for a, b, c in self.false_dead[:20]],

@@ -56,6 +56,11 @@ def _measure(goal: str, run: dict[str, Any]) -> float | None:
         if not times:
             return None
         return math.inf if None in times else max(times)
+    if goal == "first_detection_max_s":
+        times = [e["first_suspect_s"] for e in events if e["kind"] == "dead"]
+        if not times:
+            return None
+        return math.inf if None in times else max(times)
     if goal == "false_dead_max":
         return float(mem.get("false_dead", 0))
     return None

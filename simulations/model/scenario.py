@@ -26,7 +26,8 @@ A scenario file (every table is optional except [cells]):
     [[faults]]     at, kind = crash | restart | leave | join | partition | heal,
                    cells = [indices] or count = n, zones = [...] (partition)
     [goals]        completion_p99_max_s, origin_copies_max, upload_copies_max,
-                   join_converged_max_s, dead_detected_max_s, false_dead_max
+                   join_converged_max_s, first_detection_max_s, dead_detected_max_s,
+                   false_dead_max
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ GOALS = (
     "origin_copies_max",
     "upload_copies_max",
     "join_converged_max_s",
+    "first_detection_max_s",
     "dead_detected_max_s",
     "false_dead_max",
 )

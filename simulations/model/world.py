@@ -11,20 +11,40 @@ another system).
 from __future__ import annotations
 
 import random
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
+from protocol.wire import MEMBERSHIP_MESSAGES, Codec, DecodeError, Message, message_types
 from simulations.model.baselines import CentralOnly, Spegel
 from simulations.model.engine import Engine
 from simulations.model.flows import Flow
 from simulations.model.metrics import Metrics, Tracked, r
 from simulations.model.network import Network
-from simulations.model.rng import derive
+from simulations.model.rng import derive, derive_bytes
 from simulations.model.scenario import Fault, Scenario
+
+MEMBERSHIP_TYPES = frozenset(MEMBERSHIP_MESSAGES)
+WIRE_TYPES = frozenset(message_types().values())
+
+
+class _Unsealed:
+    """A message carried without encoding (its type is not in wire.py yet)."""
+
+    __slots__ = ("msg",)
+
+    def __init__(self, msg: Any) -> None:
+        self.msg = msg
+
+    def __len__(self) -> int:
+        return 100  # a typical placement datagram, for the byte counters
 
 
 class Puller(Protocol):
     def start(self, cell: int) -> None: ...
     def on_crash(self, cell: int) -> None: ...
+    def receive(self, cell: int, sender: str, msg: Any) -> None: ...
+    def member_changed(self, observer: int, member: int, state: str) -> None: ...
+    def summary(self) -> dict[str, int]: ...
 
 
 class Members(Protocol):
@@ -35,7 +55,8 @@ class Members(Protocol):
     def restart(self, cell: int) -> None: ...
     def join(self, cell: int) -> None: ...
     def leave(self, cell: int) -> None: ...
-    def live_view(self, cell: int) -> list[int]: ...
+    def live_view(self, cell: int) -> frozenset[str]: ...
+    def receive(self, cell: int, src: int, msg: Any) -> None: ...
     def summary(self) -> dict[str, object]: ...
 
 
@@ -62,8 +83,21 @@ class World:
         self.member = [i < self.n_initial for i in range(self.n_cells)]
         for i in range(self.n_initial, self.n_cells):
             self.net.alive[i] = False
+        self.names = [f"cell-{i}" for i in range(self.n_cells)]
+        self.addrs = [f"n{i}" for i in range(self.n_cells)]
+        self.node_of_name = {name: i for i, name in enumerate(self.names)}
+        self.node_of_addr = {addr: i for i, addr in enumerate(self.addrs)}
+        self.key = derive_bytes(sc.seed, "cluster-key")
+        self.codecs: list[Codec | None] = [None] * self.n_cells
+        for i in range(self.n_cells):
+            self.net.listen(i, self._receiver(i))
+        for i in range(self.n_initial):
+            self.new_codec(i)
         self._next_joiner = self.n_initial
+        self.unsealed = 0
         self._live_count = self.n_initial
+        self._pulls_scheduled = 0
+        self._pulls_lost = 0  # pulls of cells that crashed or left before completing
         self.metrics = Metrics(self.n_cells, sc.image_size)
         self._layers_done: dict[int, int] = {}
         self.members: Members = _make_members(self)
@@ -71,6 +105,48 @@ class World:
 
     def rng(self, concern: str) -> random.Random:
         return derive(self.sc.seed, f"{self.strategy}/{concern}")
+
+    def zone_name(self, cell: int) -> str:
+        return self.sc.cells.zones[self.net.zone[cell]]
+
+    # -- datagrams: every message between cells is sealed and opened by wire.py --------
+
+    def new_codec(self, cell: int) -> None:
+        """A (re)started cell's end of the wire; its counter starts from the clock, as
+        the daemon's does, so a restarted cell's datagrams are not taken as replays."""
+        now = self.engine.now
+        self.codecs[cell] = Codec(self.key, self.names[cell], now=now, first_seq=int(now * 1e6))
+
+    def send_msg(self, src: int, dst: int, msg: Message) -> None:
+        codec = self.codecs[src]
+        if codec is None or not self.net.alive[src]:
+            return
+        if type(msg) in WIRE_TYPES:
+            self.net.send(src, dst, codec.seal(msg, self.engine.now))
+        else:  # a message wire.py cannot encode yet: carried as is, counted
+            self.unsealed += 1
+            self.net.send(src, dst, _Unsealed(msg))
+
+    def _receiver(self, cell: int) -> Callable[[int, bytes], None]:
+        def receive(src: int, data: bytes) -> None:
+            codec = self.codecs[cell]
+            if codec is None:
+                return
+            if type(data) is _Unsealed:
+                if self.puller is not None:
+                    self.puller.receive(cell, self.names[src], data.msg)
+                return
+            got = codec.open(data, self.engine.now)
+            if isinstance(got, DecodeError):
+                self.metrics.count_error(got.reason.value)
+                return
+            msg = got.msg
+            if type(msg) in MEMBERSHIP_TYPES:
+                self.members.receive(cell, src, msg)
+            elif self.puller is not None:
+                self.puller.receive(cell, got.sender, msg)
+
+        return receive
 
     # -- liveness --------------------------------------------------------------------
 
@@ -91,11 +167,27 @@ class World:
             pull = self.sc.pull
             who = self.n_initial if pull.cells < 0 else pull.cells
             prng = self.rng("pull")
+            self._pulls_scheduled = who
             for cell in range(who):
                 at = pull.start + (prng.uniform(0.0, pull.spread) if pull.spread > 0 else 0.0)
                 self.engine.call_at(at, self._start_pull, cell)
-        self.engine.run(self.sc.duration)
+        self._run_until_done()
         return self.report()
+
+    def _run_until_done(self) -> None:
+        """Run to the scenario's duration, or stop early once every pull has completed
+        and no fault is still to come (a storm's baselines need hours of simulated time;
+        the membership scenarios, which pull nothing, always run their full duration)."""
+        end = self.sc.duration
+        if self.sc.pull is None:
+            self.engine.run(end)
+            return
+        last_fault = max((f.at for f in self.sc.faults), default=0.0)
+        while self.engine.now < end:
+            self.engine.run(min(end, self.engine.now + 0.5))
+            pulls_over = self._pulls_scheduled == len(self.metrics.pull_done) + self._pulls_lost
+            if pulls_over and self.engine.now >= last_fault:
+                break
 
     def report(self) -> dict[str, object]:
         m = self.metrics
@@ -113,6 +205,7 @@ class World:
                 "to_down_cell": net.dropped_down,
                 "across_partition": net.dropped_partition,
                 "protocol_errors": dict(sorted(m.protocol_errors.items())),
+                "unsealed": self.unsealed,
             },
             "membership": {**m.membership_summary(), **self.members.summary()},
             "engine": {"events": self.engine.events_run, "rebalances": net.flows.rebalances},
@@ -121,10 +214,13 @@ class World:
             out["pull"] = m.pull_summary()
             out["bytes"] = m.bytes_summary()
             out["upload"] = m.upload_summary()
+            if self.puller is not None:
+                out["strategy"] = self.puller.summary()
         return out
 
     def _start_pull(self, cell: int) -> None:
         if not self.is_live(cell) or self.puller is None:
+            self._pulls_lost += 1
             return
         self.metrics.pull_started[cell] = self.engine.now
         self._layers_done[cell] = 0
@@ -168,20 +264,26 @@ class World:
             m.false_dead.append((self.engine.now, observer, member))
         elif state == "suspect" and actually_up:
             m.false_suspect += 1
+        if self.puller is not None:
+            self.puller.member_changed(observer, member, state)
         for t in m.tracked:
             if t.member != member:
                 continue
+            if t.kind == "dead" and state != "alive" and t.first_suspect is None:
+                t.first_suspect = self.engine.now
             knows = state == "alive" if t.kind == "join" else state == "dead"
             if knows and observer not in t.knowers:
                 t.knowers.add(observer)
+                t.live_knowers += self.is_live(observer)
                 self._record(t)
             elif not knows and observer in t.knowers:
                 t.knowers.discard(observer)
+                t.live_knowers -= self.is_live(observer)
                 self._record(t)
 
     def _record(self, t: Tracked) -> None:
         observers = self._observers(t.member)
-        have = sum(1 for c in t.knowers if self.is_live(c))
+        have = t.live_knowers
         t.curve.append((self.engine.now, have / observers if observers else 1.0))
 
     def _observers(self, member: int) -> int:
@@ -200,7 +302,24 @@ class World:
         self._recount()
 
     def _recount(self) -> None:
+        """Liveness changed (a fault): recount the live cells, and the live knowers of
+        every followed event (a knower that crashed no longer counts)."""
         self._live_count = sum(1 for c in range(self.n_cells) if self.is_live(c))
+        for t in self.metrics.tracked:
+            live = sum(1 for c in t.knowers if self.is_live(c))
+            if live != t.live_knowers:
+                t.live_knowers = live
+                self._record(t)
+
+    def left(self, cell: int) -> None:
+        """A leaving cell has gossiped its leave: it stops."""
+        self.net.crash(cell)
+        self.codecs[cell] = None
+
+    def _pull_lost(self, cell: int) -> None:
+        m = self.metrics
+        if cell in m.pull_started and cell not in m.pull_done:
+            self._pulls_lost += 1
 
     def _apply(self, fault: Fault) -> None:
         kind = fault.kind
@@ -229,6 +348,7 @@ class World:
         for cell in fault.cells:
             if kind == "crash" and self.is_live(cell):
                 self._track("dead", cell)
+                self._pull_lost(cell)
                 self.net.crash(cell)
                 self._recount()
                 self.members.crash(cell)
@@ -236,14 +356,15 @@ class World:
                     self.puller.on_crash(cell)
             elif kind == "leave" and self.is_live(cell):
                 self._track("dead", cell)
-                self.members.leave(cell)
+                self._pull_lost(cell)
                 self.member[cell] = False
-                self.net.crash(cell)
                 self._recount()
                 if self.puller is not None:
                     self.puller.on_crash(cell)
+                self.members.leave(cell)  # gossips its leave, then calls left()
             elif kind == "restart" and not self.net.alive[cell]:
                 self.net.restart(cell)
+                self.new_codec(cell)
                 self.member[cell] = True
                 self._recount()
                 self._track("join", cell)
@@ -256,11 +377,13 @@ class StaticMembership:
 
     def __init__(self, world: World) -> None:
         self.w = world
+        self._view: frozenset[str] | None = None
 
     def start(self) -> None:
         pass
 
     def _announce(self, member: int, state: str) -> None:
+        self._view = None
         for c in self.w.live_cells():
             if c != member:
                 self.w.view_changed(c, member, state)
@@ -268,22 +391,30 @@ class StaticMembership:
     def crash(self, cell: int) -> None:
         self._announce(cell, "dead")
 
-    leave = crash
+    def leave(self, cell: int) -> None:
+        self._announce(cell, "dead")
+        self.w.left(cell)
+
+    def receive(self, cell: int, src: int, msg: Any) -> None:
+        pass
 
     def restart(self, cell: int) -> None:
         self._announce(cell, "alive")
 
     join = restart
 
-    def live_view(self, cell: int) -> list[int]:
-        return self.w.live_cells()
+    def live_view(self, cell: int) -> frozenset[str]:
+        if self._view is None:
+            self._view = frozenset(self.w.names[c] for c in self.w.live_cells())
+        return self._view
 
     def summary(self) -> dict[str, object]:
         return {"mode": "static"}
 
 
 def _make_members(world: World) -> Members:
-    if world.sc.membership_mode == "static":
+    # The baselines model other systems, whose membership is not what is compared.
+    if world.sc.membership_mode == "static" or world.strategy != "celld":
         return StaticMembership(world)
     from simulations.model.swim import SwimMembership
 

@@ -1,0 +1,52 @@
+"""`python -m simulations run` writes report.json and the plots an operator looks at."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCENARIOS = Path(__file__).resolve().parents[2] / "simulations" / "scenarios"
+ROOT = SCENARIOS.parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "simulations", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_writes_report_and_plots_for_a_storm(tmp_path: Path) -> None:
+    out = tmp_path / "storm"
+    proc = _run("run", str(SCENARIOS / "tiny_storm.toml"), "--out", str(out), "--seed", "5")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["scenario"]["seed"] == 5
+    assert set(report["runs"]) == {"celld", "central-only", "spegel"}
+    for name in ("completion_cdf.png", "bytes_by_source.png", "upload_per_cell.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000, name
+    assert "celld" in proc.stdout and "p99" in proc.stdout
+
+
+def test_cli_draws_membership_convergence(tmp_path: Path) -> None:
+    out = tmp_path / "members"
+    proc = _run("run", str(SCENARIOS / "tiny_membership.toml"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "membership_convergence.png").read_bytes().startswith(PNG)
+    assert json.loads((out / "report.json").read_text())["runs"]["celld"]["membership"]["events"]
+
+
+def test_cli_explains_a_bad_scenario(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[cells]\ncount = 3\nupload = "very fast"\n')
+    proc = _run("run", str(bad), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert "cells.upload" in proc.stderr
+    assert not (tmp_path / "out" / "report.json").exists()
