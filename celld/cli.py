@@ -29,7 +29,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load_config(path: Path | None) -> config_mod.Config:
     try:
-        return config_mod.load(path)
+        cfg = config_mod.load(path)
+        config_mod.load_cluster_key(cfg)
+        return cfg
     except config_mod.ConfigError as exc:
         where = f"{path}: " if path else ""
         print(f"celld: {where}{exc}", file=sys.stderr)

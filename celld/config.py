@@ -66,6 +66,7 @@ class Config:
     key_file: Path | None = None
     connect_timeout: float = 2.0
     source_retry_after: float = 30.0
+    platform: str = "linux/amd64"  # the image staging picks out of an index
 
     def upstream(self, ns: str | None) -> UpstreamConfig | None:
         return self.upstreams.get(ns or "docker.io")
@@ -73,6 +74,15 @@ class Config:
     @property
     def admin_socket(self) -> Path:
         return self.data_dir / "admin.sock"
+
+
+def default_platform() -> str:
+    """This machine's platform in OCI spelling (x86_64 -> amd64, aarch64 -> arm64)."""
+    machine = os.uname().machine.lower()
+    arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm/v7", "i686": "386"}.get(
+        machine, machine
+    )
+    return f"linux/{arch}"
 
 
 def default_data_dir() -> Path:
@@ -159,7 +169,10 @@ def from_dict(doc: dict) -> Config:
         "",
     )
     cell = _table(doc, "cell")
-    _check_keys(cell, {"name", "data_dir"}, "cell.")
+    _check_keys(cell, {"name", "data_dir", "platform"}, "cell.")
+    platform = _str(cell, "platform", "cell.", default_platform()) or default_platform()
+    if not re.fullmatch(r"[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?", platform):
+        raise ConfigError(f"cell.platform: expected os/arch[/variant], got {platform!r}")
     name = _str(cell, "name", "cell.", socket.gethostname()) or "cell"
     data_dir = Path(_str(cell, "data_dir", "cell.", str(default_data_dir())) or "").expanduser()
 
@@ -240,6 +253,7 @@ def from_dict(doc: dict) -> Config:
         key_file=Path(key_file) if key_file else None,
         connect_timeout=connect_timeout,
         source_retry_after=retry_after,
+        platform=platform,
     )
 
 
@@ -256,3 +270,22 @@ def load(path: Path | None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}") from None
     return from_dict(doc)
+
+
+def load_cluster_key(config: Config) -> bytes | None:
+    """The cluster key (32 bytes, hex in its file), or None when none is configured."""
+    if config.key_file is None:
+        return None
+    try:
+        text = config.key_file.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"cluster.key_file: cannot read {config.key_file}: {exc.strerror}"
+        ) from None
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise ConfigError("cluster.key_file: expected 32 bytes written as 64 hex digits")
+    return key

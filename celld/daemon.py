@@ -8,6 +8,7 @@ metrics listener, bookkeeping.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 from dataclasses import dataclass
@@ -16,10 +17,12 @@ import httpx
 import trio
 
 from celld import http as http_server
-from celld.config import Config
+from celld.admin import MAX_BODY, Admin, parse_platform
+from celld.config import Config, load_cluster_key
 from celld.metrics import Metrics
 from celld.mirror import Mirror
 from celld.sources import Sources
+from celld.stage import Stager
 from celld.store import Store
 
 log = logging.getLogger("celld")
@@ -45,11 +48,13 @@ def _address(listeners: list[trio.SocketListener]) -> tuple[str, int]:
 
 async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cluster_key = load_cluster_key(config)
     store = await trio.to_thread.run_sync(Store.open, config.data_dir)
+    store.max_bytes = config.max_bytes
     try:
         metrics = Metrics()
         metrics.store_bytes.set(store.total_bytes())
-        metrics.store_blobs.set(len(store.entries()))
+        metrics.store_blobs.set(len(store))
         timeout = httpx.Timeout(30.0, connect=config.connect_timeout)
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
         async with (
@@ -57,7 +62,9 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
             trio.open_nursery() as nursery,
         ):
             sources = Sources(config, store, metrics, nursery, client)
-            mirror = Mirror(sources, store, metrics)
+            mirror = Mirror(sources, store, metrics, cluster_key)
+            stager = Stager(config, store, sources, client, cluster_key)
+            admin = Admin(config, store, stager, metrics, parse_platform(config.platform))
             listen = config.mirror_listen
             listeners = await nursery.start(
                 http_server.serve, listen.host, listen.port, mirror.handle
@@ -69,6 +76,11 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
                     http_server.serve, ml.host, ml.port, metrics.handle
                 )
                 metrics_addr = _address(mlisteners)
+            await nursery.start(
+                functools.partial(http_server.serve_unix, max_body=MAX_BODY),
+                config.admin_socket,
+                admin.handle,
+            )
             nursery.start_soon(_bookkeeping, store)
             running = Running(_address(listeners), metrics_addr, store, sources, metrics)
             log.info(

@@ -20,7 +20,7 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -89,9 +89,11 @@ class FileRange:
 
 @dataclass(frozen=True)
 class Streamed:
-    """A body of unknown length, sent chunked as the iterator yields (progress)."""
+    """A body of unknown length, sent chunked as `produce` calls its `send`
+    (progress). A callback, not an async generator, so the producer may run
+    nurseries and cancel scopes of its own."""
 
-    chunks: AsyncIterator[bytes]
+    produce: Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]]
 
 
 @dataclass
@@ -299,9 +301,12 @@ async def _send_response(
         await out.send_bytes(conn.send(h11.Response(status_code=response.status, headers=headers)))
         header_end = out.sent
         if not head and isinstance(body, Streamed):
-            async for chunk in body.chunks:
+
+            async def send_chunk(chunk: bytes) -> None:
                 if chunk:
                     await out.send_bytes(conn.send(h11.Data(data=chunk)))
+
+            await body.produce(send_chunk)
         elif not head and response.length:
             if isinstance(body, bytes):
                 await out.send_bytes(conn.send(h11.Data(data=body)))

@@ -66,6 +66,14 @@ class Metrics:
             "Tags answered from the last known digest because no source answered",
             registry=r,
         )
+        self.evictions = Counter(
+            "celld_store_evictions", "Blobs evicted to keep the store under max_bytes", registry=r
+        )
+        self.unauthorized = Counter(
+            "celld_mirror_unauthorized",
+            "Requests for private content without a valid pull token",
+            registry=r,
+        )
         self.store_bytes = Gauge("celld_store_bytes", "Bytes of verified blobs stored", registry=r)
         self.store_blobs = Gauge("celld_store_blobs", "Verified blobs stored", registry=r)
 

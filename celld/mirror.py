@@ -13,13 +13,17 @@ from __future__ import annotations
 import os
 import time
 
+import trio
+
 from celld.http import FileRange, Output, Request, Response
 from celld.metrics import Metrics
 from celld.sources import Fetch, FetchFailed, Sources
 from celld.store import BlobEntry, Store
+from protocol.auth import PullGrant, token_from_authorization, verify_pull_token
 from protocol.errors import OCIError, oci_error
-from protocol.manifest import negotiate
+from protocol.manifest import negotiate, parse_manifest
 from protocol.ranges import ByteRange, Unsatisfiable, parse_range
+from protocol.reference import Digest
 from protocol.routes import ApiBase, BlobRoute, ManifestRoute, route
 
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
@@ -71,11 +75,62 @@ async def _open_fetched(fetch: Fetch) -> int:
         return os.open(fetch.entry.path, os.O_RDONLY | os.O_CLOEXEC)
 
 
+def _unauthorized(detail: str) -> OCIError:
+    """401 with the Basic challenge runtimes answer with their pull token."""
+    return oci_error(
+        "UNAUTHORIZED",
+        detail=detail,
+        message="this content is private: present the app's pull token",
+        headers=(("WWW-Authenticate", 'Basic realm="celld"'),),
+    )
+
+
 class Mirror:
-    def __init__(self, sources: Sources, store: Store, metrics: Metrics) -> None:
+    def __init__(
+        self, sources: Sources, store: Store, metrics: Metrics, cluster_key: bytes | None = None
+    ) -> None:
         self.sources = sources
         self.store = store
         self.metrics = metrics
+        self.cluster_key = cluster_key
+        self._children: dict[str, frozenset[str]] = {}
+
+    # -- private content ---------------------------------------------------
+
+    def _grant(self, request: Request) -> PullGrant | None:
+        token = token_from_authorization(request.header(b"authorization"))
+        if token is None or self.cluster_key is None:
+            return None
+        return verify_pull_token(self.cluster_key, token)
+
+    async def _needs(self, manifest_digest: str) -> frozenset[str]:
+        """Every digest an image's manifest names (memoised: manifests never change)."""
+        known = self._children.get(manifest_digest)
+        if known is not None:
+            return known
+        entry = self.store.lookup(manifest_digest)
+        if entry is None or not entry.media_type:
+            return frozenset()
+        data = await trio.to_thread.run_sync(entry.path.read_bytes)
+        manifest = parse_manifest(data, entry.media_type)
+        children = frozenset(str(d.digest) for d in (*manifest.blobs, *manifest.manifests))
+        self._children[manifest_digest] = children
+        return children
+
+    async def _grants(self, grant: PullGrant | None, digest: str) -> bool:
+        """Does the token open `digest`: the pinned manifest, or a blob it names?"""
+        if grant is None:
+            return False
+        return digest == grant.manifest or digest in await self._needs(grant.manifest)
+
+    async def _check_private(self, grant: PullGrant | None, digest: str) -> None:
+        scopes = self.store.private_scopes(digest)
+        if not scopes:
+            return
+        if grant is not None and grant.scope in scopes and await self._grants(grant, digest):
+            return
+        self.metrics.unauthorized.inc()
+        raise _unauthorized("no valid pull token for this private content")
 
     async def handle(self, request: Request) -> Response:
         kind = "other"
@@ -100,7 +155,16 @@ class Mirror:
         return response
 
     async def _manifest(self, request: Request, target: ManifestRoute) -> Response:
-        result = await self.sources.manifest(target.name, target.reference, target.ns)
+        grant = self._grant(request)
+        scope = None
+        if isinstance(target.reference, Digest):
+            digest = str(target.reference)
+            if self.store.lookup(digest) is not None:
+                await self._check_private(grant, digest)
+            elif grant is not None and digest == grant.manifest:
+                scope = grant.scope
+        result = await self.sources.manifest(target.name, target.reference, target.ns, scope=scope)
+        await self._check_private(grant, result.digest)
         if not negotiate(request.header_values(b"accept") or None, result.media_type):
             raise oci_error(
                 "MANIFEST_UNKNOWN",
@@ -115,7 +179,14 @@ class Mirror:
         return Response(200, headers, result.data)
 
     async def _blob(self, request: Request, target: BlobRoute) -> Response:
-        found = self.sources.blob(target.name, target.digest, target.ns)
+        grant = self._grant(request)
+        digest = str(target.digest)
+        scope = None
+        if self.store.lookup(digest) is not None:
+            await self._check_private(grant, digest)
+        elif await self._grants(grant, digest):
+            scope = grant.scope
+        found = self.sources.blob(target.name, target.digest, target.ns, scope=scope)
         if isinstance(found, Fetch):
             await found.wait_started()
             if found.size is None or found.entry is not None:
@@ -126,6 +197,7 @@ class Mirror:
             if found.entry is not None:
                 found = found.entry
         if isinstance(found, BlobEntry):
+            await self._check_private(grant, found.digest)
             return self._stored_blob(request, found)
         size = found.size
         assert size is not None
@@ -133,7 +205,17 @@ class Mirror:
 
     def _stored_blob(self, request: Request, entry: BlobEntry) -> Response:
         self.store.touch(entry.digest, time.time())
-        return self._ranged(request, entry.digest, entry.size, "store", entry, None)
+        response = self._ranged(request, entry.digest, entry.size, "store", entry, None)
+        self.store.acquire(entry.digest)
+        counted = response.on_done
+
+        def done(sent: int) -> None:
+            self.store.release(entry.digest)
+            if counted is not None:
+                counted(sent)
+
+        response.on_done = done
+        return response
 
     def _ranged(
         self,

@@ -26,6 +26,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import blake3
 import httpx
 import trio
 
@@ -42,7 +43,7 @@ from celld.registry import (
 )
 from celld.store import BlobEntry, BlobWriter, DigestMismatch, Store
 from protocol.errors import OCIError, oci_error
-from protocol.manifest import UPSTREAM_ACCEPT
+from protocol.manifest import MAX_MANIFEST_BYTES, UPSTREAM_ACCEPT, parse_manifest
 from protocol.reference import Digest
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,13 @@ _OUTCOMES: tuple[tuple[type[Exception], str], ...] = (
 )
 
 
+def private_repo(scope: str, ns: str, name: str) -> str:
+    """Where central registries keep an app's private image: under a path of its
+    own, so a request without the app's pull token never looks there."""
+    tag = blake3.blake3(scope.encode()).hexdigest()[:16]
+    return f"private/{tag}/{central_repo(ns, name)}"
+
+
 def service_credentials(reg: RegistryConfig) -> Credentials | None:
     """The platform's own account on a central registry, read once at startup."""
     if reg.username is None or reg.password_file is None:
@@ -88,6 +96,7 @@ class Source:
     label: str  # for logs and the index: "registry:<url>", "upstream:<ns>"
     client: RegistryClient
     repo: str
+    scope: str | None = None  # content from here is private to this app scope
 
 
 @dataclass
@@ -217,18 +226,38 @@ class Sources:
 
     # -- the chain ---------------------------------------------------------
 
-    def _chain(self, name: str, ns: str | None) -> list[Source]:
+    def _chain(self, name: str, ns: str | None, scope: str | None = None) -> list[Source]:
+        """Central registries in order (an app's private copies first, when the
+        request carries its pull token), then the upstream named by `ns`."""
         ns = ns or "docker.io"
         now = self.clock()
-        chain = [
-            Source("registry", f"registry:{url}", client, central_repo(ns, name))
+        live = [
+            (url, client)
             for url, client in self._central
             if self._health.get(url, Health()).down_until <= now
+        ]
+        chain = []
+        if scope is not None:
+            chain += [
+                Source("registry", f"registry:{url}", client, private_repo(scope, ns, name), scope)
+                for url, client in live
+            ]
+        chain += [
+            Source("registry", f"registry:{url}", client, central_repo(ns, name))
+            for url, client in live
         ]
         upstream = self._upstreams.get(ns)
         if upstream is not None:
             chain.append(Source("upstream", f"upstream:{ns}", upstream, name))
         return chain
+
+    def central(self) -> list[tuple[str, RegistryClient]]:
+        """The central registries in order, with the platform's credentials."""
+        return list(self._central)
+
+    def upstream_url(self, ns: str) -> str | None:
+        up = self.config.upstreams.get(ns)
+        return up.url if up else None
 
     def _check_ns(self, ns: str | None) -> None:
         if (ns or "docker.io") not in self._upstreams:
@@ -263,8 +292,21 @@ class Sources:
 
     # -- blobs -------------------------------------------------------------
 
-    def blob(self, name: str, digest: Digest, ns: str | None) -> BlobEntry | Fetch:
-        """The stored blob, or the fetch (new or joined) that will bring it."""
+    def blob(
+        self,
+        name: str,
+        digest: Digest | str,
+        ns: str | None,
+        *,
+        scope: str | None = None,
+        via: Source | None = None,
+    ) -> BlobEntry | Fetch:
+        """The stored blob, or the fetch (new or joined) that will bring it.
+
+        `scope`: the request carries that app's pull token, so its private copies
+        in the central registries are tried first. `via`: fetch from this source
+        only (staging, with the user's credentials).
+        """
         key = str(digest)
         entry = self.store.lookup(key)
         if entry is not None:
@@ -273,16 +315,18 @@ class Sources:
         if fetch is not None:
             self.metrics.singleflight_joins.inc()
             return fetch
-        self._check_ns(ns)
+        if via is None:
+            self._check_ns(ns)
+        chain = [via] if via is not None else self._chain(name, ns, scope)
         fetch = Fetch(key)
         self._fetches[key] = fetch
-        self.nursery.start_soon(self._run_fetch, fetch, name, ns)
+        self.nursery.start_soon(self._run_fetch, fetch, chain)
         return fetch
 
-    async def _run_fetch(self, fetch: Fetch, name: str, ns: str | None) -> None:
+    async def _run_fetch(self, fetch: Fetch, chain: list[Source]) -> None:
         misses = Misses()
         try:
-            for source in self._chain(name, ns):
+            for source in chain:
                 try:
                     await self._fetch_from(fetch, source)
                     self._source_ok(source)
@@ -307,6 +351,9 @@ class Sources:
 
     async def _fetch_from(self, fetch: Fetch, source: Source) -> None:
         async with source.client.open_blob(source.repo, fetch.digest) as response:
+            if response.size:
+                evicted = await trio.to_thread.run_sync(self.store.make_room, response.size)
+                self._evicted(evicted)
             writer = self.store.new_writer(fetch.digest, source=source.label)
             try:
                 fetch.size = response.size
@@ -320,11 +367,20 @@ class Sources:
             except BaseException:
                 writer.abort()
                 raise
+        if source.scope is not None:
+            await trio.to_thread.run_sync(self.store.mark_private, entry.digest, source.scope)
         self.metrics.fetches.labels(source.kind, "ok").inc()
         self.metrics.fetched_bytes.labels(source.kind).inc(entry.size)
         self.metrics.store_bytes.inc(entry.size)
         self.metrics.store_blobs.inc()
         fetch.entry = entry
+
+    def _evicted(self, entries: list[BlobEntry]) -> None:
+        for entry in entries:
+            log.info("evicted %s (%d bytes, least recently used)", entry.digest, entry.size)
+            self.metrics.evictions.inc()
+            self.metrics.store_bytes.dec(entry.size)
+            self.metrics.store_blobs.dec()
 
     async def _copy(self, fetch: Fetch, writer: BlobWriter, chunks: AsyncIterator[bytes]) -> None:
         """Moves bytes to disk as they arrive, hashing as it goes.
@@ -353,7 +409,11 @@ class Sources:
 
     # -- manifests ---------------------------------------------------------
 
-    async def manifest(self, name: str, reference: str | Digest, ns: str | None) -> ManifestResult:
+    async def manifest(
+        self, name: str, reference: str | Digest, ns: str | None, *, scope: str | None = None
+    ) -> ManifestResult:
+        """A manifest by digest (from the store when cached) or by tag (resolved
+        upstream, or the last known digest when no source answers)."""
         if isinstance(reference, Digest):
             key = str(reference)
             entry = self.store.lookup(key)
@@ -364,7 +424,7 @@ class Sources:
                 entry = self.store.lookup(key)
                 if entry is not None:
                     return await self._stored_manifest(entry)
-                return await self._fetch_manifest_by_digest(name, key, ns)
+                return await self._fetch_manifest_by_digest(name, key, ns, scope)
         self._check_ns(ns)
         async with self._flight(("tag", ns, name, reference)):
             return await self._resolve_tag(name, reference, ns)
@@ -384,10 +444,18 @@ class Sources:
             event.set()
 
     async def _stored_manifest(self, entry: BlobEntry, source: str = "store") -> ManifestResult:
-        if not entry.media_type:  # a layer or config, not a manifest
+        if entry.size > MAX_MANIFEST_BYTES:
             raise oci_error("MANIFEST_UNKNOWN", detail=entry.digest)
         data = await trio.to_thread.run_sync(entry.path.read_bytes)
-        return ManifestResult(entry.media_type or "", data, entry.digest, source)
+        media_type = entry.media_type
+        if not media_type:
+            # A layer, a config, or a manifest re-indexed after a crash (which
+            # loses its media type): only a parseable manifest is one.
+            try:
+                media_type = parse_manifest(data, None).media_type
+            except OCIError:
+                raise oci_error("MANIFEST_UNKNOWN", detail=entry.digest) from None
+        return ManifestResult(media_type, data, entry.digest, source)
 
     async def _get_manifest(
         self, source: Source, ref: str, misses: Misses
@@ -401,10 +469,10 @@ class Sources:
         return got
 
     async def _fetch_manifest_by_digest(
-        self, name: str, digest: str, ns: str | None
+        self, name: str, digest: str, ns: str | None, scope: str | None
     ) -> ManifestResult:
         misses = Misses()
-        for source in self._chain(name, ns):
+        for source in self._chain(name, ns, scope):
             got = await self._get_manifest(source, digest, misses)
             if got is None:
                 continue
@@ -423,6 +491,8 @@ class Sources:
                 self.store.put_bytes, digest, data, media_type=media_type, source=source.label
             )
             entry = await trio.to_thread.run_sync(put)
+            if source.scope is not None:
+                await trio.to_thread.run_sync(self.store.mark_private, digest, source.scope)
             self.metrics.store_bytes.inc(entry.size)
             self.metrics.store_blobs.inc()
             self.metrics.fetches.labels(source.kind, "ok").inc()

@@ -39,6 +39,7 @@ data_dir at a time (an ``flock`` on ``data_dir/lock``), because open empties ``t
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -52,7 +53,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -77,6 +78,20 @@ class BlobEntry:
     path: Path
     media_type: str | None  # set for manifests (the daemon stores manifests as blobs too)
     source: str | None  # "upstream:docker.io", "registry:<url>", "peer:<cell>"
+
+
+@dataclass(frozen=True)
+class Pin:
+    """An app pinned to one image digest by staging."""
+
+    app: str
+    image: str  # as staged: "docker.io/acme/shop:2.1"
+    ns: str
+    name: str
+    digest: str  # the manifest digest runtimes pull
+    size: int  # manifest + config + layers
+    staged_at: float
+    private: bool
 
 
 class DigestMismatch(Exception):
@@ -282,6 +297,11 @@ class Store:
         self._entries: dict[str, BlobEntry] = {}
         self._total = 0
         self._pending_access: dict[str, float] = {}
+        self._pins: dict[str, Pin] = {}
+        self._pinned: dict[str, set[str]] = {}  # digest -> apps whose pin needs it
+        self._private: dict[str, frozenset[str]] = {}  # digest -> app scopes
+        self._in_use: collections.Counter[str] = collections.Counter()
+        self.max_bytes: int | None = None
         self._seq = itertools.count()
         self._lock_fd: int | None = None
         self._conn: sqlite3.Connection | None = None
@@ -347,35 +367,60 @@ class Store:
         db.enable_wal()
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=5000")
-        with db.atomic():
-            db["blobs"].create(
-                {
-                    "digest": str,
-                    "size": int,
-                    "media_type": str,
-                    "source": str,
-                    "created_at": float,
-                    "last_access": float,
-                },
-                pk="digest",
-                not_null={"size", "created_at", "last_access"},
-                if_not_exists=True,
-            )
-            db["tags"].create(
-                {"ns": str, "name": str, "tag": str, "digest": str, "updated_at": float},
-                pk=("ns", "name", "tag"),
-                not_null={"digest", "updated_at"},
-                if_not_exists=True,
-            )
-            # Issue 3 pins apps to manifest digests; the table exists so that adding the
-            # feature needs no migration of stores already in the field.
-            db["pins"].create(
-                {"app": str, "digest": str, "staged_at": float},
-                pk="app",
-                not_null={"digest", "staged_at"},
-                if_not_exists=True,
-            )
-            db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+        # Each statement commits on its own: sqlite-utils 3.x commits inside create(), so
+        # these must not run in a transaction of ours (all of them are idempotent).
+        db["blobs"].create(
+            {
+                "digest": str,
+                "size": int,
+                "media_type": str,
+                "source": str,
+                "created_at": float,
+                "last_access": float,
+            },
+            pk="digest",
+            not_null={"size", "created_at", "last_access"},
+            if_not_exists=True,
+        )
+        db["tags"].create(
+            {"ns": str, "name": str, "tag": str, "digest": str, "updated_at": float},
+            pk=("ns", "name", "tag"),
+            not_null={"digest", "updated_at"},
+            if_not_exists=True,
+        )
+        # An app pinned to one image digest, and every digest that image needs.
+        db["pins"].create(
+            {
+                "app": str,
+                "digest": str,
+                "staged_at": float,
+                "image": str,
+                "ns": str,
+                "name": str,
+                "size": int,
+                "private": int,
+            },
+            pk="app",
+            not_null={"digest", "staged_at"},
+            if_not_exists=True,
+        )
+        for column, kind in (
+            ("image", str),
+            ("ns", str),
+            ("name", str),
+            ("size", int),
+            ("private", int),
+        ):
+            if column not in db["pins"].columns_dict:
+                db["pins"].add_column(column, kind)
+        db["pin_blobs"].create(
+            {"app": str, "digest": str}, pk=("app", "digest"), if_not_exists=True
+        )
+        # Content fetched with an app's credentials: served only with its pull token.
+        db["private"].create(
+            {"digest": str, "scope": str}, pk=("digest", "scope"), if_not_exists=True
+        )
+        db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
 
     def _recover(self) -> None:
         tmp_removed = 0
@@ -386,7 +431,7 @@ class Store:
         rows_dropped = rows_repaired = files_indexed = 0
         entries: dict[str, BlobEntry] = {}
         db = self._db_()
-        with self._lock, db.atomic():
+        with self._lock, self._transaction():
             for row in list(db.query("select * from blobs")):
                 digest = row["digest"]
                 hex_ = _DIGEST_RE.fullmatch(digest) if isinstance(digest, str) else None
@@ -415,24 +460,41 @@ class Store:
                     continue
                 mtime = path.stat().st_mtime
                 digest = "sha256:" + hex_
-                db["blobs"].insert(
-                    {
-                        "digest": digest,
-                        "size": size,
-                        "media_type": None,
-                        "source": None,
-                        "created_at": mtime,
-                        "last_access": mtime,
-                    },
-                    replace=True,
-                )
-                entries[digest] = BlobEntry(digest, size, path, None, None)
+                entry = BlobEntry(digest, size, path, None, None)
+                self._index_insert(entry, mtime)
+                entries[digest] = entry
                 files_indexed += 1
             self._entries = entries
             self._total = sum(e.size for e in entries.values())
         self.recovery = RecoveryReport(
             tmp_removed, rows_dropped, files_indexed, files_removed, rows_repaired
         )
+        self._load_pins_and_marks()
+
+    def _load_pins_and_marks(self) -> None:
+        db = self._db_()
+        with self._lock:
+            self._pins = {
+                row["app"]: Pin(
+                    app=row["app"],
+                    image=row["image"] or "",
+                    ns=row["ns"] or "",
+                    name=row["name"] or "",
+                    digest=row["digest"],
+                    size=row["size"] or 0,
+                    staged_at=row["staged_at"],
+                    private=bool(row["private"]),
+                )
+                for row in db.query("select * from pins")
+            }
+            pinned: dict[str, set[str]] = {}
+            for row in db.query("select app, digest from pin_blobs"):
+                pinned.setdefault(row["digest"], set()).add(row["app"])
+            self._pinned = pinned
+            private: dict[str, set[str]] = {}
+            for row in db.query("select digest, scope from private"):
+                private.setdefault(row["digest"], set()).add(row["scope"])
+            self._private = {d: frozenset(s) for d, s in private.items()}
 
     def _scan_blob_files(self) -> tuple[dict[str, int], int]:
         """{hex: size} of well-formed blob files; everything else under blobs/ is removed."""
@@ -591,17 +653,16 @@ class Store:
         return entry
 
     def _index_insert(self, entry: BlobEntry, now: float) -> None:
-        """Insert the row of a blob whose file is already in place (called under the lock)."""
-        self._db_()["blobs"].insert(
-            {
-                "digest": entry.digest,
-                "size": entry.size,
-                "media_type": entry.media_type,
-                "source": entry.source,
-                "created_at": now,
-                "last_access": now,
-            },
-            replace=True,
+        """Insert the row of a blob whose file is already in place (called under the lock).
+
+        Plain SQL rather than ``table.insert``: sqlite-utils 3.x would commit the transaction
+        that recovery runs this in.
+        """
+        self._db_().conn.execute(
+            "insert or replace into blobs"
+            " (digest, size, media_type, source, created_at, last_access)"
+            " values (?, ?, ?, ?, ?, ?)",
+            [entry.digest, entry.size, entry.media_type, entry.source, now, now],
         )
 
     def delete(self, digest: str) -> None:
@@ -620,6 +681,8 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 self._final_path(hex_).unlink()
             self._index_delete(digest)
+            if self._private.pop(digest, None) is not None:
+                self._db_().execute("delete from private where digest = ?", [digest])
 
     def _index_delete(self, digest: str) -> None:
         """Drop the row of a blob whose file is already gone (called under the lock)."""
@@ -635,7 +698,7 @@ class Store:
             return
         with self._lock:
             db = self._db_()
-            with db.atomic():
+            with self._transaction():
                 db.conn.executemany(
                     "update blobs set last_access = max(last_access, ?) where digest = ?",
                     [(t, d) for d, t in pending.items()],
@@ -673,6 +736,139 @@ class Store:
             )
         return rows[0]["digest"] if rows else None
 
+    # ---- pins, privacy and eviction ---------------------------------------------------------
+
+    def pin(self, pin: Pin, digests: Iterable[str]) -> Pin | None:
+        """Pin ``pin.app`` to ``pin.digest``, protecting ``digests`` (the image's manifests
+        and blobs) from eviction; returns the app's previous pin, if any."""
+        needed = sorted(set(digests) | {pin.digest})
+        with self._lock, self._transaction():
+            db = self._db_()
+            previous = self._pins.get(pin.app)
+            db.execute("delete from pin_blobs where app = ?", [pin.app])
+            db["pins"].insert(
+                {**dataclasses.asdict(pin), "private": int(pin.private)}, replace=True
+            )
+            db["pin_blobs"].insert_all(
+                [{"app": pin.app, "digest": d} for d in needed], replace=True
+            )
+            for apps in self._pinned.values():
+                apps.discard(pin.app)
+            for d in needed:
+                self._pinned.setdefault(d, set()).add(pin.app)
+            self._pinned = {d: apps for d, apps in self._pinned.items() if apps}
+            self._pins[pin.app] = pin
+        return previous
+
+    def unpin(self, app: str) -> Pin | None:
+        """Remove an app's pin (its blobs stay, now evictable); None if it had none."""
+        with self._lock, self._transaction():
+            pin = self._pins.pop(app, None)
+            if pin is None:
+                return None
+            db = self._db_()
+            db.execute("delete from pins where app = ?", [app])
+            db.execute("delete from pin_blobs where app = ?", [app])
+            for apps in self._pinned.values():
+                apps.discard(app)
+            self._pinned = {d: apps for d, apps in self._pinned.items() if apps}
+        return pin
+
+    def pins(self) -> list[Pin]:
+        return sorted(self._pins.copy().values(), key=lambda p: p.app)
+
+    def pinned_by(self, digest: str) -> tuple[str, ...]:
+        """The apps whose pin needs ``digest``. Memory only."""
+        return tuple(sorted(self._pinned.get(digest, ())))
+
+    def pinned_bytes(self, excluding: str | None = None) -> int:
+        """Bytes of stored blobs some pin needs (other than ``excluding``'s alone)."""
+        total = 0
+        for digest, apps in self._pinned.copy().items():
+            if apps - {excluding} and (entry := self._entries.get(digest)) is not None:
+                total += entry.size
+        return total
+
+    def mark_private(self, digest: str, scope: str) -> None:
+        """Record that ``digest`` was fetched with ``scope``'s credentials."""
+        with self._lock:
+            scopes = self._private.get(digest, frozenset())
+            if scope in scopes:
+                return
+            self._db_()["private"].insert({"digest": digest, "scope": scope}, replace=True)
+            self._private[digest] = scopes | {scope}
+
+    def private_scopes(self, digest: str) -> frozenset[str]:
+        """The app scopes that may read ``digest``; empty for public content. Memory only."""
+        return self._private.get(digest, frozenset())
+
+    def acquire(self, digest: str) -> None:
+        """Keeps ``digest`` from eviction while a response serves it; pair with release."""
+        self._in_use[digest] += 1
+
+    def release(self, digest: str) -> None:
+        self._in_use[digest] -= 1
+        if self._in_use[digest] <= 0:
+            del self._in_use[digest]
+
+    def _evictable(self, older_than: float | None = None) -> list[BlobEntry]:
+        """Unpinned, unserved blobs, least recently used first (call under no lock)."""
+        self.flush_access()
+        with self._lock:
+            rows = list(
+                self._db_().query("select digest, last_access from blobs order by last_access")
+            )
+        out = []
+        for row in rows:
+            digest = row["digest"]
+            if digest in self._pinned or self._in_use.get(digest):
+                continue
+            if older_than is not None and row["last_access"] >= older_than:
+                continue
+            entry = self._entries.get(digest)
+            if entry is not None:
+                out.append(entry)
+        return out
+
+    def make_room(self, incoming: int) -> list[BlobEntry]:
+        """Evicts least recently used blobs until ``incoming`` more bytes fit under
+        ``max_bytes``. Pinned blobs and blobs being served are never evicted, so the
+        store may stay over the limit when they alone fill it; returns what went."""
+        if self.max_bytes is None or self._total + incoming <= self.max_bytes:
+            return []
+        evicted = []
+        for entry in self._evictable():
+            if self._total + incoming <= self.max_bytes:
+                break
+            self.delete(entry.digest)
+            evicted.append(entry)
+        return evicted
+
+    def gc(self, keep_since: float) -> list[BlobEntry]:
+        """Removes every blob no pin needs and nobody pulled since ``keep_since``."""
+        removed = []
+        for entry in self._evictable(older_than=keep_since):
+            self.delete(entry.digest)
+            removed.append(entry)
+        return removed
+
+    def tags(self) -> list[dict]:
+        """Every remembered tag: ns, name, tag, digest, updated_at."""
+        with self._lock:
+            return list(self._db_().query("select * from tags order by ns, name, tag"))
+
+    def access_times(self) -> dict[str, float]:
+        """Last access of every blob (flushed, or pending if newer)."""
+        with self._lock:
+            rows = {
+                r["digest"]: r["last_access"]
+                for r in self._db_().query("select digest, last_access from blobs")
+            }
+        for digest, t in self._pending_access.copy().items():
+            if digest in rows:
+                rows[digest] = max(rows[digest], t)
+        return rows
+
     # ---- closing --------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -698,6 +894,19 @@ class Store:
 
     def _final_path(self, hex_: str) -> Path:
         return self.blobs_dir / hex_[:2] / hex_
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One SQLite transaction (sqlite-utils' own ``atomic()`` exists only from 4.0 on)."""
+        conn = self._db_().conn
+        conn.execute("BEGIN")
+        try:
+            yield
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
+                conn.execute("ROLLBACK")
+            raise
 
     def _db_(self) -> sqlite_utils.Database:
         if self._db is None:
