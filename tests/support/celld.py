@@ -6,6 +6,7 @@ process, talk to its mirror and metrics over HTTP, and may SIGKILL it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -25,6 +26,9 @@ class Celld:
     upstreams: dict[str, str] = field(default_factory=dict)
     registries: list[str] = field(default_factory=list)
     extra: str = ""
+    key_file: Path | None = None
+    max_bytes: str | None = None
+    platform: str | None = None
     port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
@@ -54,11 +58,16 @@ class Celld:
             "[cell]",
             'name = "test-cell"',
             f'data_dir = "{self.data_dir}"',
+            *([f'platform = "{self.platform}"'] if self.platform else []),
             "[mirror]",
             f'listen = "127.0.0.1:{self.port}"',
             "[metrics]",
             f'listen = "127.0.0.1:{self.metrics_port}"',
         ]
+        if self.key_file is not None:
+            lines += ["[cluster]", f'key_file = "{self.key_file}"']
+        if self.max_bytes is not None:
+            lines += ["[store]", f'max_bytes = "{self.max_bytes}"']
         for url in self.registries:
             lines += ["[[registry]]", f'url = "{url}"']
         for host, url in self.upstreams.items():
@@ -98,6 +107,22 @@ class Celld:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def admin(self) -> httpx.Client:
+        """A client of the daemon's admin API on its unix socket."""
+        transport = httpx.HTTPTransport(uds=str(self.data_dir / "admin.sock"))
+        return httpx.Client(transport=transport, base_url="http://celld", timeout=120)
+
+    def stage(
+        self, image: str, app: str, *, username: str | None = None, password: str | None = None
+    ) -> list[dict]:
+        """POST /v1/stage; the NDJSON events, last one "done" or "error"."""
+        body = {"image": image, "app": app, "username": username, "password": password}
+        with self.admin() as client, client.stream("POST", "/v1/stage", json=body) as r:
+            if r.status_code != 200:
+                r.read()
+                return [{"event": "error", "status": r.status_code, "message": r.json()["error"]}]
+            return [json.loads(line) for line in r.iter_lines() if line.strip()]
 
     def metrics(self) -> dict[str, float]:
         """Samples of the Prometheus text as {'name{labels}': value}."""
