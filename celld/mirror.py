@@ -183,7 +183,14 @@ class Mirror:
         digest = str(target.digest)
         scope = None
         if self.store.lookup(digest) is not None:
-            await self._check_private(grant, digest)
+            try:
+                await self._check_private(grant, digest)
+            except OCIError:
+                # Private to an app, but maybe a public image's layer as well: the
+                # public chain decides, and its answer is remembered.
+                if not await self.sources.publicly_available(target.name, digest, target.ns):
+                    raise
+                await trio.to_thread.run_sync(self.store.clear_private, digest)
         elif await self._grants(grant, digest):
             scope = grant.scope
         found = self.sources.blob(target.name, target.digest, target.ns, scope=scope)

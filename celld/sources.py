@@ -251,6 +251,19 @@ class Sources:
             chain.append(Source("upstream", f"upstream:{ns}", upstream, name))
         return chain
 
+    async def publicly_available(self, name: str, digest: str, ns: str | None) -> bool:
+        """Would an anonymous client get this blob from the public chain? (A layer
+        staged with credentials may also belong to a public image.)"""
+        if (ns or "docker.io") not in self._upstreams:
+            return False
+        for source in self._chain(name, ns):
+            try:
+                if await source.client.has_blob(source.repo, digest):
+                    return True
+            except RegistryError:
+                continue
+        return False
+
     def central(self) -> list[tuple[str, RegistryClient]]:
         """The central registries in order, with the platform's credentials."""
         return list(self._central)

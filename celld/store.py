@@ -798,6 +798,12 @@ class Store:
             self._db_()["private"].insert({"digest": digest, "scope": scope}, replace=True)
             self._private[digest] = scopes | {scope}
 
+    def clear_private(self, digest: str) -> None:
+        """Forget ``digest``'s private marks: it was shown to be public."""
+        with self._lock:
+            if self._private.pop(digest, None) is not None:
+                self._db_().execute("delete from private where digest = ?", [digest])
+
     def private_scopes(self, digest: str) -> frozenset[str]:
         """The app scopes that may read ``digest``; empty for public content. Memory only."""
         return self._private.get(digest, frozenset())

@@ -342,3 +342,21 @@ def test_basic_auth_hub_and_a_central_registry_with_its_own_account(
             cell.stop()
     finally:
         central.stop()
+
+
+def test_a_public_layer_staged_privately_stays_public(tmp_path, token_hub, centrals, cluster_key):
+    base = make_image((6000,))
+    token_hub.push("public/base", "1", base)
+    secret = make_image((3000,), base=base)
+    token_hub.push("acme/secret", "1", secret)
+    ((user, password),) = token_hub.users.items()
+    cell = new_cell(tmp_path / "a", token_hub.url, centrals, cluster_key)
+    try:
+        done(cell.stage("acme/secret:1", "secret", username=user, password=password))
+        shared, own = secret.layers
+        assert shared.digest == base.layers[0].digest
+        r = httpx.get(f"{cell.url}/v2/public/base/blobs/{shared.digest}")
+        assert r.status_code == 200 and r.content == shared.data
+        assert httpx.get(f"{cell.url}/v2/acme/secret/blobs/{own.digest}").status_code == 401
+    finally:
+        cell.stop()

@@ -96,9 +96,14 @@ def make_image(
     docker: bool = False,
     arch: str = "amd64",
     os_name: str = "linux",
+    base: Image | None = None,
 ) -> Image:
+    """An image of random layers; on top of `base`'s layers when given (shared layers)."""
     layer_type = DOCKER_LAYER if docker else OCI_LAYER
-    layers = [Blob(layer_type, random_layer(n, f"f{i}")) for i, n in enumerate(layer_sizes)]
+    layers = [
+        *(base.layers if base else []),
+        *(Blob(layer_type, random_layer(n, f"f{i}")) for i, n in enumerate(layer_sizes)),
+    ]
     diff_ids = [sha256(gzip.decompress(layer.data)) for layer in layers]
     config = Blob(
         DOCKER_CONFIG if docker else OCI_CONFIG,
