@@ -364,7 +364,7 @@ class Sources:
 
     async def _fetch_from(self, fetch: Fetch, source: Source) -> None:
         async with source.client.open_blob(source.repo, fetch.digest) as response:
-            if response.size:
+            if response.size and self.store.over_limit(response.size):
                 evicted = await trio.to_thread.run_sync(self.store.make_room, response.size)
                 self._evicted(evicted)
             writer = self.store.new_writer(fetch.digest, source=source.label)

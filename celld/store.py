@@ -836,11 +836,15 @@ class Store:
                 out.append(entry)
         return out
 
+    def over_limit(self, incoming: int) -> bool:
+        """Would ``incoming`` more bytes push the store over ``max_bytes``? Memory only."""
+        return self.max_bytes is not None and self._total + incoming > self.max_bytes
+
     def make_room(self, incoming: int) -> list[BlobEntry]:
         """Evicts least recently used blobs until ``incoming`` more bytes fit under
         ``max_bytes``. Pinned blobs and blobs being served are never evicted, so the
         store may stay over the limit when they alone fill it; returns what went."""
-        if self.max_bytes is None or self._total + incoming <= self.max_bytes:
+        if not self.over_limit(incoming):
             return []
         evicted = []
         for entry in self._evictable():
