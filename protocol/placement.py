@@ -592,6 +592,8 @@ class ProviderAnnouncer:
         self.homes_index = Homes(config.replicas)
         self._held: dict[Digest, _Held] = {}
         self._load = 0
+        self._deadline: float | None = None
+        self._deadline_stale = True  # next_deadline() is asked far more often than it moves
 
     def homes(self, digest: Digest) -> list[MemberId]:
         return self.homes_index.of(digest)
@@ -601,6 +603,7 @@ class ProviderAnnouncer:
 
     def _announce(self, digest: Digest, h: _Held, to: Iterable[MemberId], now: float) -> list[Send]:
         h.last_sent = now
+        self._deadline_stale = True
         msg = Announce(
             digest=digest,
             zone=self.zone,
@@ -623,8 +626,9 @@ class ProviderAnnouncer:
             h.homes = new
             gained = [m for m in new if m not in old]
             if gained:
+                last = h.last_sent
                 out.extend(self._announce(digest, h, gained, now))
-                h.last_sent = min(h.last_sent, now)  # others keep their refresh schedule
+                h.last_sent = last  # the other homes keep their refresh schedule
         return out
 
     def update(
@@ -644,6 +648,8 @@ class ProviderAnnouncer:
             h = self._held[digest] = _Held(complete, pieces, piece_count, lease, now, homes)
             return self._announce(digest, h, h.homes, now)
         changed_state = h.complete != complete or h.lease != lease
+        if changed_state:
+            self._deadline_stale = True  # the refresh period depends on the state
         h.complete, h.pieces, h.piece_count, h.lease = complete, pieces, piece_count, lease
         if changed_state or now - h.last_sent >= self.config.progress_interval:
             return self._announce(digest, h, h.homes, now)
@@ -651,6 +657,7 @@ class ProviderAnnouncer:
 
     def withdraw(self, digest: Digest, now: float) -> list[Send]:
         h = self._held.pop(digest, None)
+        self._deadline_stale = True
         self.homes_index.untrack(digest)
         if h is None:
             return []
@@ -675,9 +682,12 @@ class ProviderAnnouncer:
         return out
 
     def next_deadline(self) -> float | None:
-        return min(
-            (h.last_sent + self._refresh_after(h) for h in self._held.values()), default=None
-        )
+        if self._deadline_stale:
+            self._deadline = min(
+                (h.last_sent + self._refresh_after(h) for h in self._held.values()), default=None
+            )
+            self._deadline_stale = False
+        return self._deadline
 
 
 # ---------------------------------------------------------------------------------------

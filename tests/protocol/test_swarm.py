@@ -56,6 +56,7 @@ from protocol.swarm import (
     RequestPiece,
     SwarmConfig,
     Uploader,
+    registry_first,
 )
 
 D = "sha256:" + "ab" * 32
@@ -90,7 +91,7 @@ def test_a_download_starts_by_asking_the_homes() -> None:
 
 
 def test_the_rarest_piece_is_asked_for_first() -> None:
-    dl = download(4, max_inflight_per_peer=1)
+    dl = download(4, max_inflight_per_peer=1, max_inflight=8)
     events = dl.add_providers([info("a", 0b1111), info("b", 0b1110), info("c", 0b1100)], 0.0)
     requests = asked(events)
     assert requests[:2] == [("a", 0), ("b", 1)]  # held by one peer, then by two
@@ -246,6 +247,26 @@ def test_banning_the_lease_holder_makes_the_cell_fetch_for_itself() -> None:
     events = dl.on_piece("holder", index, False, 0.1)
     assert PeerBanned(D, "holder", 1) in events
     assert of_type(events, FetchUpstream) == [FetchUpstream(D, ((0, 4),))]
+
+
+def test_while_a_cell_reads_from_the_registry_its_other_downloads_wait() -> None:
+    layer = download(4)
+    other = Download("sha256:" + "cd" * 32, 8, self_id="me", zone="z1", rng=random.Random(1))
+    peers = [info("p", complete=True), info("q", complete=True)]
+    requests = asked(other.add_providers(peers, 0.0))
+    assert len(requests) == 2
+    layer.grant_lease(0.0)
+    assert layer.fetching_upstream
+    assert registry_first([layer, other], 0.0) == []  # nothing to send now
+    assert other.max_inflight == 0 and layer.max_inflight == 2
+    peer, index = requests[0]
+    assert asked(other.on_piece(peer, index, True, 0.1)) == []  # waits
+    for i in range(4):
+        layer.on_piece(UPSTREAM, i, True, 0.2 + i / 100)
+    assert layer.complete and not layer.fetching_upstream
+    resumed = registry_first([layer, other], 0.3)
+    assert other.max_inflight == 2
+    assert [(d, type(ev)) for d, ev in resumed] == [(other, RequestPiece)]
 
 
 def test_a_fresh_lease_holder_fetches_everything_and_stops_asking_the_homes() -> None:
