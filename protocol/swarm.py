@@ -749,7 +749,7 @@ class Download:
             return
         cap = cfg.max_inflight_per_peer
         ready = [p for p in self._peers.values() if len(p.inflight) < cap and p.busy_until <= now]
-        rng = self._rng
+        random = self._rng.random
         while budget > 0 and ready:
             free = self._wanted & ~self._inflight & ~self._upstream
             union = 0
@@ -766,22 +766,22 @@ class Download:
                 if not cand:
                     return
             rare = self._rarest(cand)
-            index = nth_set_bit(rare, rng.randrange(rare.bit_count()))
+            index = nth_set_bit(rare, int(random() * rare.bit_count()))
             bit = 1 << index
-            best: _Peer | None = None
-            best_key = (True, 0)
-            ties = 0
+            # Same zone first, then the fewest of our requests in flight; one rng draw
+            # among the ties (this loop runs once a piece: keep it lean).
+            best_key = 1 << 30
+            holders: list[_Peer] = []
             for p in ready:
                 if not p.have & bit or p.requested & bit:
                     continue
-                key = (not p.local, len(p.inflight))
-                if best is None or key < best_key:
-                    best, best_key, ties = p, key, 1
+                key = len(p.inflight) if p.local else 1024 + len(p.inflight)
+                if key < best_key:
+                    best_key = key
+                    holders = [p]
                 elif key == best_key:
-                    ties += 1
-                    if rng.randrange(ties) == 0:
-                        best = p
-            assert best is not None
+                    holders.append(p)
+            best = holders[int(random() * len(holders))] if len(holders) > 1 else holders[0]
             self._request(best, index, now, out)
             budget -= 1
             if len(best.inflight) >= cap:
