@@ -10,36 +10,26 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from tests.support.procs import free_port, stop_process, tail, wait_for_port
+from tests.support.procs import LoopbackProcess, free_port
 
 
 @dataclass
-class Celld:
-    root: Path
+class Celld(LoopbackProcess):
+    """`celld serve` with a config the test describes; mirror on `port`."""
+
     upstreams: dict[str, str] = field(default_factory=dict)
     registries: list[str] = field(default_factory=list)
     extra: str = ""
     key_file: Path | None = None
     max_bytes: str | None = None
     platform: str | None = None
-    port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
-    proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
     @property
     def data_dir(self) -> Path:
@@ -78,26 +68,14 @@ class Celld:
 
     def start(self) -> Celld:
         self.write_config()
-        log = self.log_path.open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
+        self.spawn(
             [sys.executable, "-m", "celld", "serve", "--config", str(self.config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
+            self.log_path,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            ports=(self.metrics_port,),
+            timeout=20,
         )
-        log.close()
-        try:
-            wait_for_port(self.port, self.proc, timeout=20)
-            wait_for_port(self.metrics_port, self.proc, timeout=5)
-        except Exception as exc:
-            raise RuntimeError(f"celld did not start:\n{tail(self.log_path)}") from exc
         return self
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.proc = None
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -10,6 +10,7 @@ import contextlib
 import socket
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -46,3 +47,48 @@ def tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except FileNotFoundError:
         return ""
+
+
+@dataclass
+class LoopbackProcess:
+    """A process the tests start, listening on a loopback port, logging to a file.
+
+    Subclasses say how to start it (`start`), this class how to spawn, wait,
+    report a failed start with the log's tail, and stop.
+    """
+
+    root: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def spawn(
+        self,
+        argv: list[str],
+        log_path: Path,
+        *,
+        env: dict[str, str] | None = None,
+        ports: tuple[int, ...] = (),
+        timeout: float = 15.0,
+    ) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
+        try:
+            for port in (self.port, *ports):
+                wait_for_port(port, self.proc, timeout=timeout)
+        except Exception as exc:
+            raise RuntimeError(f"{argv[0]} did not start:\n{tail(log_path)}") from exc
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc = None

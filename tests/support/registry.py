@@ -8,31 +8,19 @@ a claim about the registry's log, not about celld's own counters).
 from __future__ import annotations
 
 import re
-import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.procs import free_port, stop_process, tail, wait_for_port
+from tests.support.procs import LoopbackProcess
 
 ACCESS_LINE = re.compile(r'"(?P<method>[A-Z]+) (?P<uri>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) ')
 
 
 @dataclass
-class Registry:
+class Registry(LoopbackProcess):
     """One docker-registry process; `stop()`/`start()` keep port and storage."""
 
-    root: Path
     auth: dict | None = None
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -68,23 +56,8 @@ class Registry:
         self.root.mkdir(parents=True, exist_ok=True)
         cfg = self.root / "config.yml"
         cfg.write_text(self._config())
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            ["docker-registry", "serve", str(cfg)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        log.close()
-        try:
-            wait_for_port(self.port, self.proc)
-        except Exception as exc:
-            raise RuntimeError(f"docker-registry did not start:\n{tail(self.log_path)}") from exc
+        self.spawn(["docker-registry", "serve", str(cfg)], self.log_path)
         return self
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.proc = None
 
     def requests(
         self, method: str | None = None, uri_pattern: str = ""
