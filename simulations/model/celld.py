@@ -15,8 +15,8 @@ Modelling choices, each a simplification to know about:
 - Pieces are not corrupted and no bytes are hashed: `ok=True` for every piece that
   arrives whole; a flow cut by a crash or a partition is a connection error.
 - A request to a crashed or unreachable cell fails after `connect_timeout` seconds.
-- Placement datagrams are sealed with wire.py when wire.py knows their type; the
-  others travel as objects (counted as `unsealed` in the report) until it does.
+- Placement datagrams (lookups, replies, announcements) are sealed and opened by
+  wire.py like the membership ones: real bytes, real MAC, real size.
 """
 
 from __future__ import annotations
@@ -133,7 +133,6 @@ class CelldPuller:
             "connect_errors": 0,
             "leases": 0,
             "lookups": 0,
-            "unsealed": 0,
         }
 
     # -- helpers -----------------------------------------------------------------------
@@ -181,6 +180,14 @@ class CelldPuller:
             if t is not None and t < when:
                 when = t
         if when < self.due[c.node]:
+            self.due[c.node] = when
+            self.w.engine.call_at(when, self._timer, (c.node, when))
+
+    def _arm_at(self, c: _Cell, when: float | None) -> None:
+        """Queue the cell's event earlier if one object it just touched is due sooner.
+        Enough after a call into one object: the others' deadlines did not move, and a
+        deadline that moved later only makes the queued event fire early, harmlessly."""
+        if when is not None and when < self.due[c.node]:
             self.due[c.node] = when
             self.w.engine.call_at(when, self._timer, (c.node, when))
 
@@ -326,6 +333,8 @@ class CelldPuller:
         if look.done:
             del c.lookups[c.next_request]
             self._lookup_result(c, look.result)
+        else:
+            self._arm_at(c, look.next_deadline())
 
     def _lookup_result(self, c: _Cell, result: pl.LookupResult | None) -> None:
         if result is None:
@@ -388,7 +397,7 @@ class CelldPuller:
         dl = c.downloads.get(digest) if c is not None else None
         if dl is not None:
             self._events(c, dl, dl.on_error(self.w.names[p], index, self.w.engine.now))
-            self._arm(c)
+            self._arm_at(c, dl.next_deadline())
 
     def _request_arrives(self, key: Key) -> None:
         if self.requests.get(key) != "sent":
@@ -425,7 +434,7 @@ class CelldPuller:
         else:
             events = dl.on_missing(peer, index, now, have=reply.have)
         self._events(c, dl, events)
-        self._arm(c)
+        self._arm_at(c, dl.next_deadline())
 
     def _upload(self, key: Key, reply: sw.PieceReply) -> None:
         p, d, digest, index = key
@@ -458,7 +467,7 @@ class CelldPuller:
         else:
             events = dl.on_error(peer, index, now)
         self._events(c, dl, events)
-        self._arm(c)
+        self._arm_at(c, dl.next_deadline())
 
     def _free_slot(self, p: int, d: int, digest: str, index: int) -> None:
         up = self.cells[p]
@@ -512,7 +521,8 @@ class CelldPuller:
         reply = up.uploader.on_have_query(requester, query, self.w.engine.now)
         if reply is not None:
             self._have_reply(up, requester, reply)
-        self._arm(up)
+        else:
+            self._arm_at(up, up.uploader.next_deadline())
 
     def _have_reply(self, up: _Cell, to: str, reply: sw.HaveReply) -> None:
         w = self.w
@@ -529,7 +539,7 @@ class CelldPuller:
         if dl is None or dl.complete or not self.w.is_live(d):
             return
         self._events(c, dl, dl.on_have(responder, reply.have, reply.complete, self.w.engine.now))
-        self._arm(c)
+        self._arm_at(c, dl.next_deadline())
 
     # -- the lease holder reads from a registry ----------------------------------------
 
@@ -584,4 +594,4 @@ class CelldPuller:
             events = dl.on_piece(sw.UPSTREAM, index, False, now)
             self.registry_busy.discard(key)
         self._events(c, dl, events)
-        self._arm(c)
+        self._arm_at(c, dl.next_deadline())

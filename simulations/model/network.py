@@ -121,7 +121,8 @@ class Network:
         base += self.extra[src] + self.extra[dst]
         if self._jitter_mu is None:
             return base
-        return base + self._latency_rng.lognormvariate(self._jitter_mu, link.jitter_sigma)
+        # lognormal jitter; gauss() is the cheaper of the stdlib's two normal samplers
+        return base + math.exp(self._latency_rng.gauss(self._jitter_mu, link.jitter_sigma))
 
     def reachable(self, src: int, dst: int) -> bool:
         return self.alive[src] and self.alive[dst] and self.group[src] == self.group[dst]

@@ -26,6 +26,7 @@ def draw(report: dict[str, Any], out: Path) -> list[Path]:
         written.append(_completion(runs, name, out / "completion_cdf.png"))
         written.append(_bytes(runs, name, out / "bytes_by_source.png"))
         written.append(_upload(runs, name, out / "upload_per_cell.png"))
+        written.append(_timeline(runs, name, out / "timeline.png"))
     first = next(iter(runs.values()))
     if first["membership"]["events"]:
         written.append(_membership(first, name, out / "membership_convergence.png"))
@@ -104,6 +105,36 @@ def _upload(runs: dict[str, Any], name: str, path: Path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend()
     ax.set_title(f"{name}: upload per cell")
+    return _save(fig, path)
+
+
+def _timeline(runs: dict[str, Any], name: str, path: Path) -> Path:
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    for strategy, run in runs.items():
+        rows = run["timeline"]["rows"]
+        if not rows:
+            continue
+        ts = [row[0] for row in rows]
+        color = COLORS.get(strategy)
+        top.plot(ts, [row[1] for row in rows], color=color, label=f"{strategy}: cells done")
+        top.plot(
+            ts,
+            [row[2] for row in rows],
+            color=color,
+            linestyle=":",
+            label=f"{strategy}: peer upload in use",
+        )
+        bottom.plot(ts, [row[3] for row in rows], color=color, label=strategy)
+    top.set_ylabel("fraction")
+    top.set_ylim(0, 1.02)
+    top.grid(True, alpha=0.3)
+    top.legend(fontsize="small")
+    bottom.set_ylabel("MB/s out of the registries")
+    bottom.set_xlabel("simulated time (s, log)")
+    bottom.set_xscale("log")
+    bottom.grid(True, which="both", alpha=0.3)
+    bottom.legend(fontsize="small")
+    top.set_title(f"{name}: over time")
     return _save(fig, path)
 
 

@@ -14,7 +14,7 @@ import random
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from protocol.wire import MEMBERSHIP_MESSAGES, Codec, DecodeError, Message, message_types
+from protocol.wire import MEMBERSHIP_MESSAGES, Codec, DecodeError, Message
 from simulations.model.baselines import CentralOnly, Spegel
 from simulations.model.engine import Engine
 from simulations.model.flows import Flow
@@ -24,19 +24,6 @@ from simulations.model.rng import derive, derive_bytes
 from simulations.model.scenario import Fault, Scenario
 
 MEMBERSHIP_TYPES = frozenset(MEMBERSHIP_MESSAGES)
-WIRE_TYPES = frozenset(message_types().values())
-
-
-class _Unsealed:
-    """A message carried without encoding (its type is not in wire.py yet)."""
-
-    __slots__ = ("msg",)
-
-    def __init__(self, msg: Any) -> None:
-        self.msg = msg
-
-    def __len__(self) -> int:
-        return 100  # a typical placement datagram, for the byte counters
 
 
 class Puller(Protocol):
@@ -94,7 +81,7 @@ class World:
         for i in range(self.n_initial):
             self.new_codec(i)
         self._next_joiner = self.n_initial
-        self.unsealed = 0
+        self.timeline: list[tuple[float, float, float, float]] = []
         self._live_count = self.n_initial
         self._pulls_scheduled = 0
         self._pulls_lost = 0  # pulls of cells that crashed or left before completing
@@ -119,22 +106,13 @@ class World:
 
     def send_msg(self, src: int, dst: int, msg: Message) -> None:
         codec = self.codecs[src]
-        if codec is None or not self.net.alive[src]:
-            return
-        if type(msg) in WIRE_TYPES:
+        if codec is not None and self.net.alive[src]:
             self.net.send(src, dst, codec.seal(msg, self.engine.now))
-        else:  # a message wire.py cannot encode yet: carried as is, counted
-            self.unsealed += 1
-            self.net.send(src, dst, _Unsealed(msg))
 
     def _receiver(self, cell: int) -> Callable[[int, bytes], None]:
         def receive(src: int, data: bytes) -> None:
             codec = self.codecs[cell]
             if codec is None:
-                return
-            if type(data) is _Unsealed:
-                if self.puller is not None:
-                    self.puller.receive(cell, self.names[src], data.msg)
                 return
             got = codec.open(data, self.engine.now)
             if isinstance(got, DecodeError):
@@ -183,11 +161,32 @@ class World:
             self.engine.run(end)
             return
         last_fault = max((f.at for f in self.sc.faults), default=0.0)
+        next_sample = self.sc.pull.start
         while self.engine.now < end:
             self.engine.run(min(end, self.engine.now + 0.5))
+            if self.engine.now >= next_sample:
+                self._sample()
+                # every 0.5 s at first, then 5% of the elapsed time: a few hundred samples
+                # even for a baseline that takes hours
+                next_sample += max(0.5, 0.05 * (self.engine.now - self.sc.pull.start))
             pulls_over = self._pulls_scheduled == len(self.metrics.pull_done) + self._pulls_lost
             if pulls_over and self.engine.now >= last_fault:
+                self._sample()
                 break
+
+    def _sample(self) -> None:
+        """One point of the timeline: cells done, peers' upload use, registries' output."""
+        net = self.net
+        cells = self.n_cells
+        up = 0.0
+        for c in range(cells):
+            for f in net.up[c].flows.values():
+                up += f.rate
+        capacity = sum(net.up[c].capacity for c in range(cells) if self.is_live(c)) or 1.0
+        origin = sum(f.rate for f in net.up[self.upstream].flows.values())
+        origin += sum(f.rate for f in net.up[self.central].flows.values() if f.src == self.central)
+        done = len(self.metrics.pull_done) / max(1, self._pulls_scheduled)
+        self.timeline.append((self.engine.now, done, up / capacity, origin / 1e6))
 
     def report(self) -> dict[str, object]:
         m = self.metrics
@@ -205,7 +204,6 @@ class World:
                 "to_down_cell": net.dropped_down,
                 "across_partition": net.dropped_partition,
                 "protocol_errors": dict(sorted(m.protocol_errors.items())),
-                "unsealed": self.unsealed,
             },
             "membership": {**m.membership_summary(), **self.members.summary()},
             "engine": {"events": self.engine.events_run, "rebalances": net.flows.rebalances},
@@ -214,6 +212,10 @@ class World:
             out["pull"] = m.pull_summary()
             out["bytes"] = m.bytes_summary()
             out["upload"] = m.upload_summary()
+            out["timeline"] = {
+                "columns": ["t_s", "done_fraction", "peer_upload_use", "origin_MB_per_s"],
+                "rows": [[r(x) for x in row] for row in self.timeline],
+            }
             if self.puller is not None:
                 out["strategy"] = self.puller.summary()
         return out
