@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -112,7 +113,7 @@ class AdminClient:
         return self._call("GET", "/v1/pins")
 
     def unpin(self, app: str) -> dict[str, Any]:
-        return self._call("DELETE", f"/v1/pins/{app}")
+        return self._call("DELETE", f"/v1/pins/{quote(app, safe='')}")
 
     def ls(self) -> dict[str, Any]:
         return self._call("GET", "/v1/ls")
@@ -217,5 +218,7 @@ class AdminClient:
             )
         if isinstance(exc, httpx.TimeoutException):
             return AdminError(f"the daemon did not answer in time (socket {self.socket_path})")
-        reason = cause.strerror if cause is not None and cause.strerror else type(exc).__name__
-        return AdminError(f"cannot talk to the daemon at {self.socket_path}: {reason}")
+        if isinstance(exc, httpx.ConnectError):
+            reason = cause.strerror if cause is not None and cause.strerror else "cannot connect"
+            return AdminError(f"cannot reach the daemon at {self.socket_path}: {reason}")
+        return AdminError("the daemon closed the connection before answering (see its log)")

@@ -261,7 +261,7 @@ class _StageProgress:
             self.meter.add(self.clock(), bytes_done)
             self.seen.add(str(event.get("blob")))
             # Blobs complete in order: every blob seen before this one is done.
-            unfinished = int(event.get("done", 0)) < int(event.get("total", 0))
+            unfinished = int(int(event.get("done", 0)) < int(event.get("total", 0)))
             blobs_done, blobs_total = len(self.seen) - unfinished, max(self.blobs, len(self.seen))
             # Without the contract's bytes_total, the resolved size stands in;
             # it counts the manifest too, so the last blob sets the total.

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -238,21 +239,19 @@ def test_a_bad_config_is_one_line_exit_2(tmp_path):
 # -- against a real daemon ---------------------------------------------------
 
 
-@pytest.fixture
-def cluster_key(tmp_path: Path) -> Path:
-    path = tmp_path / "cluster.key"
-    path.write_text(secrets.token_hex(32) + "\n")
-    return path
-
-
-@pytest.fixture
-def staging_cell(tmp_path: Path, hub: Registry, central: Registry, cluster_key: Path):
-    daemon = Celld(
-        tmp_path / "cell",
-        upstreams={"docker.io": hub.url},
-        registries=[central.url],
-        key_file=cluster_key,
+def start_cell(root: Path, upstream: str, central: Registry) -> Celld:
+    """A staging-capable celld: a Hub upstream, one central registry, a cluster key."""
+    root.mkdir(parents=True, exist_ok=True)
+    key = root / "cluster.key"
+    key.write_text(secrets.token_hex(32) + "\n")
+    return Celld(
+        root / "cell", upstreams={"docker.io": upstream}, registries=[central.url], key_file=key
     ).start()
+
+
+@pytest.fixture
+def staging_cell(tmp_path: Path, hub: Registry, central: Registry) -> Iterator[Celld]:
+    daemon = start_cell(tmp_path / "staging", hub.url, central)
     yield daemon
     daemon.stop()
 
@@ -437,13 +436,8 @@ def test_progress_is_shown_on_a_terminal_only(staging_cell: Celld, hub: Registry
 
 
 @pytest.fixture
-def private_cell(tmp_path: Path, token_hub, central: Registry, cluster_key: Path):
-    daemon = Celld(
-        tmp_path / "cell",
-        upstreams={"docker.io": token_hub.url},
-        registries=[central.url],
-        key_file=cluster_key,
-    ).start()
+def private_cell(tmp_path: Path, token_hub, central: Registry) -> Iterator[Celld]:
+    daemon = start_cell(tmp_path / "private", token_hub.url, central)
     yield daemon
     daemon.stop()
 
@@ -491,14 +485,9 @@ def test_private_stage_prints_a_working_token(private_cell: Celld, token_hub):
     assert doc["digest"] == image.digest and doc["app"] == "secret"
 
 
-def test_a_daemon_dying_mid_stage_is_one_line(tmp_path, hub, central, cluster_key, fault_proxy):
+def test_a_daemon_dying_mid_stage_is_one_line(tmp_path, hub, central, fault_proxy):
     stalled = fault_proxy(hub.host, stall=True)
-    daemon = Celld(
-        tmp_path / "cell",
-        upstreams={"docker.io": stalled.url},
-        registries=[central.url],
-        key_file=cluster_key,
-    ).start()
+    daemon = start_cell(tmp_path / "dying", stalled.url, central)
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "celld", "stage", "acme/shop:1", "--app", "shop",
