@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 from protocol import placement as pl
 from protocol import swarm as sw
-from protocol.pieces import piece_count, piece_size_for
+from protocol.pieces import DEFAULT_POLICY, PiecePolicy, piece_count, piece_size_for
 from simulations.model.flows import Flow
-from simulations.model.scenario import ScenarioError
+from simulations.model.scenario import ScenarioError, parse_size
 
 if TYPE_CHECKING:
     from simulations.model.world import World
@@ -42,8 +42,15 @@ def swarm_settings(
     params: tuple[tuple[str, Any], ...],
 ) -> tuple[pl.PlacementConfig, sw.SwarmConfig, dict[str, Any]]:
     """Split a scenario's [swarm] table among PlacementConfig, SwarmConfig and the
-    simulator's own knobs (upload_slots, upload_queue, connect_timeout)."""
-    own = {"upload_slots": 4, "upload_queue": 0, "connect_timeout": 1.0}
+    simulator's own knobs: upload_slots and upload_queue (the Uploader's), the
+    connect_timeout of a request to a dead cell, and piece_size (the smallest piece of
+    the PiecePolicy; unset means pieces.py's default policy)."""
+    own: dict[str, Any] = {
+        "upload_slots": 4,
+        "upload_queue": 0,
+        "connect_timeout": 1.0,
+        "piece_size": None,
+    }
     p_names = {f.name for f in fields(pl.PlacementConfig)}
     s_names = {f.name for f in fields(sw.SwarmConfig)}
     p_args: dict[str, Any] = {}
@@ -111,13 +118,17 @@ class CelldPuller:
         self.upload_slots = int(own["upload_slots"])
         self.upload_queue = int(own["upload_queue"])
         self.connect_timeout = float(own["connect_timeout"])
+        policy = DEFAULT_POLICY
+        if own["piece_size"] is not None:
+            smallest = int(parse_size(own["piece_size"], "swarm.piece_size"))
+            policy = PiecePolicy(min_size=smallest, max_size=max(smallest, DEFAULT_POLICY.max_size))
         self.digests = [
             "sha256:" + hashlib.sha256(f"{sc.name}/layer/{i}".encode()).hexdigest()
             for i in range(len(sc.layers))
         ]
         self.layer_of = {d: i for i, d in enumerate(self.digests)}
         self.size = {d: sc.layers[i] for i, d in enumerate(self.digests)}
-        self.psize = {d: piece_size_for(self.size[d]) for d in self.digests}
+        self.psize = {d: piece_size_for(self.size[d], policy) for d in self.digests}
         self.pcount = {d: piece_count(self.size[d], self.psize[d]) for d in self.digests}
         self.cells: list[_Cell | None] = [None] * world.n_cells
         self.due = [float("inf")] * world.n_cells
@@ -201,19 +212,26 @@ class CelldPuller:
             return
         now = self.w.engine.now
         self._sync_view(c)
-        c.directory.expire(now)
-        self._send(c, c.announcer.tick(now, load=c.uploader.load))
-        for to, reply in c.uploader.poll(now):
-            self._have_reply(c, to, reply)
-        for rid in list(c.lookups):
-            look = c.lookups[rid]
-            t = look.next_deadline()
-            if t is not None and t <= now:
-                self._send(c, look.poll(now))
-                if look.done:
-                    del c.lookups[rid]
-                    self._lookup_result(c, look.result)
-        for dl in list(c.downloads.values()):
+        t = c.directory.next_deadline()
+        if t is not None and t <= now:
+            c.directory.expire(now)
+        t = c.announcer.next_deadline()
+        if t is not None and t <= now:
+            self._send(c, c.announcer.tick(now, load=c.uploader.load))
+        t = c.uploader.next_deadline()
+        if t is not None and t <= now:
+            for to, reply in c.uploader.poll(now):
+                self._have_reply(c, to, reply)
+        if c.lookups:
+            for rid in list(c.lookups):
+                look = c.lookups[rid]
+                t = look.next_deadline()
+                if t is not None and t <= now:
+                    self._send(c, look.poll(now))
+                    if look.done:
+                        del c.lookups[rid]
+                        self._lookup_result(c, look.result)
+        for dl in c.downloads.values():
             t = dl.next_deadline()
             if t is not None and t <= now:
                 self._events(c, dl, dl.poll(now))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +13,14 @@ ROOT = SCENARIOS.parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
+def _run(*args: str, hash_seed: str = "0") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "simulations", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, "PYTHONHASHSEED": hash_seed},
     )
 
 
@@ -50,3 +52,17 @@ def test_cli_explains_a_bad_scenario(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "cells.upload" in proc.stderr
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_same_seed_same_bytes_across_processes(tmp_path: Path) -> None:
+    """Different string hashing per process must not change anything (no set or dict
+    order of names leaks into the simulation)."""
+    reports = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / hash_seed
+        proc = _run(
+            "run", str(SCENARIOS / "tiny_storm.toml"), "--out", str(out), hash_seed=hash_seed
+        )
+        assert proc.returncode == 0, proc.stderr
+        reports.append((out / "report.json").read_bytes())
+    assert reports[0] == reports[1]
