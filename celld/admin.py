@@ -26,7 +26,7 @@ from celld.registry import Credentials
 from celld.stage import StageError, Stager, StageRequest
 from celld.store import Store
 from protocol.errors import OCIError
-from protocol.manifest import Platform
+from protocol.manifest import Platform, parse_manifest
 from protocol.reference import parse_image
 
 log = logging.getLogger(__name__)
@@ -185,25 +185,38 @@ class Admin:
         return _json(200, {"images": images, "blobs": blobs})
 
     def _image(self, ref: str, digest: str, access: dict[str, float]) -> dict:
-        entry = self.store.lookup(digest)
         return {
             "image": ref,
             "digest": digest,
-            "size": entry.size if entry else 0,
+            "size": self._image_size(digest),
             "last_used": access.get(digest),
             "pinned_by": list(self.store.pinned_by(digest)),
         }
 
+    def _image_size(self, digest: str) -> int:
+        """Manifest plus the blobs it names (for an index: its own bytes and the
+        platform manifests' sizes as the index lists them)."""
+        entry = self.store.lookup(digest)
+        if entry is None:
+            return 0
+        try:
+            manifest = parse_manifest(entry.path.read_bytes(), entry.media_type)
+        except (OSError, OCIError):
+            return entry.size
+        return entry.size + sum(d.size for d in (*manifest.blobs, *manifest.manifests))
+
     def _stats(self) -> Response:
         m = self.metrics
 
-        def total(counter, **labels: str) -> float:
-            return sum(
-                s.value
-                for metric in counter.collect()
-                for s in metric.samples
-                if s.name.endswith("_total")
-                and all(s.labels.get(k) == v for k, v in labels.items())
+        def total(counter, **labels: str) -> int:
+            return int(
+                sum(
+                    s.value
+                    for metric in counter.collect()
+                    for s in metric.samples
+                    if s.name.endswith("_total")
+                    and all(s.labels.get(k) == v for k, v in labels.items())
+                )
             )
 
         hits = total(m.served, source="store")

@@ -53,10 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_config(path: Path | None) -> config_mod.Config:
+def _load_config(path: Path | None, *, with_key: bool = False) -> config_mod.Config:
+    """The config, or one line and exit 2; `serve` also checks the cluster key
+    (admin commands only need the data_dir, not the key)."""
     try:
         cfg = config_mod.load(path)
-        config_mod.load_cluster_key(cfg)
+        if with_key:
+            config_mod.load_cluster_key(cfg)
         return cfg
     except config_mod.ConfigError as exc:
         where = f"{path}: " if path else ""
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ADMIN_COMMANDS:
         return _run_admin(args)
     if args.command == "serve":
-        cfg = _load_config(args.config)
+        cfg = _load_config(args.config, with_key=True)
         logging.basicConfig(
             level=getattr(logging, args.log_level.upper()),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -146,7 +146,7 @@ class Stager:
         source = Source(
             "upstream", f"upstream:{image.ns}", client, image.name, app if private else None
         )
-        entries = await self._fetch_all(image, [str(d.digest) for d in blobs], source, emit)
+        entries = await self._fetch_all(image, [str(d.digest) for d in blobs], source, emit, total)
         manifests = await self._keep_manifests(resolved, source, app if private else None)
 
         repo = (
@@ -251,30 +251,37 @@ class Stager:
     # -- fetch -------------------------------------------------------------
 
     async def _fetch_all(
-        self, image: ImageRef, digests: list[str], source: Source, emit: Emit
+        self, image: ImageRef, digests: list[str], source: Source, emit: Emit, total: int
     ) -> list[BlobEntry]:
+        """Fetches every blob through the singleflight (a mirror pull of the same
+        digest joins it), reporting progress at most every PROGRESS_INTERVAL."""
         done_before = 0
         entries = []
-        totals = {d: 0 for d in digests}
         last = 0.0
-        for digest in digests:
+
+        async def progress(index: int, digest: str, done: int, size: int) -> None:
+            await emit(
+                {
+                    "event": "progress",
+                    "phase": "fetch",
+                    "registry": None,
+                    "blob": digest,
+                    "index": index,
+                    "blobs": len(digests),
+                    "done": done,
+                    "total": size,
+                    "bytes_done": done_before + done,
+                    "bytes_total": total,
+                }
+            )
+
+        for index, digest in enumerate(digests):
             found = self.sources.blob(image.name, digest, image.ns, via=source)
             while isinstance(found, Fetch) and not found.finished:
                 now = trio.current_time()
                 if now - last >= PROGRESS_INTERVAL and found.size:
                     last = now
-                    totals[digest] = found.written
-                    await emit(
-                        {
-                            "event": "progress",
-                            "phase": "fetch",
-                            "registry": None,
-                            "blob": digest,
-                            "done": found.written,
-                            "total": found.size,
-                            "bytes_done": done_before + found.written,
-                        }
-                    )
+                    await progress(index, digest, found.written, found.size)
                 await found.changed.wait()
             if isinstance(found, Fetch):
                 if found.entry is None:
@@ -284,6 +291,7 @@ class Stager:
                     detail = error.detail if error is not None else "fetch failed"
                     raise StageError(502, f"could not fetch {digest}: {detail}")
                 found = found.entry
+            await progress(index, digest, found.size, found.size)
             entries.append(found)
             done_before += found.size
         if source.scope is not None:
@@ -329,7 +337,8 @@ class Stager:
             mount_from = ns_name
         try:
             done = 0
-            for entry in entries:
+            total = sum(e.size for e in entries)
+            for index, entry in enumerate(entries):
                 if not await central.has_blob(repo, entry.digest):
                     await central.push_blob(
                         repo,
@@ -345,9 +354,12 @@ class Stager:
                         "phase": "push",
                         "registry": url,
                         "blob": entry.digest,
+                        "index": index,
+                        "blobs": len(entries),
                         "done": entry.size,
                         "total": entry.size,
                         "bytes_done": done,
+                        "bytes_total": total,
                     }
                 )
             await central.push_manifest(
