@@ -215,6 +215,12 @@ class BlobWriter:
         self._hash.update(data)
         self.written += len(data)
 
+    def matches(self) -> bool:
+        """Do the bytes written so far hash to the digest? (Cheap: the running hash
+        is copied, not finished.) Lets verified bytes reach readers before the
+        fsync and rename that ``commit`` still does."""
+        return "sha256:" + self._hash.hexdigest() == self.digest
+
     def commit(self) -> BlobEntry:
         """Verify, fsync, rename into place, fsync the directory, index; return the entry.
 
