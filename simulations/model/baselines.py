@@ -29,16 +29,11 @@ if TYPE_CHECKING:
 RETRY_S = 1.0
 
 
-class CentralOnly:
-    """Every cell pulls from the central registry (a plain pull-through cache)."""
+class _Baseline:
+    """What a baseline ignores: cells' datagrams (it has none) and membership news."""
 
     def __init__(self, world: World) -> None:
         self.w = world
-        self.cached = [world.sc.central.has_image] * len(world.sc.layers)
-
-    def start(self, cell: int) -> None:
-        for layer in range(len(self.w.sc.layers)):
-            self._request((cell, layer))
 
     def on_crash(self, cell: int) -> None:
         pass
@@ -51,6 +46,18 @@ class CentralOnly:
 
     def summary(self) -> dict[str, int]:
         return {}
+
+
+class CentralOnly(_Baseline):
+    """Every cell pulls from the central registry (a plain pull-through cache)."""
+
+    def __init__(self, world: World) -> None:
+        super().__init__(world)
+        self.cached = [world.sc.central.has_image] * len(world.sc.layers)
+
+    def start(self, cell: int) -> None:
+        for layer in range(len(self.w.sc.layers)):
+            self._request((cell, layer))
 
     def _request(self, arg: tuple[int, int]) -> None:
         cell, layer = arg
@@ -85,11 +92,11 @@ class CentralOnly:
             w.engine.call_at(w.engine.now + RETRY_S, self._request, flow.tag)
 
 
-class Spegel:
+class Spegel(_Baseline):
     """Advertise a layer only after the whole image is pulled; one peer per layer."""
 
     def __init__(self, world: World) -> None:
-        self.w = world
+        super().__init__(world)
         self.rng = world.rng("spegel")
         self.providers: list[list[int]] = [[] for _ in world.sc.layers]
         self.origin = world.central if world.sc.central.has_image else world.upstream
@@ -97,15 +104,6 @@ class Spegel:
     def start(self, cell: int) -> None:
         for layer in range(len(self.w.sc.layers)):
             self._lookup((cell, layer))
-
-    def receive(self, cell: int, sender: str, msg: object) -> None:
-        pass
-
-    def member_changed(self, observer: int, member: int, state: str) -> None:
-        pass
-
-    def summary(self) -> dict[str, int]:
-        return {}
 
     def on_crash(self, cell: int) -> None:
         for p in self.providers:

@@ -361,11 +361,21 @@ class CelldPuller:
         if dl is None or dl.complete:
             return
         now = self.w.engine.now
-        events = dl.add_providers(result.providers, now)
-        if result.lease == pl.LeaseStatus.GRANTED and not dl.lease:
+        events = dl.add_providers(result.providers, now, lease_holder=result.lease_holder)
+        granted = result.lease == pl.LeaseStatus.GRANTED and not dl.lease
+        if granted:
             events += dl.grant_lease(now)
             self._send(c, self._announce(c, dl, now))
         self._events(c, dl, events)
+        if granted:
+            self._registry_first(c)
+
+    def _registry_first(self, c: _Cell) -> None:
+        """The cell's policy across its downloads (swarm.registry_first): while one reads
+        from a registry, the others wait, so the read has the cell's link to itself."""
+        for dl, ev in sw.registry_first(c.downloads.values(), self.w.engine.now):
+            self._events(c, dl, [ev])
+            self._arm_at(c, dl.next_deadline())
 
     def _announce(self, c: _Cell, dl: sw.Download, now: float) -> list[pl.Send]:
         return c.announcer.update(
@@ -381,6 +391,7 @@ class CelldPuller:
         now = self.w.engine.now
         self._send(c, self._announce(c, dl, now))
         self.w.layer_complete(c.node, self.layer_of[dl.digest])
+        self._registry_first(c)
 
     def _stored(self, c: _Cell, dl: sw.Download, index: int) -> None:
         """A piece is now held: serve it, wake parked queries, announce progress."""

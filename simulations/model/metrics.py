@@ -97,6 +97,7 @@ class Metrics:
     def bytes_summary(self) -> dict[str, float]:
         size = float(self.image_size) or 1.0
         return {
+            "image_bytes": self.image_size,
             "from_upstream": r(self.from_upstream),
             "from_central": r(self.from_central),
             "from_peers": r(self.from_peers),

@@ -40,27 +40,24 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _completion(runs: dict[str, Any], name: str, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for strategy, run in runs.items():
-        times = run["pull"]["times_s"]
-        total = run["pull"]["cells"]
-        if not times or not total:
-            continue
-        ys = [(i + 1) / total for i in range(len(times))]
-        p99 = run["pull"]["completion_s"]["p99"]
-        ax.step(
-            times,
-            ys,
-            where="post",
-            color=COLORS.get(strategy),
-            label=f"{strategy} (p99 {p99:.1f} s)",
-        )
-    ax.set_xscale("log")
-    ax.set_xlabel("time from pull start to image complete (s, log)")
+def _cdf(ax: Any, values: list[float], total: int, strategy: str, label: str) -> None:
+    """A step CDF of sorted `values` over `total` cells (cells missing stay below 1)."""
+    ys = [(i + 1) / total for i in range(len(values))]
+    ax.step(values, ys, where="post", color=COLORS.get(strategy), label=label)
     ax.set_ylabel("fraction of cells")
     ax.set_ylim(0, 1.02)
     ax.grid(True, which="both", alpha=0.3)
+
+
+def _completion(runs: dict[str, Any], name: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for strategy, run in runs.items():
+        pull = run["pull"]
+        if pull["times_s"] and pull["cells"]:
+            p99 = pull["completion_s"]["p99"]
+            _cdf(ax, pull["times_s"], pull["cells"], strategy, f"{strategy} (p99 {p99:.1f} s)")
+    ax.set_xscale("log")
+    ax.set_xlabel("time from pull start to image complete (s, log)")
     ax.legend()
     ax.set_title(f"{name}: completion time per cell")
     return _save(fig, path)
@@ -69,18 +66,21 @@ def _completion(runs: dict[str, Any], name: str, path: Path) -> Path:
 def _bytes(runs: dict[str, Any], name: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     labels = list(runs)
-    parts = {"from_upstream": [], "from_central": [], "from_peers": []}
-    for strategy in labels:
-        b = runs[strategy]["bytes"]
-        for k in parts:
-            parts[k].append(b[k])
-    bottom = [0.0] * len(labels)
-    for k, color in zip(parts, ("tab:purple", "tab:green", "tab:gray"), strict=True):
-        vals = [v / 1e9 for v in parts[k]]
-        ax.bar(labels, vals, bottom=bottom, label=k.replace("_", " "), color=color)
-        bottom = [a + b for a, b in zip(bottom, vals, strict=True)]
-    ax.set_ylabel("GB received by cells")
-    ax.set_yscale("symlog")
+    sources = (
+        ("from_upstream", "tab:purple"),
+        ("from_central", "tab:green"),
+        ("from_peers", "tab:gray"),
+    )
+    width = 0.8 / len(sources)
+    for k, (key, color) in enumerate(sources):
+        copies = [runs[s]["bytes"][key] / runs[s]["bytes"]["image_bytes"] for s in labels]
+        xs = [i + (k - 1) * width for i in range(len(labels))]
+        bars = ax.bar(xs, copies, width, label=key.replace("_", " "), color=color)
+        ax.bar_label(bars, labels=[f"{c:.3g}" if c else "" for c in copies], fontsize="small")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=0.1)
+    ax.set_ylabel("bytes received by cells (image copies, log)")
     ax.legend()
     ax.set_title(f"{name}: bytes by source")
     return _save(fig, path)
@@ -90,19 +90,9 @@ def _upload(runs: dict[str, Any], name: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for strategy, run in runs.items():
         copies = run["upload"]["per_cell_copies"]
-        if not copies:
-            continue
-        ys = [(i + 1) / len(copies) for i in range(len(copies))]
-        ax.step(
-            copies,
-            ys,
-            where="post",
-            color=COLORS.get(strategy),
-            label=f"{strategy} (max {copies[-1]:.2f})",
-        )
+        if copies:
+            _cdf(ax, copies, len(copies), strategy, f"{strategy} (max {copies[-1]:.2f})")
     ax.set_xlabel("bytes uploaded by a cell (image copies)")
-    ax.set_ylabel("fraction of cells")
-    ax.grid(True, alpha=0.3)
     ax.legend()
     ax.set_title(f"{name}: upload per cell")
     return _save(fig, path)

@@ -52,8 +52,6 @@ class SwimMembership:
         n = world.n_cells
         self.m: list[mp.Membership | None] = [None] * n
         self.due = [math.inf] * n  # time of the earliest timer event queued per cell
-        self.live_views: list[frozenset[str] | None] = [None] * n
-        self._views: dict[frozenset[str], frozenset[str]] = {}
         self._seed_rng = world.rng("swim/seeds")
         self.left_done = 0
 
@@ -96,7 +94,6 @@ class SwimMembership:
 
     def crash(self, cell: int) -> None:
         self.m[cell] = None
-        self.live_views[cell] = None
 
     def leave(self, cell: int) -> None:
         m = self.m[cell]
@@ -108,15 +105,10 @@ class SwimMembership:
     # -- views -------------------------------------------------------------------------
 
     def live_view(self, cell: int) -> frozenset[str]:
-        """The names this cell believes alive (itself included), one shared object per
-        distinct view so that placement's caches keyed by it hit."""
-        view = self.live_views[cell]
-        if view is None:
-            m = self.m[cell]
-            names = frozenset(s.node for s in m.live_members()) if m is not None else frozenset()
-            view = self._views.setdefault(names, names)
-            self.live_views[cell] = view
-        return view
+        """The names this cell believes alive (itself included). Cells whose view still
+        equals the preloaded snapshot share one object, so placement's caches hit."""
+        m = self.m[cell]
+        return m.live_ids() if m is not None else frozenset()
 
     def summary(self) -> dict[str, object]:
         stats: dict[str, int] = {}
@@ -158,10 +150,7 @@ class SwimMembership:
         while ev is not None:
             member = w.node_of_name.get(ev.node)
             if member is not None:
-                state = _EVENT_STATE[type(ev)]
-                if state != "suspect":
-                    self.live_views[cell] = None
-                w.view_changed(cell, member, state)
+                w.view_changed(cell, member, _EVENT_STATE[type(ev)])
             ev = m.next_event()
         if m.done_leaving:
             self.m[cell] = None
