@@ -15,8 +15,10 @@ How to drive a download (events out are to be acted on in order)::
     dl = Download(digest, piece_count, self_id="cell-a", zone="z1", rng=rng)
     dl.start(now)                                  -> [NeedProviders]
     lookup result (placement.LookupResult):
-        dl.add_providers(result.providers, now)    -> events
+        dl.add_providers(result.providers, now, lease_holder=result.lease_holder)
         if result.lease == GRANTED: dl.grant_lease(now) -> [FetchUpstream(ranges), ...]
+    the cell's policy across its downloads, after a lease is granted and after a
+    download completes: registry_first(cell_downloads, now) -> [(download, event)]
     replies from a peer (each carries the peer's current bitmap, `have`):
         dl.on_piece(peer, index, ok, now, have=)   -> events   (ok: verified)
         dl.on_busy(peer, index, now, have=) / dl.on_missing(peer, index, now, have=)
@@ -743,28 +745,27 @@ class Download:
         return out
 
     def _fill(self, now: float, out: list[Event]) -> None:
-        cfg = self.config
-        budget = self.max_inflight - self._n_inflight
-        if budget <= 0:
-            return
-        cap = cfg.max_inflight_per_peer
-        ready = [p for p in self._peers.values() if len(p.inflight) < cap and p.busy_until <= now]
+        """Spend the budget of requests: the rarest askable piece, then its holder.
+
+        The candidates start as every piece some known peer holds (the availability
+        counter's planes OR-ed, no pass over the peers); a piece whose holders are all
+        busy or at their cap is set aside and the next rarest tried. After a few such
+        misses the candidates are narrowed to what the ready peers hold (one pass), so
+        the cost stays one pass over the peers per piece asked for."""
+        cap = self.config.max_inflight_per_peer
         random = self._rng.random
-        while budget > 0 and ready:
+        peers = self._peers.values()
+        avail = self._avail_any()
+        skip = 0  # pieces set aside: no ready holder now
+        misses = 0
+        while self._n_inflight < self.max_inflight:
             free = self._wanted & ~self._inflight & ~self._upstream
-            union = 0
             if free:
-                for p in ready:
-                    union |= p.have
-                cand = union & free
-                if not cand:
-                    return  # what is left is held by nobody we can ask now
-            else:  # endgame: everything left is in flight; double the slowest
-                for p in ready:
-                    union |= p.have & ~p.requested
-                cand = union & self._wanted & self._inflight & ~self._saturated
-                if not cand:
-                    return
+                cand = free & avail & ~skip
+            else:  # endgame: everything left is in flight; ask a second peer
+                cand = self._wanted & self._inflight & ~self._saturated & avail & ~skip
+            if not cand:
+                return
             rare = self._rarest(cand)
             index = nth_set_bit(rare, int(random() * rare.bit_count()))
             bit = 1 << index
@@ -772,8 +773,13 @@ class Download:
             # among the ties (this loop runs once a piece: keep it lean).
             best_key = 1 << 30
             holders: list[_Peer] = []
-            for p in ready:
-                if not p.have & bit or p.requested & bit:
+            for p in peers:
+                if (
+                    not p.have & bit
+                    or p.requested & bit
+                    or len(p.inflight) >= cap
+                    or p.busy_until > now
+                ):
                     continue
                 key = len(p.inflight) if p.local else 1024 + len(p.inflight)
                 if key < best_key:
@@ -781,11 +787,18 @@ class Download:
                     holders = [p]
                 elif key == best_key:
                     holders.append(p)
+            if not holders:
+                skip |= bit
+                misses += 1
+                if misses % 4 == 0:
+                    ready = 0
+                    for p in peers:
+                        if len(p.inflight) < cap and p.busy_until <= now:
+                            ready |= p.have & ~p.requested
+                    avail &= ready
+                continue
             best = holders[int(random() * len(holders))] if len(holders) > 1 else holders[0]
             self._request(best, index, now, out)
-            budget -= 1
-            if len(best.inflight) >= cap:
-                ready.remove(best)
 
     def _query(self, now: float, out: list[Event], free: int) -> None:
         cfg = self.config
