@@ -9,7 +9,8 @@ Never: opens a socket, reads a clock, draws OS randomness or encodes bytes. Time
 `now` argument (seconds, any origin, same on one cell); randomness is a `random.Random`
 passed in; messages are the frozen dataclasses below, which wire.py encodes 1:1.
 
-How to drive it (one cell; `send(to, msg)` is the caller's datagram sender)::
+How to drive it (one cell; `send(to, msg)` is the caller's datagram sender; `to` may be
+the cell itself, a home of its own digests, so deliver those locally)::
 
     members = membership.live_ids()                    # ids of live cells, self included
     ann = ProviderAnnouncer("cell-a", zone="z1")

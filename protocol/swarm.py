@@ -54,9 +54,13 @@ bit-sliced counter: plane k holds bit k of every piece's count, so adding a peer
 pieces is a ripple-carry over a few big ints, whatever the piece count, and the rarest
 pieces of a candidate set fall out of one pass over the planes from the top (keep the
 candidates whose bit is 0 when any are). One random piece among the rarest is chosen
-(uniformly, with the rng), then the holder for it: a peer in the same zone first, then
-the one with the fewest of our requests in flight, ties at random. Each peer takes at
-most `max_inflight_per_peer` requests, the download at most `max_inflight`.
+(uniformly, with the rng), then the holder for it among the peers ready to take a
+request: a peer in the same zone first, then the one with the fewest of our requests in
+flight, ties at random; a piece whose holders are all busy is set aside for this round.
+Each peer takes at most `max_inflight_per_peer` requests, the download at most
+`max_inflight`. The defaults (2 a download, 1 a peer) keep few flows on every link:
+more flows share the same bandwidth, so each piece takes longer to become available
+to relay, and in the simulated Kraken storm 8 in flight cost 3 s at the median.
 
 Endgame. When every piece still wanted is requested, the idle capacity asks a second
 peer for pieces in flight (up to `endgame_copies` requests a piece); the first copy to
