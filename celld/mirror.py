@@ -194,6 +194,14 @@ class Mirror:
         elif await self._grants(grant, digest):
             scope = grant.scope
         found = self.sources.blob(target.name, target.digest, target.ns, scope=scope)
+        if isinstance(found, Fetch) and found.scope is not None and found.scope != scope:
+            # Someone's private fetch of this digest is in flight: its bytes are
+            # not ours to follow. Once stored, the usual private check decides.
+            while not found.finished:
+                await found.changed.wait()
+            if found.entry is None:
+                raise found.error or _unauthorized("private content")
+            return await self._blob(request, target)
         if isinstance(found, Fetch):
             await found.wait_started()
             if found.size is None or found.entry is not None:

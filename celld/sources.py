@@ -161,6 +161,7 @@ class Fetch:
     entry: BlobEntry | None = None
     error: OCIError | None = None
     verified: bool = False  # every byte is on disk and matched the digest
+    scope: str | None = None  # fetched with this app's token or credentials: private
     changed: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -332,7 +333,7 @@ class Sources:
         if via is None:
             self._check_ns(ns)
         chain = [via] if via is not None else self._chain(name, ns, scope)
-        fetch = Fetch(key)
+        fetch = Fetch(key, scope=via.scope if via is not None else scope)
         self._fetches[key] = fetch
         self.nursery.start_soon(self._run_fetch, fetch, chain)
         return fetch
@@ -368,7 +369,9 @@ class Sources:
             if response.size and self.store.over_limit(response.size):
                 evicted = await trio.to_thread.run_sync(self.store.make_room, response.size)
                 self._evicted(evicted)
-            writer = self.store.new_writer(fetch.digest, source=source.label)
+            writer = self.store.new_writer(
+                fetch.digest, source=source.label, private_scope=source.scope
+            )
             try:
                 fetch.size = response.size
                 fetch.source = source.kind
@@ -386,8 +389,6 @@ class Sources:
             except BaseException:
                 writer.abort()
                 raise
-        if source.scope is not None:
-            await trio.to_thread.run_sync(self.store.mark_private, entry.digest, source.scope)
         self.metrics.fetches.labels(source.kind, "ok").inc()
         self.metrics.fetched_bytes.labels(source.kind).inc(entry.size)
         self.metrics.store_bytes.inc(entry.size)
@@ -507,11 +508,14 @@ class Sources:
         entry = self.store.lookup(digest)
         if entry is None:
             put = functools.partial(
-                self.store.put_bytes, digest, data, media_type=media_type, source=source.label
+                self.store.put_bytes,
+                digest,
+                data,
+                media_type=media_type,
+                source=source.label,
+                private_scope=source.scope,
             )
             entry = await trio.to_thread.run_sync(put)
-            if source.scope is not None:
-                await trio.to_thread.run_sync(self.store.mark_private, digest, source.scope)
             self.metrics.store_bytes.inc(entry.size)
             self.metrics.store_blobs.inc()
             self.metrics.fetches.labels(source.kind, "ok").inc()

@@ -310,10 +310,10 @@ class Stager:
             if self.store.lookup(digest) is None:
                 await trio.to_thread.run_sync(
                     lambda d=digest, b=data, m=media_type: self.store.put_bytes(
-                        d, b, media_type=m, source=source.label
+                        d, b, media_type=m, source=source.label, private_scope=scope
                     )
                 )
-            if scope is not None:
+            elif scope is not None:
                 await trio.to_thread.run_sync(self.store.mark_private, digest, scope)
             kept.append(digest)
         return kept

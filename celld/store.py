@@ -195,6 +195,7 @@ class BlobWriter:
         self._hash = hashlib.sha256()
         self.media_type = media_type
         self.source = source
+        self.private_scope: str | None = None
         self.written = 0
 
     @property
@@ -576,9 +577,17 @@ class Store:
     # ---- writing --------------------------------------------------------------------------
 
     def new_writer(
-        self, digest: str, *, media_type: str | None = None, source: str | None = None
+        self,
+        digest: str,
+        *,
+        media_type: str | None = None,
+        source: str | None = None,
+        private_scope: str | None = None,
     ) -> BlobWriter:
-        """Start a download of ``digest`` into a fresh temp file (several may run at once)."""
+        """Start a download of ``digest`` into a fresh temp file (several may run at once).
+
+        ``private_scope``: the bytes come with an app's credentials; the blob is marked
+        private to it before it can be seen (see ``_publish``)."""
         hex_ = parse_digest(digest)
         self._require_open()
         path = self.tmp_dir / f"{hex_}.{os.getpid()}.{next(self._seq)}.part"
@@ -586,7 +595,9 @@ class Store:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise _full_disk(exc, f"creating a temp file for {digest}") from exc
-        return BlobWriter(self, digest, hex_, path, fd, media_type, source)
+        writer = BlobWriter(self, digest, hex_, path, fd, media_type, source)
+        writer.private_scope = private_scope
+        return writer
 
     def put_bytes(
         self,
@@ -595,13 +606,16 @@ class Store:
         *,
         media_type: str | None = None,
         source: str | None = None,
+        private_scope: str | None = None,
     ) -> BlobEntry:
         """Store a small blob (a manifest, a config) held in memory, verified before any write."""
         parse_digest(digest)
         actual = "sha256:" + hashlib.sha256(data).hexdigest()
         if actual != digest:
             raise DigestMismatch(digest, actual)
-        with self.new_writer(digest, media_type=media_type, source=source) as writer:
+        with self.new_writer(
+            digest, media_type=media_type, source=source, private_scope=private_scope
+        ) as writer:
             writer.write(data)
             return writer.commit()
 
@@ -636,6 +650,10 @@ class Store:
                     )
                     self._entries[digest] = merged
                 return merged
+            if writer.private_scope is not None:
+                # Marked before the file can be found: a crash after the rename
+                # re-indexes the file at open, and the mark must already be there.
+                self._mark_private_locked(digest, writer.private_scope)
             try:
                 if not final.parent.is_dir():
                     final.parent.mkdir(mode=0o700, exist_ok=True)
@@ -798,11 +816,14 @@ class Store:
     def mark_private(self, digest: str, scope: str) -> None:
         """Record that ``digest`` was fetched with ``scope``'s credentials."""
         with self._lock:
-            scopes = self._private.get(digest, frozenset())
-            if scope in scopes:
-                return
-            self._db_()["private"].insert({"digest": digest, "scope": scope}, replace=True)
-            self._private[digest] = scopes | {scope}
+            self._mark_private_locked(digest, scope)
+
+    def _mark_private_locked(self, digest: str, scope: str) -> None:
+        scopes = self._private.get(digest, frozenset())
+        if scope in scopes:
+            return
+        self._db_()["private"].insert({"digest": digest, "scope": scope}, replace=True)
+        self._private[digest] = scopes | {scope}
 
     def clear_private(self, digest: str) -> None:
         """Forget ``digest``'s private marks: it was shown to be public."""

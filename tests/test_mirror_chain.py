@@ -105,7 +105,7 @@ def test_corrupt_upstream_nothing_stored_next_try_succeeds(hub, fault_proxy, tmp
         proxy.corrupt = False
         r = httpx.get(url, timeout=30)
         assert r.status_code == 200 and r.content == layer.data
-        assert layer.digest.split(":")[1] in blob_files(cell)
+        assert cell.blob_stored(layer.digest)
     finally:
         cell.stop()
 

@@ -189,6 +189,7 @@ def test_lru_eviction_spares_pins_and_gc_frees_unpinned(tmp_path, hub, centrals,
             layer = img.layers[0]
             got = httpx.get(f"{cell.url}/v2/acme/other{i}/blobs/{layer.digest}")
             assert got.content == layer.data
+            assert cell.blob_stored(layer.digest)
         stored = {p.name for p in (cell.data_dir / "blobs").rglob("*") if p.is_file()}
         assert pinned.layers[0].digest[7:] in stored
         assert others[0].layers[0].digest[7:] not in stored  # the least recently used went

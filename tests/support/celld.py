@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +86,15 @@ class Celld(LoopbackProcess):
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def blob_stored(self, digest: str, timeout: float = 10.0) -> bool:
+        """Is the blob in the store? Waits for a commit in progress: a client may
+        have every verified byte a moment before the fsync and rename are done."""
+        path = self.data_dir / "blobs" / "sha256" / digest[7:9] / digest[7:]
+        deadline = time.monotonic() + timeout
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return path.exists()
 
     def admin(self) -> httpx.Client:
         """A client of the daemon's admin API on its unix socket."""
