@@ -165,9 +165,23 @@ def main() -> None:
                         )
 
             miss_celld, miss_direct = [], []
-            for b in blobs[1:]:
-                miss_direct.append(ttfb(f"{upstream.url}/v2/library/bench/blobs/{b.digest}"))
-                miss_celld.append(ttfb(f"{cell.url}/v2/library/bench/blobs/{b.digest}"))
+            for i, b in enumerate(blobs[1:]):
+                # Alternate who goes first, and let the previous miss's commit
+                # (fsync of the whole blob) finish, so neither side measures
+                # the other's disk writes.
+                direct = f"{upstream.url}/v2/library/bench/blobs/{b.digest}"
+                through = f"{cell.url}/v2/library/bench/blobs/{b.digest}"
+                if i % 2:
+                    miss_celld.append(ttfb(through))
+                    cell.blob_stored(b.digest)
+                    time.sleep(0.5)
+                    miss_direct.append(ttfb(direct))
+                else:
+                    miss_direct.append(ttfb(direct))
+                    time.sleep(0.5)
+                    miss_celld.append(ttfb(through))
+                    cell.blob_stored(b.digest)
+                time.sleep(0.5)
 
             rss = peak_rss_mib(cell.proc.pid)
         finally:
