@@ -1,7 +1,7 @@
 """celld's strategy in the simulator: each cell runs the real placement and swarm objects.
 
-Owns: the shell that the daemon's sources.py / gossip.py / peer.py are around the
-protocol, as the simulator models it: datagrams for placement (lookups, announcements,
+Owns: what the daemon's sources.py, gossip.py and peer.py do around the protocol, as
+the simulator models it: datagrams for placement (lookups, announcements,
 lease grants) through `World.send_msg`; a piece request as one latency to the peer; an
 accepted piece as one flow from the peer (its reply, carrying the peer's bitmap, comes
 with the piece); the lease holder's read from a registry as back-to-back piece flows on

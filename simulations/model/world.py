@@ -194,12 +194,14 @@ class World:
         cells = range(self.n_cells)
         sent = sum(net.sent[c] for c in cells)
         nbytes = sum(net.bytes_sent[c] for c in cells)
+        per_cell_s = max(1, self.n_initial) * max(self.engine.now, 1e-9)
         out: dict[str, object] = {
+            "simulated_s": r(self.engine.now),
             "messages": {
                 "sent": sent,
                 "bytes": nbytes,
-                "per_cell_per_s": r(sent / max(1, self.n_initial) / self.sc.duration),
-                "bytes_per_cell_per_s": r(nbytes / max(1, self.n_initial) / self.sc.duration),
+                "per_cell_per_s": r(sent / per_cell_s),
+                "bytes_per_cell_per_s": r(nbytes / per_cell_s),
                 "lost": net.dropped_loss,
                 "to_down_cell": net.dropped_down,
                 "across_partition": net.dropped_partition,
