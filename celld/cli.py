@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="TOML configuration file")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     _add_admin_parsers(sub)
+    sim = sub.add_parser(
+        "simulate", help="simulate a fleet scenario (simulations/scenarios/*.toml)"
+    )
+    sim.add_argument("scenario", type=Path, help="a TOML scenario")
+    sim.add_argument("--out", type=Path, required=True, help="directory for report.json and plots")
+    sim.add_argument("--seed", type=int, default=None, help="override the scenario's seed")
     return p
 
 
@@ -76,6 +82,11 @@ def _first(group: BaseExceptionGroup) -> BaseException:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "simulate":
+        from simulations.__main__ import main as simulate
+
+        seed = ["--seed", str(args.seed)] if args.seed is not None else []
+        return simulate(["run", str(args.scenario), "--out", str(args.out), *seed])
     if args.command in ADMIN_COMMANDS:
         return _run_admin(args)
     if args.command == "serve":

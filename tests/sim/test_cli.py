@@ -66,3 +66,35 @@ def test_same_seed_same_bytes_across_processes(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr
         reports.append((out / "report.json").read_bytes())
     assert reports[0] == reports[1]
+
+
+def test_celld_simulate_is_the_same_command(tmp_path: Path) -> None:
+    """Operators run `celld simulate`; it is `python -m simulations run`, same report."""
+    out = tmp_path / "via-celld"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "celld",
+            "simulate",
+            str(SCENARIOS / "tiny_membership.toml"),
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    direct = tmp_path / "direct"
+    assert (
+        _run(
+            "run", str(SCENARIOS / "tiny_membership.toml"), "--out", str(direct), "--seed", "3"
+        ).returncode
+        == 0
+    )
+    assert (out / "report.json").read_bytes() == (direct / "report.json").read_bytes()
