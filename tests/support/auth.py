@@ -41,7 +41,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from tests.support.images import Image, Index, Pusher
+from tests.support.images import Image, Index, push_image
 from tests.support.registry import Registry
 
 SERVICE = "celld-test-registry"
@@ -384,14 +384,7 @@ class AuthHub:
 
     def push(self, name: str, tag: str, image: Image | Index) -> None:
         """Seeds an image with the tests' own pusher (a minted token, not the token endpoint)."""
-        pusher = Pusher(self.url, auth=self._pusher_auth(name))
-        try:
-            if isinstance(image, Index):
-                pusher.index(name, tag, image)
-            else:
-                pusher.image(name, tag, image)
-        finally:
-            pusher.close()
+        push_image(self.url, name, tag, image, auth=self._pusher_auth(name))
 
     def stop(self) -> None:
         self.registry.stop()

@@ -201,8 +201,15 @@ class Pusher:
         self.manifest(name, tag, index.manifest)
 
 
-def push_image(base_url: str, name: str, tag: str, image: Image | Index) -> None:
-    pusher = Pusher(base_url)
+def push_image(
+    base_url: str,
+    name: str,
+    tag: str,
+    image: Image | Index,
+    *,
+    auth: httpx.Auth | tuple[str, str] | None = None,
+) -> None:
+    pusher = Pusher(base_url, auth=auth)
     try:
         if isinstance(image, Index):
             pusher.index(name, tag, image)
