@@ -8,6 +8,7 @@ a claim about the registry's log, not about celld's own counters).
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,13 +60,26 @@ class Registry(LoopbackProcess):
         self.spawn(["docker-registry", "serve", str(cfg)], self.log_path)
         return self
 
+    def _settled_log(self, quiet: float = 0.1, limit: float = 2.0) -> str:
+        """The access log once it stops growing. The registry logs a request after
+        answering it, so its last line can trail what the client already saw."""
+        last = -1
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            size = self.log_path.stat().st_size if self.log_path.exists() else 0
+            if size == last:
+                break
+            last = size
+            time.sleep(quiet)
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
     def requests(
         self, method: str | None = None, uri_pattern: str = ""
     ) -> list[tuple[str, str, int]]:
         """Requests in the access log as (method, uri, status), filtered."""
         pat = re.compile(uri_pattern)
         out = []
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        text = self._settled_log()
         for m in ACCESS_LINE.finditer(text):
             if method and m["method"] != method:
                 continue
