@@ -96,24 +96,44 @@ from protocol.wire import (
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    """Timing of the protocol. Defaults follow memberlist's DefaultLANConfig, which serf
-    and Consul run on LANs of thousands of nodes, with the gossip interval and fanout of
-    issue 4 (200 ms, 3): a 1 s probe interval and 500 ms probe timeout suit a datacenter
-    round trip of < 50 ms while keeping each cell at ~1 probe/s however big the cluster;
-    3 indirect checks make a live cell's probe fail under 10% loss only ~1% of the time;
-    suspicion_mult 4 and max 6x give a live-but-unlucky cell 4 log10(N) .. 24 log10(N)
-    seconds to refute; retransmit_mult 4 sends each update 4 ceil(log10(N+1)) times
-    (20 at N = 10,000), enough for an epidemic to reach everyone with high probability.
+    """Timing of the protocol. Probing, gossip and push-pull follow memberlist's
+    DefaultLANConfig (serf and Consul run it on LANs of thousands of nodes) with the gossip
+    interval and fanout of issue 4 (200 ms, 3); the suspicion constants are ours, because
+    verification probes (module docstring) give a real death its confirmations within one
+    probe period, where memberlist waits for them from ordinary probing.
+
+    - probe_interval 1 s, probe_timeout 500 ms: memberlist's, for a datacenter round trip
+      of < 50 ms, each cell at ~1 probe/s however big the cluster.
+    - indirect_checks 3 plus one direct retry at probe_timeout (memberlist's TCP fallback
+      ping, here a second datagram): under 10% loss a live cell's probe fails ~0.15% of
+      the time (0.19 x 0.19 x 0.34^3), ~5x less than without the retry.
+    - suspicion_mult 0.5: min = 0.5 log10(N) probe periods, 1.5 s at N = 1,000 (memberlist:
+      4 log10(N) = 12 s). The min is only reached with suspicion_confirmations (K = 3)
+      independent accusers, i.e. when 4 cells in a row failed to reach the suspect while
+      it was told (in the very pings that failed) that it is suspected; 1.5 s is 5x the
+      ~0.3 s a refutation takes to reach every cell of 1,000.
+    - suspicion_max_timeout_mult 8 (memberlist 6): a suspicion nobody confirms waits
+      8 min = 12 s at N = 1,000 (memberlist: 72 s), 40x that refutation time.
+    - suspicion_verifiers 4, max_checks 4: an accuser sends its new suspicion at once to
+      4 random members besides its 3 gossip targets; each of those 7 probes the suspect
+      out of turn, so a dead cell collects its K = 3 confirmations ~1 period after the
+      first suspicion (memberlist collects them from ordinary probing, ~1 a period).
+    - retransmit_mult 4 sends each update 4 ceil(log10(N+1)) times (20 at N = 10,000),
+      enough for an epidemic to reach everyone with high probability.
     """
 
     probe_interval: float = 1.0
     probe_timeout: float = 0.5
-    indirect_checks: int = 3
+    indirect_checks: int = 5
+    direct_retry: bool = True  # ping the target again at probe_timeout, with the PingReqs
     gossip_interval: float = 0.2
     gossip_nodes: int = 3
     retransmit_mult: int = 4
-    suspicion_mult: int = 4
-    suspicion_max_timeout_mult: int = 6
+    suspicion_mult: float = 0.5
+    suspicion_max_timeout_mult: float = 8.0
+    suspicion_confirmations: int = 3  # Lifeguard's K
+    suspicion_verifiers: int = 4
+    max_checks: int = 4  # verification probes in flight at once
     push_pull_interval: float = 30.0
     awareness_max: int = 8
     dead_retention: float = 30.0
@@ -192,7 +212,12 @@ class _Member:
 
 
 class _Suspicion:
-    """Lifeguard's dynamic suspicion timer for one suspect at one incarnation."""
+    """Lifeguard's dynamic suspicion timer for one suspect at one incarnation.
+
+    It starts at `max` and shrinks logarithmically to `min` as the k confirmations
+    arrive (memberlist's formula). With k = 0 (a cluster too small to confirm anything)
+    it stays at `max`: memberlist uses min there, but our min is too short to stand
+    alone, without confirmations, against packet loss."""
 
     __slots__ = ("confirmers", "deadline", "incarnation", "k", "max", "min", "start")
 
@@ -205,7 +230,7 @@ class _Suspicion:
         self.min = lo
         self.max = hi
         self.start = start
-        self.deadline = start + (lo if k < 1 else hi)
+        self.deadline = start + hi
 
     def confirm(self, by: str) -> bool:
         """Count an independent confirmation; True if it was new (and so worth gossiping)."""
@@ -247,53 +272,65 @@ class _Relay:
 
 
 class _Broadcasts:
-    """Updates waiting to be piggybacked, one per node, fewest transmissions first.
+    """Updates waiting to be piggybacked, one per node: urgent ones first (deaths and our
+    own refutations, which change who is live), then fewest transmissions first.
 
     Buckets by transmit count keep `take` proportional to what it returns, not to the
     queue length, which matters when 10,000 cells join at once."""
 
-    __slots__ = ("_buckets", "_where")
+    __slots__ = ("_lanes", "_where")
 
     def __init__(self) -> None:
-        self._buckets: list[dict[str, tuple[Update, int]]] = [{}]
-        self._where: dict[str, int] = {}
+        # lane 0: urgent, lane 1: the rest; each a list of buckets by transmit count
+        self._lanes: tuple[list[dict[str, tuple[Update, int]]], ...] = ([{}], [{}])
+        self._where: dict[str, tuple[int, int]] = {}
 
     def __len__(self) -> int:
         return len(self._where)
 
-    def push(self, update: Update) -> None:
+    def __contains__(self, node: str) -> bool:
+        return node in self._where
+
+    def push(self, update: Update, urgent: bool = False) -> None:
         node = update.node
-        t = self._where.get(node)
-        if t is not None:
-            del self._buckets[t][node]
-        self._buckets[0][node] = (update, wire.record_size(update))
-        self._where[node] = 0
+        w = self._where.get(node)
+        if w is not None:
+            del self._lanes[w[0]][w[1]][node]
+        lane = 0 if urgent else 1
+        self._lanes[lane][0][node] = (update, wire.record_size(update))
+        self._where[node] = (lane, 0)
 
     def take(self, budget: int, limit: int) -> list[Update]:
-        """Up to `budget` bytes of updates (fewest sent, newest first); counts them sent."""
+        """Up to `budget` bytes of updates (urgent, fewest sent, newest first); counts
+        them sent."""
         if not self._where or budget < _MIN_UPDATE:
             return []
-        picked: list[tuple[int, str, Update, int]] = []
-        for t, bucket in enumerate(self._buckets):
-            for node in reversed(bucket):
-                update, size = bucket[node]
-                if size <= budget:
-                    picked.append((t, node, update, size))
-                    budget -= size
-                    if budget < _MIN_UPDATE:
-                        break
+        picked: list[tuple[int, int, str, Update, int]] = []
+        for lane, buckets in enumerate(self._lanes):
+            for t, bucket in enumerate(buckets):
+                for node in reversed(bucket):
+                    update, size = bucket[node]
+                    if size <= budget:
+                        picked.append((lane, t, node, update, size))
+                        budget -= size
+                        if budget < _MIN_UPDATE:
+                            break
+                if budget < _MIN_UPDATE:
+                    break
             if budget < _MIN_UPDATE:
                 break
-        for t, node, update, size in picked:
-            del self._buckets[t][node]
+        where = self._where
+        for lane, t, node, update, size in picked:
+            buckets = self._lanes[lane]
+            del buckets[t][node]
             if t + 1 >= limit:
-                del self._where[node]
+                del where[node]
                 continue
-            if t + 1 == len(self._buckets):
-                self._buckets.append({})
-            self._buckets[t + 1][node] = (update, size)
-            self._where[node] = t + 1
-        return [p[2] for p in picked]
+            if t + 1 == len(buckets):
+                buckets.append({})
+            buckets[t + 1][node] = (update, size)
+            where[node] = (lane, t + 1)
+        return [p[3] for p in picked]
 
 
 _MIN_UPDATE = 9  # the smallest update: kind, 1-byte name, u32, 1-byte name
@@ -423,7 +460,12 @@ class Membership:
         self._n_live = 1  # members alive or suspect, us included
         self._bcast = _Broadcasts()
         self._suspicions: dict[str, _Suspicion] = {}
-        self._probe: _Probe | None = None
+        self._probe: _Probe | None = None  # the round-robin probe
+        self._checks: dict[int, _Probe] = {}  # verification probes of suspects, by id
+        self._fan_out: list[Suspect] = []  # our new accusations, to send to verifiers
+        self._to_verify: list[str] = []  # suspects an accuser just told us about
+        self._sender: str | None = None  # address of the message being received
+        self._correct: list[str] = []  # members its sender accused with stale news
         self._relays: dict[int, _Relay] = {}
         self._next_id = rng.randrange(1 << 31)
         self._events: deque[Event] = deque()
@@ -473,7 +515,7 @@ class Membership:
         self.epoch += 1
         self._me.status = Status.LEFT
         self._probe = None
-        self._bcast.push(Dead(self.id, self.incarnation, self.id))
+        self._bcast.push(Dead(self.id, self.incarnation, self.id), urgent=True)
         return self._gossip(now)
 
     @property
@@ -503,6 +545,8 @@ class Membership:
                 target = self._random_others(1, live_only=True)
                 if target:
                     out += self._push_pull(target[0].addr, reply=False, join=False)
+        if self._fan_out:
+            out += self._verification(now)
         if now >= self._next_gossip:
             k = math.floor((now - self._next_gossip) / self.config.gossip_interval) + 1
             self._next_gossip += k * self.config.gossip_interval
@@ -521,6 +565,8 @@ class Membership:
         p = self._probe
         if p is not None:
             t = min(t, p.end_at if p.indirect else p.timeout_at)
+        for p in self._checks.values():
+            t = min(t, p.end_at if p.indirect else p.timeout_at)
         for r in self._relays.values():
             t = min(t, r.nack_at if r.want_nack else r.until)
         for s in self._suspicions.values():
@@ -533,26 +579,33 @@ class Membership:
             return []
         self.stats["received"] += 1
         updates = getattr(msg, "updates", ())
-        for u in updates:
-            self._apply(u, now)
+        if updates:
+            self._sender = sender_addr
+            for u in updates:
+                self._apply(u, now)
+            self._sender = None
+        out = self._verification(now) if self._to_verify or self._fan_out else []
+        if self._correct:
+            out += self._corrections(sender_addr)
         kind = type(msg)
         if kind is Ping:
             if msg.target != self.id:
                 self.stats["misdirected_ping"] += 1
-                return []
-            return [Outgoing(sender_addr, self._piggyback(Ack(msg.probe), Ack, (msg.probe,)))]
-        if kind is Ack:
-            return self._on_ack(msg.probe)
-        if kind is Nack:
+                return out
+            out.append(Outgoing(sender_addr, self._piggyback(Ack(msg.probe), Ack, (msg.probe,))))
+        elif kind is Ack:
+            out += self._on_ack(msg.probe)
+        elif kind is Nack:
             p = self._probe
-            if p is not None and p.id == msg.probe:
+            if p is None or p.id != msg.probe:
+                p = self._checks.get(msg.probe)
+            if p is not None:
                 p.nacks += 1
-            return []
-        if kind is PingReq:
-            return self._on_ping_req(msg, sender_addr, now)
-        if kind is PushPull:
-            return self._on_push_pull(msg, sender_addr, now)
-        return []
+        elif kind is PingReq:
+            out += self._on_ping_req(msg, sender_addr, now)
+        elif kind is PushPull:
+            out += self._on_push_pull(msg, sender_addr, now)
+        return out
 
     def next_event(self) -> Event | None:
         """The oldest event not yet taken, or None."""
@@ -667,13 +720,19 @@ class Membership:
             self.epoch += 1
             self._emit(MemberJoined(a.node, a.addr, a.zone, a.incarnation, now))
 
-    def _on_suspect(self, s: Suspect, now: float) -> None:
+    def _on_suspect(self, s: Suspect, now: float, *, probed: bool = False) -> None:
+        """`probed`: our own probe of s.node just failed (s.by is us)."""
         if s.node == self.id:
             if s.incarnation >= self.incarnation and not self._leaving:
                 self._refute(s.incarnation)
+            elif not self._leaving:
+                self._stale(s.node)
             return
         r = self._roster.get(s.node)
-        if r is None or s.incarnation < r.incarnation:
+        if r is None:
+            return
+        if s.incarnation < r.incarnation:
+            self._stale(s.node)
             return
         if r.status is Status.DEAD or r.status is Status.LEFT:
             return
@@ -687,22 +746,33 @@ class Membership:
         m.incarnation, m.status, m.since = s.incarnation, Status.SUSPECT, now
         c = self.config
         n = self._n_live
-        k = c.suspicion_mult - 2 if n - 2 >= c.suspicion_mult - 2 else 0
-        lo = c.suspicion_mult * max(1.0, math.log10(max(1, n))) * c.probe_interval
+        k = max(0, min(c.suspicion_confirmations, n - 2))
+        lo = c.suspicion_mult * max(1.0, math.log10(n)) * c.probe_interval
         self._suspicions[s.node] = _Suspicion(
             s.by, s.incarnation, k, lo, c.suspicion_max_timeout_mult * lo, now
         )
         self._bcast.push(s)
         self.stats["suspected"] += 1
+        if probed:
+            self._fan_out.append(s)
+        elif self._sender is not None and not self._leaving:
+            accuser = self._roster.get(s.by)
+            if accuser is not None and accuser.addr == self._sender:
+                self._to_verify.append(s.node)  # fresh news, first hand: check it
         self._emit(MemberSuspected(s.node, s.incarnation, s.by, now))
 
     def _on_dead(self, d: Dead, now: float) -> None:
         if d.node == self.id:
             if d.incarnation >= self.incarnation and not self._leaving:
                 self._refute(d.incarnation)
+            elif not self._leaving:
+                self._stale(d.node)
             return
         r = self._roster.get(d.node)
-        if r is None or d.incarnation < r.incarnation:
+        if r is None:
+            return
+        if d.incarnation < r.incarnation:
+            self._stale(d.node)
             return
         if r.status is Status.DEAD or r.status is Status.LEFT:
             return
@@ -713,17 +783,39 @@ class Membership:
         self._suspicions.pop(d.node, None)
         self._n_live -= 1
         self.epoch += 1
-        self._bcast.push(d)
+        self._bcast.push(d, urgent=True)
         if left:
             self._emit(MemberLeft(d.node, d.incarnation, now))
         else:
             self.stats["declared_dead"] += 1
             self._emit(MemberDead(d.node, d.incarnation, d.by, now))
 
+    def _stale(self, node: str) -> None:
+        """The sender of the message being received still accuses `node` at an
+        incarnation it has since refuted: tell it directly (see `_corrections`), unless
+        our own gossip still carries the refutation (the epidemic has not passed us)."""
+        if self._sender is not None and node not in self._correct and node not in self._bcast:
+            self._correct.append(node)
+
+    def _corrections(self, sender_addr: str) -> list[Outgoing]:
+        """The newer Alive of every member the sender accused with stale news. A cell
+        that heard a suspicion after the refutation's epidemic had passed would
+        otherwise keep it, unrefuted, until its timer declared a live cell dead; its
+        own gossip of the stale news is what brings it the answer."""
+        ups: list[Update] = []
+        for node in self._correct:
+            r = self._me if node == self.id else self._roster.get(node)
+            if r is not None and r.status is Status.ALIVE:
+                inc = self.incarnation if r is self._me else r.incarnation
+                ups.append(Alive(node, inc, r.addr, r.zone))
+        self._correct.clear()
+        self.stats["corrections"] += len(ups)
+        return [Outgoing(sender_addr, Gossip(tuple(ups[:8])))] if ups else []
+
     def _refute(self, seen: int) -> None:
         self.incarnation = max(self.incarnation, seen) + 1
         self._me.incarnation = self.incarnation
-        self._bcast.push(Alive(self.id, self.incarnation, self.addr, self.zone))
+        self._bcast.push(Alive(self.id, self.incarnation, self.addr, self.zone), urgent=True)
         self._health(+1)
         self.stats["refuted"] += 1
 
@@ -772,52 +864,94 @@ class Membership:
     def _tick_probe(self, now: float) -> list[Outgoing]:
         out: list[Outgoing] = []
         c = self.config
-        scale = self.health + 1
         p = self._probe
-        if p is not None and not p.indirect and now >= p.timeout_at:
+        if p is not None and self._probe_step(p, now, out):
+            self._probe = None
+        if self._checks:
+            for pid, q in list(self._checks.items()):
+                if self._probe_step(q, now, out):
+                    del self._checks[pid]
+        if self._probe is None and now >= self._next_probe:
+            m = self._next_target(now)
+            self._next_probe = max(self._next_probe + c.probe_interval * (self.health + 1), now)
+            if m is None:
+                return out
+            self._probe = self._start_probe(m, now, out)
+            self.stats["probes"] += 1
+        return out
+
+    def _start_probe(self, m: Row, now: float, out: list[Outgoing]) -> _Probe:
+        c = self.config
+        scale = self.health + 1
+        p = _Probe(
+            self._new_id(), m.node, now + c.probe_timeout * scale, now + c.probe_interval * scale
+        )
+        out.append(self._ping(p, m))
+        return p
+
+    def _ping(self, p: _Probe, m: Row) -> Outgoing:
+        first: list[Update] = []
+        if m.status is Status.SUSPECT:  # tell it, so that it can refute at once
+            first.append(Suspect(m.node, m.incarnation, self.id))
+        return Outgoing(m.addr, self._piggyback(Ping(p.id, m.node), Ping, (p.id, m.node), first))
+
+    def _probe_step(self, p: _Probe, now: float, out: list[Outgoing]) -> bool:
+        """Advance one probe's timers; True when it has failed (and is over)."""
+        c = self.config
+        if not p.indirect and now >= p.timeout_at:
             p.indirect = True
             target = self._roster.get(p.target)
             if target is not None:
+                if c.direct_retry:
+                    out.append(self._ping(p, target))
                 for relay in self._random_others(c.indirect_checks, live_only=True, skip=p.target):
                     base = (p.id, p.target, target.addr, True)
-                    out.append(
-                        Outgoing(
-                            relay.addr,
-                            self._piggyback(PingReq(*base), PingReq, base),
-                        )
-                    )
+                    out.append(Outgoing(relay.addr, self._piggyback(PingReq(*base), PingReq, base)))
                     p.expected_nacks += 1
                 self.stats["indirect_probes"] += 1
-        if p is not None and now >= p.end_at:
-            self._probe = None
-            missing = p.expected_nacks - p.nacks if p.expected_nacks else 1
-            self._health(missing)
-            self.stats["probe_failures"] += 1
-            m = self._roster.get(p.target)
-            if m is not None and _live(m):
-                self._on_suspect(Suspect(m.node, m.incarnation, self.id), now)
-        if self._probe is None and now >= self._next_probe:
-            m = self._next_target(now)
-            self._next_probe = max(self._next_probe + c.probe_interval * scale, now)
-            if m is None:
-                return out
-            pid = self._new_id()
-            self._probe = _Probe(
-                pid, m.node, now + c.probe_timeout * scale, now + c.probe_interval * scale
-            )
-            self.stats["probes"] += 1
-            first: list[Update] = []
-            if m.status is Status.SUSPECT:  # tell it, so that it can refute at once
-                first.append(Suspect(m.node, m.incarnation, self.id))
-            out.append(
-                Outgoing(m.addr, self._piggyback(Ping(pid, m.node), Ping, (pid, m.node), first))
-            )
+        if now < p.end_at:
+            return False
+        missing = p.expected_nacks - p.nacks if p.expected_nacks else 1
+        self._health(missing)
+        self.stats["probe_failures"] += 1
+        m = self._roster.get(p.target)
+        if m is not None and _live(m):
+            self._on_suspect(Suspect(m.node, m.incarnation, self.id), now, probed=True)
+        return True
+
+    def _verification(self, now: float) -> list[Outgoing]:
+        """Send our new accusations to `suspicion_verifiers` random members, and probe
+        out of turn the suspects an accuser told us about first hand: a dead cell then
+        collects its confirmations within about one probe period."""
+        out: list[Outgoing] = []
+        c = self.config
+        for s in self._fan_out:
+            for member in self._random_others(c.suspicion_verifiers, live_only=True, skip=s.node):
+                out.append(Outgoing(member.addr, Gossip((s,))))
+        self._fan_out.clear()
+        for node in self._to_verify:
+            if len(self._checks) >= c.max_checks:
+                break
+            m = self._roster.get(node)
+            if m is None or m.status is not Status.SUSPECT:
+                continue
+            if (self._probe is not None and self._probe.target == node) or any(
+                q.target == node for q in self._checks.values()
+            ):
+                continue
+            p = self._start_probe(m, now, out)
+            self._checks[p.id] = p
+            self.stats["verify_probes"] += 1
+        self._to_verify.clear()
         return out
 
     def _on_ack(self, probe: int) -> list[Outgoing]:
         p = self._probe
         if p is not None and p.id == probe:
             self._probe = None
+            self._health(-1)
+            return []
+        if self._checks.pop(probe, None) is not None:
             self._health(-1)
             return []
         r = self._relays.pop(probe, None)
