@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import signal
+import urllib.request
 from dataclasses import dataclass
 
 import httpx
@@ -19,6 +20,7 @@ import trio
 from celld import http as http_server
 from celld.admin import MAX_BODY, Admin, parse_platform
 from celld.config import Config, load_cluster_key
+from celld.http_client import Pool
 from celld.metrics import Metrics
 from celld.mirror import Mirror
 from celld.sources import Sources
@@ -51,6 +53,7 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
     cluster_key = load_cluster_key(config)
     store = await trio.to_thread.run_sync(Store.open, config.data_dir)
     store.max_bytes = config.max_bytes
+    pool = _blob_pool()
     try:
         metrics = Metrics()
         metrics.store_bytes.set(store.total_bytes())
@@ -61,7 +64,7 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
             httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=True) as client,
             trio.open_nursery() as nursery,
         ):
-            sources = Sources(config, store, metrics, nursery, client)
+            sources = Sources(config, store, metrics, nursery, client, pool=pool)
             mirror = Mirror(sources, store, metrics, cluster_key)
             stager = Stager(config, store, sources, client, cluster_key)
             admin = Admin(config, store, stager, metrics, parse_platform(config.platform))
@@ -92,8 +95,19 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
             )
             task_status.started(running)
     finally:
+        if pool is not None:
+            with trio.CancelScope(shield=True):
+                await pool.aclose()
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(_close_store, store)
+
+
+def _blob_pool() -> Pool | None:
+    """The lean client for blob GETs (celld.http_client), unless the environment
+    names a proxy: then httpx, which knows proxies, carries them too."""
+    if any(urllib.request.getproxies().get(s) for s in ("http", "https", "all")):
+        return None
+    return Pool()
 
 
 def _close_store(store: Store) -> None:

@@ -44,6 +44,8 @@ from typing import Any, NamedTuple
 import httpx
 import trio
 
+from celld.http_client import Pool, Timeouts
+from celld.http_client import Response as LeanResponse
 from protocol.auth import Challenge, parse_www_authenticate, token_query
 from protocol.reference import parse_digest, parse_name, parse_reference
 
@@ -128,16 +130,15 @@ class ManifestHead(NamedTuple):
 class BlobResponse:
     """A blob body being received; read it with `aiter_bytes`, inside `open_blob`."""
 
-    def __init__(self, response: httpx.Response, where: str) -> None:
-        self._response = response
+    def __init__(self, chunks: AsyncIterator[bytes], length: str | None, where: str) -> None:
+        self._chunks = chunks
         self._where = where
-        length = response.headers.get("content-length", "")
-        self.size: int | None = int(length) if length.isdigit() else None
+        self.size: int | None = int(length) if length and length.isdigit() else None
 
-    async def aiter_bytes(self, chunk_size: int | None = None) -> AsyncIterator[bytes]:
-        """The body as it arrives (`chunk_size` None: whatever each network read gave)."""
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, as each network read gave it."""
         try:
-            async for chunk in self._response.aiter_bytes(chunk_size):
+            async for chunk in self._chunks:
                 yield chunk
         except httpx.TransportError as exc:
             raise Unavailable(f"{self._where}: transfer failed: {_describe(exc)}") from exc
@@ -206,6 +207,7 @@ class RegistryClient:
         *,
         credentials: Credentials | None = None,
         http: httpx.AsyncClient | None = None,
+        pool: Pool | None = None,
         connect_timeout: float = 2.0,
         read_timeout: float = 30.0,
     ) -> None:
@@ -218,6 +220,8 @@ class RegistryClient:
         self._timeout = httpx.Timeout(
             connect=connect_timeout, read=read_timeout, write=read_timeout, pool=read_timeout
         )
+        self._pool = pool  # blob GETs go through it when given (see celld.http_client)
+        self._pool_timeouts = Timeouts(connect=connect_timeout, read=read_timeout)
         self._scheme: str | None = None  # "bearer" or "basic", once a 401 told us
         self._bearer: Challenge | None = None
         self._tokens: dict[tuple, _CachedToken] = {}
@@ -262,16 +266,65 @@ class RegistryClient:
             )
 
     @asynccontextmanager
-    async def open_blob(self, name: str, digest: str) -> AsyncIterator[BlobResponse]:
-        """The blob's body as it arrives; follows the redirects registries send to storage."""
+    async def open_blob(
+        self, name: str, digest: str, *, while_waiting: Callable[[], None] | None = None
+    ) -> AsyncIterator[BlobResponse]:
+        """The blob's body as it arrives; follows the redirects registries send to storage.
+
+        `while_waiting` runs once before the response arrives: with the lean
+        client, while the registry thinks, so the caller's preparations (a
+        temp file) are off the time to first byte.
+        """
         name, digest = parse_name(name), str(parse_digest(str(digest)))
-        async with self._stream(
-            "GET",
-            self._url(f"/v2/{name}/blobs/{digest}"),
-            scopes=(_scope(name, "pull"),),
-            follow_redirects=True,
-        ) as response:
-            yield BlobResponse(response, self._where)
+        url = self._url(f"/v2/{name}/blobs/{digest}")
+        scopes = (_scope(name, "pull"),)
+        if self._pool is not None:
+            lean = await self._lean_get(url, scopes, while_waiting)
+            if lean is not None:
+                try:
+                    yield BlobResponse(lean.chunks(), lean.header(b"content-length"), self._where)
+                finally:
+                    await lean.aclose()
+                return
+        elif while_waiting is not None:
+            while_waiting()
+        async with self._stream("GET", url, scopes=scopes, follow_redirects=True) as response:
+            yield BlobResponse(
+                response.aiter_bytes(), response.headers.get("content-length"), self._where
+            )
+
+    async def _lean_get(
+        self, url: httpx.URL, scopes: tuple[str, ...], while_waiting: Callable[[], None] | None
+    ) -> LeanResponse | None:
+        """A 200 through the lean client, or None on a 401: httpx's path answers
+        challenges (it has the token flow), then later GETs carry the token here."""
+        sent = await self._authorization(scopes, stale=None)
+        where = f"{self._where}: GET {url.path}"
+        assert self._pool is not None
+        try:
+            response = await self._pool.get(
+                url,
+                [(b"user-agent", USER_AGENT.encode()), (b"accept", b"*/*")],
+                self._pool_timeouts,
+                authorization=sent.encode("latin-1") if sent is not None else None,
+                while_waiting=while_waiting,
+            )
+        except httpx.TooManyRedirects as exc:
+            raise RegistryError(f"{where}: too many redirects") from exc
+        except httpx.TransportError as exc:
+            raise Unavailable(f"{where}: {_describe(exc)}") from exc
+        if response.status == 200:
+            return response
+        try:
+            body = await response.read(MAX_SMALL_BODY)
+        except httpx.TransportError:
+            body = b""
+        finally:
+            await response.aclose()
+        if response.status == 401:
+            return None
+        self._raise_status(response.status, response.header(b"retry-after"), body, where)
+        raise AssertionError("unreachable: _raise_status always raises")
 
     async def has_blob(self, name: str, digest: str) -> bool:
         """HEAD of a blob: lets staging skip what a registry already holds."""
@@ -584,7 +637,9 @@ class RegistryClient:
                 status=response.status_code,
             )
         if response.status_code != 200:
-            self._raise_status(response, body, "GET", where)
+            self._raise_status(
+                response.status_code, response.headers.get("retry-after"), body, where
+            )
         try:
             answer = json.loads(body)
             token = answer.get("token") or answer.get("access_token")
@@ -613,10 +668,10 @@ class RegistryClient:
             body = await _read_limited(response, MAX_SMALL_BODY, self._where)
         except (RegistryError, httpx.TransportError):
             body = b""
-        self._raise_status(response, body, method, f"{self._where}: {method} {url.path}")
+        where = f"{self._where}: {method} {url.path}"
+        self._raise_status(response.status_code, response.headers.get("retry-after"), body, where)
 
-    def _raise_status(self, response: httpx.Response, body: bytes, method: str, where: str) -> None:
-        status = response.status_code
+    def _raise_status(self, status: int, retry_after: str | None, body: bytes, where: str) -> None:
         code, message = _error_fields(body)
         text = (
             f"{where}: {status}"
@@ -628,7 +683,7 @@ class RegistryClient:
         if status in (401, 403):
             raise Unauthorized(text, status=status, code=code)
         if status == 429 or status >= 500:
-            retry = response.headers.get("retry-after", "")
+            retry = retry_after or ""
             raise Unavailable(
                 text,
                 status=status,

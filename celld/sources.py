@@ -31,8 +31,10 @@ import httpx
 import trio
 
 from celld.config import Config, RegistryConfig
+from celld.http_client import Pool
 from celld.metrics import Metrics
 from celld.registry import (
+    BlobResponse,
     Credentials,
     ManifestResponse,
     NotFound,
@@ -200,7 +202,9 @@ class Sources:
         nursery: trio.Nursery,
         http: httpx.AsyncClient,
         clock: Callable[[], float] = trio.current_time,
+        pool: Pool | None = None,
     ) -> None:
+        """`pool`: the lean client blob GETs take (celld.http_client); None: httpx."""
         self.config = config
         self.store = store
         self.metrics = metrics
@@ -216,13 +220,16 @@ class Sources:
                     reg.url,
                     credentials=service_credentials(reg),
                     http=http,
+                    pool=pool,
                     connect_timeout=config.connect_timeout,
                 ),
             )
             for reg in config.registries
         ]
         self._upstreams = {
-            host: RegistryClient(up.url, http=http, connect_timeout=config.connect_timeout)
+            host: RegistryClient(
+                up.url, http=http, pool=pool, connect_timeout=config.connect_timeout
+            )
             for host, up in config.upstreams.items()
         }
 
@@ -365,30 +372,45 @@ class Sources:
             fetch.notify()
 
     async def _fetch_from(self, fetch: Fetch, source: Source) -> None:
-        async with source.client.open_blob(source.repo, fetch.digest) as response:
-            if response.size and self.store.over_limit(response.size):
-                evicted = await trio.to_thread.run_sync(self.store.make_room, response.size)
-                self._evicted(evicted)
-            writer = self.store.new_writer(
-                fetch.digest, source=source.label, private_scope=source.scope
+        writers: list[BlobWriter] = []
+
+        def prepare() -> None:
+            # Runs while the source thinks: the temp file is not on the time to first byte.
+            writers.append(
+                self.store.new_writer(fetch.digest, source=source.label, private_scope=source.scope)
             )
-            try:
-                fetch.size = response.size
-                fetch.source = source.kind
-                fetch.path = writer.path
-                fetch.notify()
-                await self._copy(fetch, writer, response.aiter_bytes())
-                if fetch.size is not None and writer.written != fetch.size:
-                    raise Unavailable(f"{source.label} sent {writer.written} of {fetch.size} bytes")
-                if fetch.size is not None and writer.matches():
-                    # Verified: waiters may finish now; durability (fsync, rename)
-                    # is the store's business, not the client's.
-                    fetch.verified = True
-                    fetch.notify()
-                entry = await trio.to_thread.run_sync(writer.commit)
-            except BaseException:
+
+        try:
+            async with source.client.open_blob(
+                source.repo, fetch.digest, while_waiting=prepare
+            ) as response:
+                writer = writers[0]
+                await self._follow(fetch, source, writer, response)
+        finally:
+            for writer in writers:
                 writer.abort()
-                raise
+
+    async def _follow(
+        self, fetch: Fetch, source: Source, writer: BlobWriter, response: BlobResponse
+    ) -> None:
+        """Streams one source's response into `writer`, waiters following, then commits."""
+        fetch.size = response.size
+        fetch.source = source.kind
+        fetch.path = writer.path
+        fetch.notify()
+        await _let_waiters_run()
+        if response.size and self.store.over_limit(response.size):
+            evicted = await trio.to_thread.run_sync(self.store.make_room, response.size)
+            self._evicted(evicted)
+        await self._copy(fetch, writer, response.aiter_bytes())
+        if fetch.size is not None and writer.written != fetch.size:
+            raise Unavailable(f"{source.label} sent {writer.written} of {fetch.size} bytes")
+        if fetch.size is not None and writer.matches():
+            # Verified: waiters may finish now; durability (fsync, rename)
+            # is the store's business, not the client's.
+            fetch.verified = True
+            fetch.notify()
+        entry = await trio.to_thread.run_sync(writer.commit)
         self.metrics.fetches.labels(source.kind, "ok").inc()
         self.metrics.fetched_bytes.labels(source.kind).inc(entry.size)
         self.metrics.store_bytes.inc(entry.size)
@@ -551,6 +573,15 @@ class Sources:
             log.warning("serving last known %s:%s -> %s (no source answered)", name, tag, stale)
             return await self._stored_manifest(entry)
         raise misses.error(unknown)
+
+
+async def _let_waiters_run() -> None:
+    """Lets the waiters `Fetch.notify` just woke send their response heads before
+    this task copies on: trio runs each batch of runnable tasks in random order,
+    so one checkpoint may still run the copy first; after two, every task woken
+    before them has had its turn."""
+    await trio.lowlevel.checkpoint()
+    await trio.lowlevel.checkpoint()
 
 
 def _sha256(data: bytes) -> str:

@@ -15,7 +15,7 @@ import math
 import pickle
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +24,7 @@ import httpx
 import pytest
 import trio
 
+from celld.http_client import Pool
 from celld.registry import (
     Credentials,
     NotFound,
@@ -44,21 +45,35 @@ if TYPE_CHECKING:
 ACCEPT = f"{OCI_MANIFEST}, application/vnd.docker.distribution.manifest.v2+json"
 
 
+@pytest.fixture(params=["httpx", "lean"])
+async def pool(request: pytest.FixtureRequest) -> AsyncIterator[Pool | None]:
+    """Blob GETs through httpx, or through the daemon's lean client (celld.http_client):
+    every blob test runs on both, since the daemon uses one and staging the other."""
+    if request.param == "httpx":
+        yield None
+        return
+    lean = Pool()
+    yield lean
+    await lean.aclose()
+
+
 async def read_blob(client: RegistryClient, name: str, digest: str) -> tuple[bytes, int]:
     """The blob's bytes and how many chunks they came in."""
     data, chunks = bytearray(), 0
     async with client.open_blob(name, digest) as blob:
-        async for chunk in blob.aiter_bytes(16 * 1024):
+        async for chunk in blob.aiter_bytes():
             data += chunk
             chunks += 1
         assert blob.size == len(data)
     return bytes(data), chunks
 
 
-async def test_anonymous_pull_of_manifest_and_streamed_blob(hub: Registry) -> None:
+async def test_anonymous_pull_of_manifest_and_streamed_blob(
+    hub: Registry, pool: Pool | None
+) -> None:
     image = make_image((1000, 200_000))
     push_image(hub.url, "library/demo", "v1", image)
-    client = RegistryClient(hub.url)
+    client = RegistryClient(hub.url, pool=pool)
     try:
         got = await client.get_manifest("library/demo", "v1", ACCEPT)
         assert (got.media_type, got.data, got.digest) == (
@@ -77,11 +92,11 @@ async def test_anonymous_pull_of_manifest_and_streamed_blob(hub: Registry) -> No
         await client.aclose()
 
 
-async def test_missing_things_are_not_found(hub: Registry) -> None:
+async def test_missing_things_are_not_found(hub: Registry, pool: Pool | None) -> None:
     image = make_image((100,))
     push_image(hub.url, "acme/app", "v1", image)
     async with httpx.AsyncClient() as http:
-        client = RegistryClient(hub.url, http=http)
+        client = RegistryClient(hub.url, http=http, pool=pool)
         with pytest.raises(NotFound) as tag:
             await client.get_manifest("acme/app", "no-such-tag", ACCEPT)
         assert tag.value.status == 404
@@ -108,12 +123,12 @@ async def test_dead_registry_is_unavailable_quickly() -> None:
     await client.aclose()
 
 
-async def test_silent_registry_is_unavailable_after_the_read_timeout() -> None:
+async def test_silent_registry_is_unavailable_after_the_read_timeout(pool: Pool | None) -> None:
     with socket.socket() as silent:  # accepts connections (kernel backlog), never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         port = silent.getsockname()[1]
-        client = RegistryClient(f"http://127.0.0.1:{port}", read_timeout=0.5)
+        client = RegistryClient(f"http://127.0.0.1:{port}", read_timeout=0.5, pool=pool)
         start = trio.current_time()
         with pytest.raises(Unavailable, match="ReadTimeout"):
             async with client.open_blob("library/demo", sha256(b"x")):
@@ -156,18 +171,22 @@ def misbehaving() -> Iterator[str]:
     server.server_close()
 
 
-async def test_overloaded_registry_is_unavailable(misbehaving: str) -> None:
-    client = RegistryClient(misbehaving)
+async def test_overloaded_registry_is_unavailable(misbehaving: str, pool: Pool | None) -> None:
+    client = RegistryClient(misbehaving, pool=pool)
     for name, status in (("library/down", 503), ("library/busy", 429)):
         with pytest.raises(Unavailable) as exc:
             await client.get_manifest(name, "v1", ACCEPT)
         assert (exc.value.status, exc.value.retry_after) == (status, 7.0)
         assert exc.value.code == "TOOMANYREQUESTS"
+        with pytest.raises(Unavailable) as exc:
+            async with client.open_blob(name, sha256(b"x")):
+                pass
+        assert (exc.value.status, exc.value.retry_after) == (status, 7.0)
     await client.aclose()
 
 
-async def test_body_cut_short_is_unavailable(misbehaving: str) -> None:
-    client = RegistryClient(misbehaving)
+async def test_body_cut_short_is_unavailable(misbehaving: str, pool: Pool | None) -> None:
+    client = RegistryClient(misbehaving, pool=pool)
     with pytest.raises(Unavailable, match="transfer failed"):
         await client.get_manifest("short/app", "v1", ACCEPT)
     received = b""
@@ -184,11 +203,11 @@ async def test_body_cut_short_is_unavailable(misbehaving: str) -> None:
 
 
 async def test_public_image_pulls_anonymously_through_the_token_flow(
-    token_hub: AuthHub,
+    token_hub: AuthHub, pool: Pool | None
 ) -> None:
     image = make_image((1000, 50_000))
     token_hub.push("public/tool", "v1", image)
-    client = RegistryClient(token_hub.url)
+    client = RegistryClient(token_hub.url, pool=pool)
     got = await client.get_manifest("public/tool", "v1", ACCEPT)
     assert got.data == image.manifest.data
     for blob in image.blobs:
@@ -208,7 +227,23 @@ async def test_public_image_pulls_anonymously_through_the_token_flow(
     assert all("Authorization" not in h and "authorization" not in h for _, _, h in fetched)
 
 
-async def test_private_image_needs_credentials(token_hub: AuthHub) -> None:
+async def test_a_blob_as_first_request_learns_the_token_flow(
+    token_hub: AuthHub, pool: Pool | None
+) -> None:
+    image = make_image((70_000,))
+    token_hub.push("public/tool", "v2", image)
+    client = RegistryClient(token_hub.url, pool=pool)
+    for blob in image.blobs:  # the first GET meets the 401; the rest carry the token
+        assert (await read_blob(client, "public/tool", blob.digest))[0] == blob.data
+    await client.aclose()
+    assert token_hub.tokens is not None and token_hub.storage is not None
+    assert len(token_hub.tokens.requests) == 1
+    fetched = [h for _, p, h in token_hub.storage.seen if p.endswith("/data")]
+    assert len(fetched) == len(image.blobs)
+    assert all("authorization" not in {k.lower() for k in h} for h in fetched)
+
+
+async def test_private_image_needs_credentials(token_hub: AuthHub, pool: Pool | None) -> None:
     image = make_image((1000,))
     token_hub.push("private/shop", "2.1", image)
     anonymous = RegistryClient(token_hub.url)
@@ -220,7 +255,7 @@ async def test_private_image_needs_credentials(token_hub: AuthHub) -> None:
     await anonymous.aclose()
 
     alice = Credentials("alice", token_hub.users["alice"])
-    client = RegistryClient(token_hub.url, credentials=alice)
+    client = RegistryClient(token_hub.url, credentials=alice, pool=pool)
     assert (await client.get_manifest("private/shop", "2.1", ACCEPT)).data == image.manifest.data
     blob = image.layers[0]
     assert (await read_blob(client, "private/shop", blob.digest))[0] == blob.data

@@ -1,0 +1,311 @@
+"""A lean HTTP/1.1 client for blob downloads: h11 on trio sockets, kept alive.
+
+Owns the connections a cell's misses GET blobs over: one idle stack per origin,
+TLS through `trio.SSLStream`, redirects to blob storage (the Authorization
+header goes only to the origin it was made for), and the mapping of socket and
+protocol failures onto httpx's exception classes, so celld.registry handles
+one error vocabulary whichever client ran.
+
+Why not httpx here: a miss's time to first byte is what a container runtime
+waits on, and on the miss path httpx's request and response machinery costs
+about 0.7 ms of a cold CPU per request, a quarter of a local registry's own
+answer time (python -m simulations.bench.serve measures the path end to end).
+Everything that needs more of HTTP (token requests, manifests, pushes, 401
+challenges, proxies) stays on httpx; celld.registry decides which runs.
+
+Never: request bodies, proxies, HTTP/2, cookies.
+"""
+
+from __future__ import annotations
+
+import select
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import h11
+import httpx
+import trio
+
+MAX_HEADER_BYTES = 64 * 1024  # a registry's response head; more is not a registry
+MAX_IDLE_PER_ORIGIN = 8
+MAX_REDIRECTS = 5
+RECEIVE_SIZE = 256 * 1024
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float
+    read: float
+
+
+@dataclass(frozen=True)
+class _Origin:
+    scheme: str
+    host: str
+    port: int
+
+    @classmethod
+    def of(cls, url: httpx.URL) -> _Origin:
+        if url.scheme not in ("http", "https"):
+            raise httpx.UnsupportedProtocol(f"unsupported URL scheme {url.scheme!r}")
+        port = url.port or (443 if url.scheme == "https" else 80)
+        return cls(url.scheme, url.host, port)
+
+    @property
+    def host_header(self) -> bytes:
+        default = 443 if self.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return (host if self.port == default else f"{host}:{self.port}").encode("ascii")
+
+
+class _Connection:
+    """One socket and its h11 state; reusable once a response was read to its end."""
+
+    def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType) -> None:
+        self.stream = stream
+        self.sock = sock
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
+
+    def idle_and_open(self) -> bool:
+        """An idle connection the server closed (or wrote to) polls readable."""
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        return not poller.poll(0)
+
+    async def next_event(self, timeout: float) -> h11.Event:
+        """The next h11 event, reading from the socket as needed, within `timeout`."""
+        while True:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise httpx.RemoteProtocolError(str(exc)) from exc
+            if event is not h11.NEED_DATA:
+                return event
+            try:
+                with trio.fail_after(timeout):
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+            except trio.TooSlowError as exc:
+                raise httpx.ReadTimeout("no data from the server in time") from exc
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise httpx.ReadError(f"reading the response: {_reason(exc)}") from exc
+            self.h11.receive_data(data)
+
+    async def close(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+
+class Response:
+    """A response head, and its body to read with `chunks` (or `read`); `aclose` always."""
+
+    def __init__(
+        self, pool: Pool, origin: _Origin, conn: _Connection, head: h11.Response, read: float
+    ) -> None:
+        self.status = head.status_code
+        self.headers = head.headers  # h11 gives lower-case names
+        self._pool = pool
+        self._origin = origin
+        self._conn = conn
+        self._read = read
+        self._closed = False
+
+    def header(self, name: bytes) -> str | None:
+        for key, value in self.headers:
+            if key == name:
+                return value.decode("latin-1")
+        return None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while True:
+            event = await self._conn.next_event(self._read)
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return
+
+    async def read(self, limit: int) -> bytes:
+        """The whole body, or httpx.DecodingError past `limit` bytes (error bodies only)."""
+        data = bytearray()
+        async for chunk in self.chunks():
+            data += chunk
+            if len(data) > limit:
+                raise httpx.DecodingError(f"body over the {limit}-byte limit")
+        return bytes(data)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        conn = self._conn
+        if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
+            conn.h11.start_next_cycle()
+            self._pool._release(self._origin, conn)
+        else:
+            await conn.close()
+
+
+class Pool:
+    """GET over HTTP/1.1, connections kept alive per origin.
+
+    A request that fails on a reused connection before any response byte
+    arrived is retried once on a fresh one: the server may have closed the
+    idle socket just as we wrote, and a GET is safe to repeat.
+    """
+
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._ssl = ssl_context
+        self._idle: dict[_Origin, list[_Connection]] = {}
+        self._closed = False
+
+    async def get(
+        self,
+        url: httpx.URL,
+        headers: list[tuple[bytes, bytes]],
+        timeouts: Timeouts,
+        *,
+        authorization: bytes | None = None,
+        while_waiting: Callable[[], None] | None = None,
+    ) -> Response:
+        """GETs `url`, following redirects; the final response's head, body unread.
+
+        `authorization` goes only to `url`'s own origin, never to where it
+        redirects. `while_waiting` runs once the first request is on the wire,
+        so work the caller needs anyway overlaps the server's think time.
+        """
+        first = _Origin.of(url)
+        once = _Once(while_waiting)
+        for _ in range(MAX_REDIRECTS + 1):
+            origin = _Origin.of(url)
+            head = [(b"host", origin.host_header), *headers]
+            if authorization is not None and origin == first:
+                head.append((b"authorization", authorization))
+            request = h11.Request(method="GET", target=url.raw_path, headers=head)
+            response = await self._exchange(origin, request, timeouts, once)
+            location = response.header(b"location")
+            if response.status not in REDIRECTS or not location:
+                return response
+            await response.aclose()
+            url = url.join(location)
+        raise httpx.TooManyRedirects(f"more than {MAX_REDIRECTS} redirects")
+
+    async def aclose(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                await conn.close()
+
+    # -- connections ---------------------------------------------------------
+
+    async def _exchange(
+        self,
+        origin: _Origin,
+        request: h11.Request,
+        timeouts: Timeouts,
+        while_waiting: _Once,
+    ) -> Response:
+        reused = self._checkout(origin)
+        conn = reused or await self._connect(origin, timeouts.connect)
+        try:
+            try:
+                head = await self._send(conn, request, timeouts.read, while_waiting)
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+                if reused is None:
+                    raise
+                await conn.close()
+                conn = await self._connect(origin, timeouts.connect)
+                head = await self._send(conn, request, timeouts.read, while_waiting)
+        except BaseException:
+            await conn.close()
+            raise
+        return Response(self, origin, conn, head, timeouts.read)
+
+    def _checkout(self, origin: _Origin) -> _Connection | None:
+        stack = self._idle.get(origin)
+        while stack:
+            conn = stack.pop()
+            if conn.idle_and_open():
+                return conn
+            conn.sock.close()
+        return None
+
+    def _release(self, origin: _Origin, conn: _Connection) -> None:
+        stack = self._idle.setdefault(origin, [])
+        if self._closed or len(stack) >= MAX_IDLE_PER_ORIGIN:
+            conn.sock.close()
+            return
+        stack.append(conn)
+
+    async def _connect(self, origin: _Origin, timeout: float) -> _Connection:
+        where = f"{origin.host}:{origin.port}"
+        try:
+            with trio.fail_after(timeout):
+                tcp = await trio.open_tcp_stream(origin.host, origin.port)
+                stream: trio.abc.Stream = tcp
+                if origin.scheme == "https":
+                    stream = trio.SSLStream(
+                        tcp, self._ssl_context(), server_hostname=origin.host, https_compatible=True
+                    )
+                    try:
+                        await stream.do_handshake()
+                    except BaseException:
+                        await trio.aclose_forcefully(tcp)
+                        raise
+        except trio.TooSlowError as exc:
+            raise httpx.ConnectTimeout(f"connecting to {where} timed out") from exc
+        except (OSError, trio.BrokenResourceError) as exc:
+            raise httpx.ConnectError(f"connecting to {where}: {_reason(exc)}") from exc
+        return _Connection(stream, tcp.socket)
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = httpx.create_ssl_context()
+        return self._ssl
+
+    async def _send(
+        self,
+        conn: _Connection,
+        request: h11.Request,
+        read: float,
+        while_waiting: _Once,
+    ) -> h11.Response:
+        try:
+            data = conn.h11.send(request) + conn.h11.send(h11.EndOfMessage())
+        except h11.LocalProtocolError as exc:
+            raise httpx.LocalProtocolError(str(exc)) from exc
+        try:
+            with trio.fail_after(read):
+                await conn.stream.send_all(data)
+        except trio.TooSlowError as exc:
+            raise httpx.WriteTimeout("sending the request timed out") from exc
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise httpx.WriteError(f"sending the request: {_reason(exc)}") from exc
+        while_waiting()
+        while True:
+            event = await conn.next_event(read)
+            if isinstance(event, h11.Response):
+                return event
+            if isinstance(event, h11.ConnectionClosed):
+                raise httpx.RemoteProtocolError("server closed the connection before answering")
+            # h11.InformationalResponse (100 Continue and the like): keep reading.
+
+
+class _Once:
+    """Calls `fn` the first time it is called, never again (a retry or a redirect
+    must not prepare twice)."""
+
+    def __init__(self, fn: Callable[[], None] | None) -> None:
+        self._fn = fn
+
+    def __call__(self) -> None:
+        fn, self._fn = self._fn, None
+        if fn is not None:
+            fn()
+
+
+def _reason(exc: BaseException) -> str:
+    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+    if cause is None:
+        return type(exc).__name__
+    return getattr(cause, "strerror", None) or str(cause) or type(cause).__name__

@@ -1,0 +1,146 @@
+"""celld.http_client, the lean client blob GETs take: what a registry operator sees.
+
+Connections are kept alive and reused (one TCP connection for many GETs), a
+connection the server closed while idle is replaced without the caller noticing,
+credentials go to the origin they were made for and not where it redirects, and
+a proxy in the environment sends the daemon back to httpx, which knows proxies.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from celld.daemon import _blob_pool
+from celld.http_client import Pool, Timeouts
+
+TIMEOUTS = Timeouts(connect=2.0, read=5.0)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.connections = 0
+        self.seen: list[tuple[str, str | None]] = []  # (path, Authorization)
+        self.close_after_each = False
+        self.redirect_to: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like a registry
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.connections += 1
+
+    def do_GET(self) -> None:
+        self.server.seen.append((self.path, self.headers.get("Authorization")))
+        if self.path.startswith("/redirect") and self.server.redirect_to:
+            self.send_response(307)
+            self.send_header("Location", self.server.redirect_to + "/data")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = self.path.encode() * 1000
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        if self.server.close_after_each:
+            self.close_connection = True  # closes without saying so in a header
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[_Server]:
+    yield from _serve()
+
+
+@pytest.fixture
+def storage() -> Iterator[_Server]:
+    yield from _serve()
+
+
+def _serve() -> Iterator[_Server]:
+    srv = _Server()
+    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+async def _get(pool: Pool, url: str, authorization: bytes | None = None) -> tuple[int, bytes]:
+    response = await pool.get(httpx.URL(url), [], TIMEOUTS, authorization=authorization)
+    try:
+        body = b"".join([chunk async for chunk in response.chunks()])
+    finally:
+        await response.aclose()
+    return response.status, body
+
+
+async def test_connections_are_kept_alive_and_reused(server: _Server) -> None:
+    pool = Pool()
+    for i in range(5):
+        assert await _get(pool, f"{server.url}/v2/{i}") == (200, f"/v2/{i}".encode() * 1000)
+    await pool.aclose()
+    assert server.connections == 1
+
+
+async def test_a_connection_the_server_closed_is_replaced(server: _Server) -> None:
+    server.close_after_each = True
+    pool = Pool()
+    for i in range(3):
+        assert await _get(pool, f"{server.url}/v2/{i}") == (200, f"/v2/{i}".encode() * 1000)
+    await pool.aclose()
+    assert server.connections == 3
+
+
+async def test_a_body_left_unread_does_not_poison_the_pool(server: _Server) -> None:
+    pool = Pool()
+    response = await pool.get(httpx.URL(f"{server.url}/v2/a"), [], TIMEOUTS)
+    await response.aclose()  # the caller gave up mid-body: that connection cannot be reused
+    assert await _get(pool, f"{server.url}/v2/b") == (200, b"/v2/b" * 1000)
+    await pool.aclose()
+    assert server.connections == 2
+
+
+async def test_authorization_stays_with_its_origin_across_redirects(
+    server: _Server, storage: _Server
+) -> None:
+    server.redirect_to = storage.url
+    pool = Pool()
+    status, body = await _get(pool, f"{server.url}/redirect", authorization=b"Bearer secret")
+    await pool.aclose()
+    assert (status, body) == (200, b"/data" * 1000)
+    assert server.seen == [("/redirect", "Bearer secret")]
+    assert storage.seen == [("/data", None)]
+
+
+async def test_a_dead_origin_is_a_connect_error() -> None:
+    pool = Pool()
+    with pytest.raises(httpx.ConnectError, match=r"127\.0\.0\.1:1\b"):
+        await pool.get(httpx.URL("http://127.0.0.1:1/v2/"), [], TIMEOUTS)
+    await pool.aclose()
+
+
+def test_a_proxy_in_the_environment_keeps_blob_gets_on_httpx(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert isinstance(_blob_pool(), Pool)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert _blob_pool() is None
