@@ -792,9 +792,8 @@ class Membership:
 
     def _stale(self, node: str) -> None:
         """The sender of the message being received still accuses `node` at an
-        incarnation it has since refuted: tell it directly (see `_corrections`), unless
-        our own gossip still carries the refutation (the epidemic has not passed us)."""
-        if self._sender is not None and node not in self._correct and node not in self._bcast:
+        incarnation it has since refuted: tell it directly (see `_corrections`)."""
+        if self._sender is not None and node not in self._correct:
             self._correct.append(node)
 
     def _corrections(self, sender_addr: str) -> list[Outgoing]:
