@@ -310,8 +310,21 @@ def test_at_1000_cells_a_lone_accusation_waits_12_s_and_three_confirmations_1_5_
     assert confirmed.status_of("n5") is Status.DEAD
     lone.tick(21.99)
     assert lone.status_of("n5") is Status.SUSPECT
-    lone.tick(22.0)  # 8 x 1.5 s: refutation had 12 s to come
+    # 8 x 1.5 s: the refutation had 12 s to come. On one cell's word alone, we first
+    # probe the suspect ourselves (a last check, carrying the suspicion)...
+    check = [o for o in lone.tick(22.0) if isinstance(o.msg, Ping) and o.msg.target == "n5"]
+    assert len(check) == 1 and Suspect("n5", 0, "n0") in check[0].msg.updates
+    lone.tick(22.99)
+    assert lone.status_of("n5") is Status.SUSPECT
+    lone.tick(23.0)  # ...and declare it dead when that probe fails too
     assert lone.status_of("n5") is Status.DEAD
+    # had it answered, it would have had a full timeout more to refute
+    saved = _thousand()
+    saved.receive(Gossip((Suspect("n5", 0, "n7"),)), "n9", 10.0)
+    check = [o for o in saved.tick(22.0) if isinstance(o.msg, Ping) and o.msg.target == "n5"]
+    saved.receive(wire.Ack(check[0].msg.probe), "n5", 22.01)
+    saved.tick(33.0)
+    assert saved.status_of("n5") is Status.SUSPECT
 
 
 def test_a_suspicion_heard_from_its_accuser_is_checked_by_probing_the_suspect() -> None:
@@ -424,12 +437,13 @@ def test_push_pull_of_a_large_table_is_chunked_and_fully_merged() -> None:
 def test_an_isolated_cell_loses_health_and_slows_its_probing() -> None:
     m = Membership("me", "me", "z", Config(), random.Random(5))
     m.preload([MemberState(f"n{i}", 0, f"n{i}", "z", Status.ALIVE) for i in range(20)], 0.0)
-    t, sent = 0.0, 0
+    t, probes = 0.0, set()
     while t < 30:  # nobody answers anything
         t = max(m.next_deadline(), t)
-        sent += sum(isinstance(o.msg, wire.Ping) for o in m.tick(t))
+        probes |= {o.msg.probe for o in m.tick(t) if isinstance(o.msg, wire.Ping)}
     assert m.health == Config().awareness_max - 1
-    assert sent < 15  # ~30 with a healthy score
+    assert m.stats["probes"] < 15  # round-robin probes: ~30 with a healthy score
+    assert len(probes) < 25  # checks of its own suspicions included
     m2 = Membership("you", "you", "z", Config(), random.Random(5))
     m2.preload([MemberState("n1", 0, "n1", "z", Status.ALIVE)], 0.0)
     m2.health = 3
