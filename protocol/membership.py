@@ -76,9 +76,11 @@ suspicion; loss_5pct/10pct_1000: no live cell declared dead in 10 minutes.
 
 A suspicion can outrun its refutation: a cell that hears Suspect(n, i) after the
 Alive(n, i+1) epidemic has passed it would keep it to its timer's end and declare a live
-cell dead. So a cell that receives news about n older than what it knows (or about
-itself, older than its incarnation) answers the sender directly with its current Alive
-for n (`_corrections`); the stale cell's own gossip brings it the answer.
+cell dead. Two guards: a cell that receives news about n older than what it knows (or
+about itself, older than its incarnation) answers the sender directly with its current
+Alive for n (`_corrections`; on the Ack too when the news came on a Ping), so the stale
+cell's own gossip brings it the answer; and a suspicion nobody confirmed is declared
+dead only after a last check, one probe of our own carrying the suspicion, fails too.
 
 Our own health score (Lifeguard's local health awareness, 0 .. awareness_max - 1) grows
 on failed probes (by the number of missing Nacks, which tell "my network is bad" from
@@ -563,6 +565,7 @@ class Membership:
         self.epoch += 1
         self._me.status = Status.LEFT
         self._probe = None
+        self._checks.clear()
         self._bcast.push(Dead(self.id, self.incarnation, self.id), urgent=True)
         return self._gossip(now)
 
@@ -605,7 +608,9 @@ class Membership:
         """When `tick` next has something to do (math.inf: nothing until a message comes)."""
         if not self._started:
             return math.inf
-        t = min(self._next_join, self._next_probe if not self._leaving else math.inf)
+        t = self._next_join
+        if not self._leaving and self._probe is None:  # one probe at a time
+            t = min(t, self._next_probe)
         if self._bcast:
             t = min(t, self._next_gossip)
         if not self._leaving:

@@ -368,6 +368,22 @@ def test_a_cell_spreading_a_refuted_suspicion_is_answered_with_the_refutation() 
     assert [(o.addr, o.msg) for o in out] == [("n8", Gossip((Alive("n0", 1, "n0", "z"),)))]
 
 
+def test_a_tick_leaves_nothing_due_even_when_leaving_with_a_check_in_flight() -> None:
+    m = _thousand()
+    m.receive(Gossip((Suspect("n5", 0, "n7"),)), "n7", 10.0)  # a check of n5 starts
+    t = 10.0
+    for step in range(40):
+        if step == 3:
+            m.leave(t)
+        m.tick(t)
+        nxt = m.next_deadline()
+        assert nxt > t, step  # or a driver would tick in a loop at the same instant
+        t = nxt
+        if t == math.inf:
+            break
+    assert m.done_leaving
+
+
 def test_broadcasts_go_fewest_sent_first_replace_older_news_and_stop_at_the_limit() -> None:
     q = _Broadcasts()
     q.push(Alive("a", 1, "a", "z"))
