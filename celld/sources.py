@@ -429,17 +429,34 @@ class Sources:
 
         The first bytes are written at once, on the event loop (a few KiB cost
         microseconds), so waiters get them without delay; after that, batches
-        grow to WRITE_BATCH and go through a worker thread, so hashing a large
-        layer never stalls the loop and thread hops stay few.
+        grow to WRITE_BATCH and go to a worker thread while this task receives
+        the next one: hashing and writing overlap the network instead of
+        taking turns with it, and never stall the loop. At most two batches
+        wait behind the one being written.
         """
-        batch = bytearray()
-        async for chunk in chunks:
-            batch += chunk
-            if len(batch) >= min(WRITE_BATCH, max(FIRST_WRITE, writer.written)):
-                await self._write(fetch, writer, bytes(batch))
-                batch.clear()
-        if batch:
-            await self._write(fetch, writer, bytes(batch))
+        send, receive = trio.open_memory_channel[bytes](1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._drain, fetch, writer, receive)
+            async with send:
+                batch: list[bytes] = []
+                batched = received = 0
+                async for chunk in chunks:
+                    batch.append(chunk)
+                    batched += len(chunk)
+                    if batched >= min(WRITE_BATCH, max(FIRST_WRITE, received)):
+                        received += batched
+                        await send.send(b"".join(batch))
+                        batch.clear()
+                        batched = 0
+                if batch:
+                    await send.send(b"".join(batch))
+
+    async def _drain(
+        self, fetch: Fetch, writer: BlobWriter, batches: trio.MemoryReceiveChannel[bytes]
+    ) -> None:
+        async with batches:
+            async for data in batches:
+                await self._write(fetch, writer, data)
 
     async def _write(self, fetch: Fetch, writer: BlobWriter, data: bytes) -> None:
         if len(data) <= INLINE_WRITE:

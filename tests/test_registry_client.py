@@ -71,7 +71,7 @@ async def read_blob(client: RegistryClient, name: str, digest: str) -> tuple[byt
 async def test_anonymous_pull_of_manifest_and_streamed_blob(
     hub: Registry, pool: Pool | None
 ) -> None:
-    image = make_image((1000, 200_000))
+    image = make_image((1000, 3_000_000))
     push_image(hub.url, "library/demo", "v1", image)
     client = RegistryClient(hub.url, pool=pool)
     try:
