@@ -7,8 +7,9 @@ shared and noisy, so only ratios measured side by side mean anything):
 - hit throughput: a cached blob served to 1 and to 16 concurrent clients by
   celld, by nginx (sendfile on, one worker, like celld's one event loop) and
   by docker-registry; ratios celld/nginx and celld/registry; celld's peak RSS.
-- miss TTFB: time to the first body byte of an uncached blob through celld,
-  against the same blob fetched directly from the upstream registry.
+- miss TTFB: time to the first byte of an uncached blob through celld,
+  against the same blob fetched directly from the upstream registry; and the
+  throughput of those whole transfers.
 
 The client is curl writing to /dev/null, one process per concurrent client,
 the same for every server. Run: python -m simulations.bench.serve [--size-mib 256]
@@ -104,14 +105,25 @@ def curl_many(url: str, clients: int, repeat: int) -> float:
     return total / (time.perf_counter() - started)
 
 
-def ttfb(url: str) -> float:
+def ttfb(url: str) -> tuple[float, float]:
+    """(time to first byte, MiB/s over the whole body) of one GET."""
     out = subprocess.run(
-        ["curl", "-s", "-f", "-o", "/dev/null", "-w", "%{time_starttransfer}", url],
+        [
+            "curl",
+            "-s",
+            "-f",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{time_starttransfer} %{speed_download}",
+            url,
+        ],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    return float(out)
+    first, speed = out.split()
+    return float(first), float(speed) / 2**20
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -164,7 +176,8 @@ def main() -> None:
                             curl_many(url, clients, repeat)
                         )
 
-            miss_celld, miss_direct = [], []
+            miss_celld: list[tuple[float, float]] = []
+            miss_direct: list[tuple[float, float]] = []
             for i, b in enumerate(blobs[1:]):
                 # Alternate who goes first, and let the previous miss's commit
                 # (fsync of the whole blob) finish, so neither side measures
@@ -205,10 +218,15 @@ def main() -> None:
             f"{c / n:>12.2f} {c / r:>15.2f}"
         )
     print(f"celld peak RSS: {rss:.0f} MiB")
-    tc, td = statistics.median(miss_celld), statistics.median(miss_direct)
+    tc, td = (statistics.median(t for t, _ in m) for m in (miss_celld, miss_direct))
     print(
         f"uncached {args.size_mib} MiB TTFB, median of {len(miss_celld)}: "
         f"celld {tc * 1000:.1f} ms, direct {td * 1000:.1f} ms, ratio {tc / td:.2f}"
+    )
+    rc, rd = (statistics.median(r for _, r in m) for m in (miss_celld, miss_direct))
+    print(
+        f"uncached {args.size_mib} MiB throughput, median of {len(miss_celld)}: "
+        f"celld {rc:.0f} MiB/s, direct {rd:.0f} MiB/s, ratio {rc / rd:.2f}"
     )
 
 
