@@ -74,7 +74,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import lru_cache
@@ -227,8 +227,19 @@ def _top(digest: Digest, members: Iterable[MemberId], r: int) -> list[MemberId]:
 
 
 @lru_cache(maxsize=4096)
+def _top_scored(
+    digest: Digest, members: frozenset[MemberId], r: int
+) -> tuple[tuple[int, MemberId], ...]:
+    """The R best (score, member) pairs, memoized on the frozenset: the cells of one
+    view (a simulator's thousands) share one O(N) computation per digest."""
+    dk = _key(digest)
+    key = _key
+    mix = _mix64
+    return tuple(heapq.nlargest(r, [(mix(key(m) ^ dk), m) for m in members]))
+
+
 def _top_cached(digest: Digest, members: frozenset[MemberId], r: int) -> tuple[MemberId, ...]:
-    return tuple(_top(digest, members, r))
+    return tuple(m for _, m in _top_scored(digest, members, r))
 
 
 def home_cells(digest: Digest, live_members: Iterable[MemberId], r: int = 3) -> list[MemberId]:
@@ -259,9 +270,7 @@ class Homes:
 
     def track(self, digest: Digest) -> list[MemberId]:
         if digest not in self._homes:
-            dk = _key(digest)
-            scored = [(_mix64(_key(m) ^ dk), m) for m in self._members]
-            self._homes[digest] = heapq.nlargest(self.r, scored)
+            self._homes[digest] = list(_top_scored(digest, self._members, self.r))
         return self.of(digest)
 
     def untrack(self, digest: Digest) -> None:
@@ -287,15 +296,13 @@ class Homes:
         removed = self._members - new
         self._members = new
         changed: dict[Digest, tuple[list[MemberId], list[MemberId]]] = {}
-        if not added and not removed:
+        if not self._homes or (not added and not removed):
             return changed
         added_keys = [(_key(m), m) for m in added]
         for digest, top in self._homes.items():
             old = [m for _, m in top]
             if removed and any(m in removed for m in old):
-                dk = _key(digest)
-                scored = [(_mix64(_key(m) ^ dk), m) for m in new]
-                top = heapq.nlargest(self.r, scored)
+                top = list(_top_scored(digest, new, self.r))
             elif added_keys:
                 dk = _key(digest)
                 for k, m in added_keys:
@@ -313,6 +320,8 @@ class Homes:
 
 # ---------------------------------------------------------------------------------------
 # Home side: the directory
+
+_LEASE = ""  # the member field of a lease's entry in the expiry heap (no member is "")
 
 
 @dataclass(slots=True)
@@ -332,10 +341,53 @@ class _Lease:
     expires: float
 
 
+class _Bag:
+    """A set of members that also draws a random sample in O(sample size): a list for
+    indexing plus each member's position (removal swaps the last one in). Its order
+    depends only on the calls made, never on string hashing, so a seeded rng draws the
+    same sample in every process."""
+
+    __slots__ = ("_items", "_pos")
+
+    def __init__(self) -> None:
+        self._items: list[MemberId] = []
+        self._pos: dict[MemberId, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, member: object) -> bool:
+        return member in self._pos
+
+    def __iter__(self) -> Iterator[MemberId]:
+        return iter(self._items)
+
+    def add(self, member: MemberId) -> None:
+        if member not in self._pos:
+            self._pos[member] = len(self._items)
+            self._items.append(member)
+
+    def discard(self, member: MemberId) -> None:
+        i = self._pos.pop(member, None)
+        if i is None:
+            return
+        last = self._items.pop()
+        if i < len(self._items):
+            self._items[i] = last
+            self._pos[last] = i
+
+    def sample(self, rng: random.Random, k: int) -> list[MemberId]:
+        """Up to k distinct members, uniformly at random (all of them when k >= size)."""
+        if len(self._items) <= k:
+            return list(self._items)
+        return rng.sample(self._items, k)
+
+
 @dataclass(slots=True)
 class _Entry:
     records: dict[MemberId, _Record] = field(default_factory=dict)
-    complete: set[MemberId] = field(default_factory=set)  # members with a complete record
+    members: _Bag = field(default_factory=_Bag)  # the keys of records, for sampling
+    complete: _Bag = field(default_factory=_Bag)  # members with a complete record
     lease: _Lease | None = None
     piece_count: int = 0
 
@@ -361,7 +413,9 @@ class ProviderDirectory:
         self._rng = rng
         self._entries: dict[Digest, _Entry] = {}
         self._by_member: dict[MemberId, set[Digest]] = {}
-        self._expiry: list[tuple[float, Digest]] = []  # lazy: checked against records
+        # (when, digest, member or _LEASE), one per record or lease written; lazy: an
+        # entry whose record was refreshed since is skipped when it comes up
+        self._expiry: list[tuple[float, Digest, MemberId]] = []
         self._members: frozenset[MemberId] | None = None
         self.leases_granted = 0
 
@@ -385,6 +439,7 @@ class ProviderDirectory:
 
     def _forget(self, digest: Digest, entry: _Entry, member: MemberId) -> None:
         entry.records.pop(member, None)
+        entry.members.discard(member)
         entry.complete.discard(member)
         if entry.lease is not None and entry.lease.holder == member:
             entry.lease = None
@@ -407,9 +462,10 @@ class ProviderDirectory:
         entry.records[sender] = _Record(
             msg.zone, msg.complete, msg.pieces, msg.piece_count, msg.load, expires
         )
+        entry.members.add(sender)
         entry.piece_count = msg.piece_count
         self._by_member.setdefault(sender, set()).add(msg.digest)
-        heapq.heappush(self._expiry, (expires, msg.digest))
+        heapq.heappush(self._expiry, (expires, msg.digest, sender))
         lease = entry.lease
         if msg.complete:
             entry.complete.add(sender)
@@ -421,7 +477,7 @@ class ProviderDirectory:
             # A renewal, or news of a lease another home granted. A different live holder
             # keeps it (two grants raced); the announcer sees HELD on its next lookup.
             entry.lease = _Lease(sender, now + self.config.lease_ttl)
-            heapq.heappush(self._expiry, (now + self.config.lease_ttl, msg.digest))
+            heapq.heappush(self._expiry, (now + self.config.lease_ttl, msg.digest, _LEASE))
 
     def receive_withdraw(self, sender: MemberId, msg: Withdraw, now: float) -> None:
         entry = self._entries.get(msg.digest)
@@ -433,23 +489,26 @@ class ProviderDirectory:
         self._forget(msg.digest, entry, sender)
 
     def expire(self, now: float) -> None:
-        """Drop records and leases whose time has passed."""
+        """Drop records and leases whose time has passed (O(log n) a record: each one
+        has its own entry in the expiry heap)."""
         heap = self._expiry
         while heap and heap[0][0] <= now:
-            _, digest = heapq.heappop(heap)
+            _, digest, member = heapq.heappop(heap)
             entry = self._entries.get(digest)
             if entry is None:
                 continue
-            if entry.lease is not None and entry.lease.expires <= now:
-                entry.lease = None
-            stale = [m for m, r in entry.records.items() if r.expires <= now]
-            for member in stale:
+            if member == _LEASE:
+                if entry.lease is not None and entry.lease.expires <= now:
+                    entry.lease = None
+                    if not entry.records:
+                        del self._entries[digest]
+                continue
+            record = entry.records.get(member)
+            if record is not None and record.expires <= now:
                 digests = self._by_member.get(member)
                 if digests is not None:
                     digests.discard(digest)
                 self._forget(digest, entry, member)
-            if not stale and not entry.records and entry.lease is None:
-                del self._entries[digest]
 
     def next_deadline(self) -> float | None:
         return self._expiry[0][0] if self._expiry else None
@@ -469,9 +528,19 @@ class ProviderDirectory:
         records = entry.records
         asker = sender
 
+        rng = self._rng
+        k = self.config.max_providers
+        # A random few complete providers (one more than a reply holds, in case the asker
+        # is one of them); all of them only if every one drawn has expired.
         complete = [
-            (m, records[m]) for m in entry.complete if m != asker and records[m].expires > now
+            (m, records[m])
+            for m in entry.complete.sample(rng, k + 1)
+            if m != asker and records[m].expires > now
         ]
+        if not complete and len(entry.complete) > k + 1:
+            complete = [
+                (m, records[m]) for m in entry.complete if m != asker and records[m].expires > now
+            ]
         lease = entry.lease
         if lease is not None and lease.expires <= now:
             lease = entry.lease = None
@@ -488,15 +557,14 @@ class ProviderDirectory:
             self.leases_granted += 1
             self._entries[msg.digest] = entry
             entry.lease = _Lease(asker, now + self.config.lease_ttl)
-            heapq.heappush(self._expiry, (now + self.config.lease_ttl, msg.digest))
+            heapq.heappush(self._expiry, (now + self.config.lease_ttl, msg.digest, _LEASE))
             self._by_member.setdefault(asker, set()).add(msg.digest)
 
-        rng = self._rng
         if len(records) <= self.SAMPLE:
             pool = list(records.items())
         else:
-            pool = rng.sample(list(records.items()), self.SAMPLE)
-            pool.extend(complete[: self.config.max_providers])
+            pool = [(m, records[m]) for m in entry.members.sample(rng, self.SAMPLE)]
+            pool.extend(complete[:k])
         seen: set[MemberId] = {asker}
         cand: list[tuple[bool, int, bool, float, MemberId, _Record]] = []
         for m, r in pool:
@@ -506,7 +574,7 @@ class ProviderDirectory:
             cand.append(
                 (r.zone != msg.zone, r.load + r.handouts, not r.complete, rng.random(), m, r)
             )
-        ranked = heapq.nsmallest(self.config.max_providers, cand)
+        ranked = heapq.nsmallest(k, cand)
         if complete and ranked and not any(c[5].complete for c in ranked):
             # Always offer a complete provider when one exists: the asker was told no
             # lease is needed, so it must be able to reach every piece.

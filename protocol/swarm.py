@@ -53,10 +53,12 @@ Rarest first. The availability of every piece over the known peers is kept as a
 bit-sliced counter: plane k holds bit k of every piece's count, so adding a peer's new
 pieces is a ripple-carry over a few big ints, whatever the piece count, and the rarest
 pieces of a candidate set fall out of one pass over the planes from the top (keep the
-candidates whose bit is 0 when any are). One random piece among the rarest is chosen
-(uniformly, with the rng), then the holder for it among the peers ready to take a
-request: a peer in the same zone first, then the one with the fewest of our requests in
-flight, ties at random; a piece whose holders are all busy is set aside for this round.
+candidates whose bit is 0 when any are). The candidates are the wanted pieces that a
+peer ready to take a request holds (not backing off after "busy", under its cap): a
+piece whose holders are all busy is not drawn at all. One random piece among the rarest
+candidates is chosen (uniformly, with the rng), then its holder among the ready peers:
+a peer in the same zone first, then the one with the fewest of our requests in flight,
+ties at random.
 Each peer takes at most `max_inflight_per_peer` requests, the download at most
 `max_inflight`. The defaults (2 a download, 1 a peer) keep few flows on every link:
 more flows share the same bandwidth, so each piece takes longer to become available
@@ -68,7 +70,8 @@ arrive cancels the others.
 
 Failures. A request that passes its deadline or fails counts against the peer and goes
 back to the pool; `max_failures` in a row drop the peer. "Busy" backs off from that peer
-(doubling, jittered) and asks elsewhere. A piece that fails verification is charged to
+(doubling, jittered) and asks elsewhere; the download is woken when the back-off ends
+only if it still has requests to spend then (otherwise the next reply wakes it). A piece that fails verification is charged to
 the peer that sent it (`BadPiece`); at `max_bad_pieces` the peer is banned for this blob
 (`PeerBanned`), its requests cancelled and its pieces taken elsewhere.
 
@@ -90,6 +93,7 @@ caught it.
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections import deque
 from collections.abc import Iterable
@@ -357,6 +361,8 @@ class Download:
         self._planes: list[int] = []
         self._timers: list[tuple[float, int, int, MemberId, int]] = []
         self._seq = 0
+        self._backoffs: list[float] = []  # ends of peers' back-offs, not yet a timer
+        self._wake_at = math.inf  # the back-off wake-up timer queued, if any
         self._queries = 0
         self._next_query_scan = 0.0
         self._query_timer = False
@@ -576,7 +582,7 @@ class Download:
             cfg = self.config
             peer.backoff = min(cfg.max_backoff, max(cfg.busy_backoff, 2 * peer.backoff))
             peer.busy_until = now + peer.backoff * (0.5 + self._rng.random())
-            self._timer(peer.busy_until, _T_WAKE)
+            heapq.heappush(self._backoffs, peer.busy_until)
         self._step(now, out)
         return out
 
@@ -635,6 +641,9 @@ class Download:
                 if peer is not None and peer.query_deadline == when:
                     peer.query_deadline = None
                     self._queries -= 1
+            elif kind == _T_WAKE and index == -1:
+                if when == self._wake_at:
+                    self._wake_at = math.inf
             elif kind == _T_WAKE and index == -2:
                 self._lookup_timer = False
             elif kind == _T_WAKE and index == -3:
@@ -706,7 +715,7 @@ class Download:
             self._drop(peer, out, cancel=True)
         else:
             peer.busy_until = now + self.config.busy_backoff * (1 << peer.failures)
-            self._timer(peer.busy_until, _T_WAKE)
+            heapq.heappush(self._backoffs, peer.busy_until)
 
     def _drop(self, peer: _Peer, out: list[Event], *, cancel: bool) -> None:
         for index in list(peer.inflight):
@@ -739,6 +748,20 @@ class Download:
         if self._n_inflight < self.max_inflight and free:
             self._query(now, out, free)
         self._maybe_lookup(now, out)
+        if self._backoffs and self._n_inflight < self.max_inflight:
+            self._wake_after_backoff(now)
+
+    def _wake_after_backoff(self, now: float) -> None:
+        """Queue a wake-up for when the next peer's back-off ends, only while the budget
+        is not spent: a download with its requests out is woken by their replies anyway,
+        and in a storm most back-offs end unnoticed that way (one timer event saved per
+        busy reply)."""
+        ends = self._backoffs
+        while ends and ends[0] <= now:
+            heapq.heappop(ends)
+        if ends and ends[0] < self._wake_at:
+            self._wake_at = ends[0]
+            self._timer(ends[0], _T_WAKE, "", -1)
 
     def set_max_inflight(self, limit: int, now: float) -> list[Event]:
         """Change this download's budget of requests in flight (the cell may lower it
@@ -751,23 +774,31 @@ class Download:
     def _fill(self, now: float, out: list[Event]) -> None:
         """Spend the budget of requests: the rarest askable piece, then its holder.
 
-        The candidates start as every piece some known peer holds (the availability
-        counter's planes OR-ed, no pass over the peers); a piece whose holders are all
-        busy or at their cap is set aside and the next rarest tried. After a few such
-        misses the candidates are narrowed to what the ready peers hold (one pass), so
-        the cost stays one pass over the peers per piece asked for."""
+        "Askable" is decided before drawing: one pass over the peers ORs together what
+        each peer ready for a request holds and has not been asked for (`ready`), so the
+        draw is among pieces some ready peer can send and always finds a holder. Rarity
+        still counts every known peer (the availability counter), so the piece drawn is
+        the rarest in the swarm among those that can be asked for now. One pass for
+        `ready` and one for the holder: two passes over the peers a request."""
         cap = self.config.max_inflight_per_peer
         random = self._rng.random
         peers = self._peers.values()
-        avail = self._avail_any()
-        skip = 0  # pieces set aside: no ready holder now
-        misses = 0
         while self._n_inflight < self.max_inflight:
-            free = self._wanted & ~self._inflight & ~self._upstream
-            if free:
-                cand = free & avail & ~skip
-            else:  # endgame: everything left is in flight; ask a second peer
-                cand = self._wanted & self._inflight & ~self._saturated & avail & ~skip
+            # the pieces nobody was asked for; in the endgame (all asked for), the ones
+            # in flight to fewer than endgame_copies peers, to ask a second peer
+            want = self._wanted & ~self._inflight & ~self._upstream or (
+                self._wanted & self._inflight & ~self._saturated
+            )
+            if not want:
+                return
+            ready: list[_Peer] = []
+            cand = 0
+            for p in peers:
+                if len(p.inflight) < cap and p.busy_until <= now:
+                    askable = p.have & want & ~p.requested
+                    if askable:
+                        ready.append(p)
+                        cand |= askable
             if not cand:
                 return
             rare = self._rarest(cand)
@@ -777,13 +808,8 @@ class Download:
             # among the ties (this loop runs once a piece: keep it lean).
             best_key = 1 << 30
             holders: list[_Peer] = []
-            for p in peers:
-                if (
-                    not p.have & bit
-                    or p.requested & bit
-                    or len(p.inflight) >= cap
-                    or p.busy_until > now
-                ):
+            for p in ready:
+                if not p.have & bit or p.requested & bit:
                     continue
                 key = len(p.inflight) if p.local else 1024 + len(p.inflight)
                 if key < best_key:
@@ -791,16 +817,6 @@ class Download:
                     holders = [p]
                 elif key == best_key:
                     holders.append(p)
-            if not holders:
-                skip |= bit
-                misses += 1
-                if misses % 4 == 0:
-                    ready = 0
-                    for p in peers:
-                        if len(p.inflight) < cap and p.busy_until <= now:
-                            ready |= p.have & ~p.requested
-                    avail &= ready
-                continue
             best = holders[int(random() * len(holders))] if len(holders) > 1 else holders[0]
             self._request(best, index, now, out)
 
