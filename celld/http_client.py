@@ -66,7 +66,7 @@ class _Connection:
     def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType) -> None:
         self.stream = stream
         self.sock = sock
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self.h11 = _new_h11()
 
     def idle_and_open(self) -> bool:
         """An idle connection the server closed (or wrote to) polls readable."""
@@ -83,21 +83,30 @@ class _Connection:
                 raise httpx.RemoteProtocolError(str(exc)) from exc
             if event is not h11.NEED_DATA:
                 return event
-            try:
-                with trio.fail_after(timeout):
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
-            except trio.TooSlowError as exc:
-                raise httpx.ReadTimeout("no data from the server in time") from exc
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise httpx.ReadError(f"reading the response: {_reason(exc)}") from exc
-            self.h11.receive_data(data)
+            self.h11.receive_data(await self.receive(RECEIVE_SIZE, timeout))
+
+    async def receive(self, max_bytes: int, timeout: float) -> bytes:
+        """Up to `max_bytes` from the socket (b"" at its end), within `timeout`."""
+        try:
+            with trio.fail_after(timeout):
+                return await self.stream.receive_some(max_bytes)
+        except trio.TooSlowError as exc:
+            raise httpx.ReadTimeout("no data from the server in time") from exc
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise httpx.ReadError(f"reading the response: {_reason(exc)}") from exc
 
     async def close(self) -> None:
         await trio.aclose_forcefully(self.stream)
 
 
 class Response:
-    """A response head, and its body to read with `chunks` (or `read`); `aclose` always."""
+    """A response head, and its body to read with `chunks` (or `read`); `aclose` always.
+
+    A body with a Content-Length (every blob) is read straight from the socket
+    rather than through h11, whose buffer would copy each byte twice more on
+    the bulk path; h11 parses heads and chunked bodies. The connection then
+    gets a fresh h11 state for its next request.
+    """
 
     def __init__(
         self, pool: Pool, origin: _Origin, conn: _Connection, head: h11.Response, read: float
@@ -109,6 +118,11 @@ class Response:
         self._conn = conn
         self._read = read
         self._closed = False
+        self._length = _body_length(head)
+        self._keep_alive = head.http_version == b"1.1" and not any(
+            key == b"connection" and b"close" in value.lower() for key, value in head.headers
+        )
+        self._raw_done = False
 
     def header(self, name: bytes) -> str | None:
         for key, value in self.headers:
@@ -117,12 +131,29 @@ class Response:
         return None
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        while True:
-            event = await self._conn.next_event(self._read)
-            if isinstance(event, h11.Data):
-                yield bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                return
+        if self._length is None:
+            while True:
+                event = await self._conn.next_event(self._read)
+                if isinstance(event, h11.Data):
+                    yield bytes(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    return
+        remaining = self._length
+        pending = self._conn.h11.trailing_data[0]
+        if len(pending) > remaining:
+            raise httpx.RemoteProtocolError("more bytes than the Content-Length")
+        if pending:
+            remaining -= len(pending)
+            yield pending
+        while remaining:
+            data = await self._conn.receive(min(RECEIVE_SIZE, remaining), self._read)
+            if not data:
+                raise httpx.RemoteProtocolError(
+                    f"connection closed {remaining} bytes short of the Content-Length"
+                )
+            remaining -= len(data)
+            yield data
+        self._raw_done = True
 
     async def read(self, limit: int) -> bytes:
         """The whole body, or httpx.DecodingError past `limit` bytes (error bodies only)."""
@@ -138,7 +169,10 @@ class Response:
             return
         self._closed = True
         conn = self._conn
-        if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
+        if self._raw_done and self._keep_alive:
+            conn.h11 = _new_h11()
+            self._pool._release(self._origin, conn)
+        elif conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
             conn.h11.start_next_cycle()
             self._pool._release(self._origin, conn)
         else:
@@ -289,6 +323,24 @@ class Pool:
             if isinstance(event, h11.ConnectionClosed):
                 raise httpx.RemoteProtocolError("server closed the connection before answering")
             # h11.InformationalResponse (100 Continue and the like): keep reading.
+
+
+def _new_h11() -> h11.Connection:
+    return h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
+
+
+def _body_length(head: h11.Response) -> int | None:
+    """The body's length when a Content-Length fixes it (the response to a GET),
+    None for a chunked body. h11 already refused conflicting or bad lengths."""
+    if head.status_code in (204, 304):
+        return 0
+    length = None
+    for key, value in head.headers:
+        if key == b"transfer-encoding":
+            return None
+        if key == b"content-length":
+            length = int(value)
+    return length
 
 
 class _Once:
