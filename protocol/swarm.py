@@ -77,7 +77,9 @@ the peer that sent it (`BadPiece`); at `max_bad_pieces` the peer is banned for t
 
 Knowing more. Replies carry the sender's bitmap, so peers in use stay current. An idle
 peer with nothing we want gets a `QueryHave` (the uploader parks it until it has
-something we want, up to `have_wait`). When no known peer can help, or fewer than
+something we want and a free upload slot, up to `have_wait`; a peer that answers at once
+with nothing wanted has no room to park it, and is asked again only after `have_wait`,
+so a crowd of new cells does not poll the few that hold pieces). When no known peer can help, or fewer than
 `min_peers` are known, `NeedProviders` asks the homes again (at most every
 `lookup_interval`).
 
@@ -609,6 +611,13 @@ class Download:
         peer = self._peers.get(peer_id)
         if peer is not None:
             if peer.query_deadline is not None:
+                wait = self.config.have_wait
+                asked = peer.query_deadline - 2 * wait
+                if not complete and not have & self._wanted and now - asked < wait:
+                    # Answered at once with nothing we want: the peer could not park the
+                    # query (too many parked already). Asking it again in a few ms would
+                    # only poll; give it the time a parked query would have had.
+                    peer.next_query = max(peer.next_query, asked + wait / 4)
                 peer.query_deadline = None
                 self._queries -= 1
             self._learn(peer, have, complete)
@@ -775,11 +784,11 @@ class Download:
         """Spend the budget of requests: the rarest askable piece, then its holder.
 
         "Askable" is decided before drawing: one pass over the peers ORs together what
-        each peer ready for a request holds and has not been asked for (`ready`), so the
-        draw is among pieces some ready peer can send and always finds a holder. Rarity
-        still counts every known peer (the availability counter), so the piece drawn is
-        the rarest in the swarm among those that can be asked for now. One pass for
-        `ready` and one for the holder: two passes over the peers a request."""
+        each peer ready for a request (under its cap, not backing off) holds and was not
+        asked for, so the draw always finds a holder. Rarity still counts every known
+        peer (the availability counter), so the piece drawn is the rarest in the swarm
+        among those that can be asked for now. One pass over the peers and one over the
+        ready ones a request."""
         cap = self.config.max_inflight_per_peer
         random = self._rng.random
         peers = self._peers.values()
@@ -795,7 +804,9 @@ class Download:
             cand = 0
             for p in peers:
                 if len(p.inflight) < cap and p.busy_until <= now:
-                    askable = p.have & want & ~p.requested
+                    askable = p.have & want
+                    if askable and p.requested:
+                        askable &= ~p.requested
                     if askable:
                         ready.append(p)
                         cand |= askable
@@ -901,13 +912,15 @@ def registry_first(downloads: Iterable[Download], now: float) -> list[tuple[Down
 
 
 class _Seed:
-    __slots__ = ("complete", "have", "parked", "piece_count")
+    __slots__ = ("complete", "have", "parked", "piece_count", "satisfied")
 
     def __init__(self, piece_count: int, have: int) -> None:
         self.piece_count = piece_count
         self.have = have
         self.complete = have == bitmap_full(piece_count)
         self.parked: dict[MemberId, tuple[int, float]] = {}  # requester -> (want, until)
+        # parked requesters that want a piece held now, waiting for a free upload slot
+        self.satisfied: dict[MemberId, None] = {}
 
 
 class Uploader:
@@ -973,13 +986,39 @@ class Uploader:
         seed.complete = seed.have == bitmap_full(seed.piece_count)
         if not seed.parked:
             return []
-        wake = [r for r, (want, _) in seed.parked.items() if want & bit]
-        return [self._answer(digest, seed, r) for r in wake]
+        free = self.slots - len(self._active)
+        out: list[tuple[MemberId, HaveReply]] = []
+        for r, (want, _) in seed.parked.items():
+            if want & bit and r not in seed.satisfied:
+                if len(out) < free:
+                    out.append((r, HaveReply(digest, seed.have, seed.complete)))
+                else:
+                    seed.satisfied[r] = None
+        for r, _ in out:
+            del seed.parked[r]
+        return out
+
+    def wake_parked(self) -> list[tuple[MemberId, HaveReply]]:
+        """Answers for parked queries that want a piece held now, as many as there are
+        free upload slots: call after a slot frees (on_done, on_cancel). A new piece
+        wakes only as many askers as the cell can serve at once (piece_added); waking all
+        of them sends a crowd that mostly gets BUSY and backs off, and the rest wait
+        here for a slot instead (or for `have_wait`)."""
+        free = self.slots - len(self._active)
+        out: list[tuple[MemberId, HaveReply]] = []
+        if free <= 0:
+            return out
+        for digest, seed in self._seeds.items():
+            while seed.satisfied and len(out) < free:
+                requester = next(iter(seed.satisfied))
+                out.append(self._answer(digest, seed, requester))
+        return out
 
     def _answer(
         self, digest: Digest, seed: _Seed, requester: MemberId
     ) -> tuple[MemberId, HaveReply]:
         seed.parked.pop(requester, None)
+        seed.satisfied.pop(requester, None)
         return requester, HaveReply(digest, seed.have, seed.complete)
 
     def on_have_query(self, sender: MemberId, q: HaveQuery, now: float) -> HaveReply | None:
@@ -989,6 +1028,7 @@ class Uploader:
             return HaveReply(q.digest, 0, False)
         if seed.have & q.want or seed.complete or len(seed.parked) >= self.max_parked:
             seed.parked.pop(sender, None)
+            seed.satisfied.pop(sender, None)
             return HaveReply(q.digest, seed.have, seed.complete)
         until = now + self.have_wait
         seed.parked[sender] = (q.want, until)

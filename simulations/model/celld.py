@@ -504,6 +504,12 @@ class CelldPuller:
             return
         for requester, req in up.uploader.on_done(self.w.names[d], digest, index):
             self._start_queued(up, requester, req)
+        self._wake_parked(up)
+
+    def _wake_parked(self, up: _Cell) -> None:
+        """A slot is free: parked have-queries that the cell can now serve are answered."""
+        for to, reply in up.uploader.wake_parked():
+            self._have_reply(up, to, reply)
 
     def _start_queued(self, up: _Cell, requester: str, req: sw.PieceRequest) -> None:
         w = self.w
@@ -529,6 +535,7 @@ class CelldPuller:
         if state != "sent" and up is not None and w.is_live(p):
             for requester, req in up.uploader.on_cancel(c.name, sw.PieceCancel(digest, index)):
                 self._start_queued(up, requester, req)
+            self._wake_parked(up)
 
     # -- have queries ------------------------------------------------------------------
 
