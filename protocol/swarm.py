@@ -458,8 +458,10 @@ class Download:
         while timers:
             when, _, kind, peer_id, index = timers[0]
             peer = self._peers.get(peer_id)
-            if (kind == _T_REQUEST and (peer is None or peer.inflight.get(index) != when)) or (
-                kind == _T_QUERY and (peer is None or peer.query_deadline != when)
+            if (
+                (kind == _T_REQUEST and (peer is None or peer.inflight.get(index) != when))
+                or (kind == _T_QUERY and (peer is None or peer.query_deadline != when))
+                or (kind == _T_WAKE and index == -1 and when != self._wake_at)
             ):
                 heapq.heappop(timers)
             else:
@@ -1050,7 +1052,18 @@ class Uploader:
         return out
 
     def next_deadline(self) -> float | None:
-        return self._parked_deadlines[0][0] if self._parked_deadlines else None
+        """When poll() next has a parked query to answer. Deadlines of queries answered
+        since (most of them, by piece_added or wake_parked) are dropped here, so that a
+        caller timing poll() by this is not woken for nothing."""
+        heap = self._parked_deadlines
+        while heap:
+            until, digest, requester = heap[0]
+            seed = self._seeds.get(digest)
+            parked = seed.parked.get(requester) if seed is not None else None
+            if parked is not None and parked[1] == until:
+                return until
+            heapq.heappop(heap)
+        return None
 
     def on_request(self, sender: MemberId, req: PieceRequest, now: float) -> PieceReply:
         """OK: start sending now. QUEUED: on_done will start it. BUSY/MISSING: sent back
