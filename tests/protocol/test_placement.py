@@ -151,6 +151,19 @@ def test_a_refreshed_announcement_keeps_the_record() -> None:
     assert set(d.providers(D, 35.0)) == {"a"}
 
 
+def test_each_record_expires_at_its_own_ttl_and_a_lease_at_its_own() -> None:
+    d = directory(lease_ttl=10.0)
+    assert d.receive_lookup("holder", lookup(), 0.0, authority=True).lease == LeaseStatus.GRANTED
+    d.receive_announce("old", announce(False), 0.0)
+    d.receive_announce("new", announce(False), 15.0)
+    d.expire(12.0)
+    assert d.lease_holder(D, 12.0) is None
+    d.expire(31.0)
+    assert set(d.providers(D, 31.0)) == {"new"}
+    d.expire(45.0)
+    assert d.digests() == []
+
+
 def test_withdrawal_and_death_forget_the_provider_at_once() -> None:
     d = directory()
     d.set_members(["home", "a", "b"], 0.0)

@@ -285,6 +285,32 @@ def test_an_idle_peer_with_nothing_wanted_is_queried_and_its_answer_used() -> No
     assert asked(dl.on_have("a", 0b0100, False, 0.6)) == [("a", 2)]
 
 
+def test_a_peer_that_cannot_park_a_query_is_not_polled() -> None:
+    dl = download(4, have_wait=1.0, have_min_interval=0.05)
+    assert of_type(dl.add_providers([info("a", 0)], 0.0), QueryHave)
+    # answered at once with nothing we want: the uploader had no room to park it
+    assert not of_type(dl.on_have("a", 0, False, 0.002), QueryHave)
+    assert not any(of_type(dl.poll(t), QueryHave) for t in (0.06, 0.1, 0.2))
+    assert of_type(dl.poll(0.26), QueryHave) == [QueryHave("a", D, 0b1111)]
+    # a query that was parked for its whole wait is renewed at once
+    assert of_type(dl.on_have("a", 0, False, 1.3), QueryHave) == [QueryHave("a", D, 0b1111)]
+
+
+def test_the_download_is_not_woken_for_a_back_off_while_its_budget_is_spent() -> None:
+    dl = download(8, max_inflight=1, busy_backoff=0.1)
+    ((peer, index),) = asked(dl.add_providers([info("a", 0xFF), info("b", 0xFF)], 0.0))
+    other = "b" if peer == "a" else "a"
+    # busy: the other peer is asked at once, the budget is spent again, no wake-up queued
+    ((peer2, index2),) = asked(dl.on_busy(peer, index, 0.0))
+    assert peer2 == other
+    assert dl.next_deadline() == pytest.approx(4.0)  # the request's timeout only
+    # busy too: nothing can be asked now, so a wake-up when the first back-off ends
+    assert asked(dl.on_busy(peer2, index2, 0.01)) == []
+    wake = dl.next_deadline()
+    assert wake is not None and 0.04 < wake < 0.16
+    assert [p for p, _ in asked(dl.poll(wake))] == [peer]
+
+
 def test_a_starving_download_asks_the_homes_again_at_most_every_lookup_interval() -> None:
     dl = download(4, lookup_interval=1.0)
     assert dl.start(0.0) == [NeedProviders(D)]
@@ -392,6 +418,26 @@ def test_a_parked_query_is_answered_when_its_wait_is_over() -> None:
     assert up.next_deadline() == 1.0
     assert up.poll(0.9) == []
     assert up.poll(1.0) == [("a", HaveReply(D, 0b0001, False))]
+
+
+def test_a_new_piece_wakes_only_as_many_parked_askers_as_there_are_free_slots() -> None:
+    up = Uploader("u", slots=2, have_wait=1.0)
+    up.add_seed(D, 4, have=0b0001)
+    assert up.on_request("busy", PieceRequest(D, 0), 0.0).status == PieceStatus.OK
+    for asker in "abcd":
+        assert up.on_have_query(asker, HaveQuery(D, 0b0010), 0.0) is None
+    assert up.piece_added(D, 1) == [("a", HaveReply(D, 0b0011, False))]  # one slot free
+    assert up.on_request("a", PieceRequest(D, 1), 0.01).status == PieceStatus.OK
+    assert up.wake_parked() == []  # no slot free
+    up.on_done("busy", D, 0)
+    assert up.wake_parked() == [("b", HaveReply(D, 0b0011, False))]
+    assert up.on_request("b", PieceRequest(D, 1), 0.02).status == PieceStatus.OK
+    up.on_done("a", D, 1)
+    assert up.wake_parked() == [("c", HaveReply(D, 0b0011, False))]
+    # the last one is answered when its wait is over, and only once
+    assert up.next_deadline() == 1.0
+    assert up.poll(1.0) == [("d", HaveReply(D, 0b0011, False))]
+    assert up.next_deadline() is None and up.wake_parked() == []
 
 
 # -- the in-memory cluster ---------------------------------------------------------------------
