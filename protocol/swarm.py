@@ -805,7 +805,7 @@ class Download:
             ready: list[_Peer] = []
             cand = 0
             for p in peers:
-                if len(p.inflight) < cap and p.busy_until <= now:
+                if p.busy_until <= now and len(p.inflight) < cap:
                     askable = p.have & want
                     if askable and p.requested:
                         askable &= ~p.requested
