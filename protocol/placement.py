@@ -54,8 +54,10 @@ home's estimate until its next announcement: a storm of askers is spread over th
 providers instead of herding on the least loaded one. Ties are broken with the rng. When
 a complete provider exists, one is always in the reply (the asker is told no lease is
 needed, so it must be able to reach every piece). With thousands of records for a digest
-(a storm), only a random sample of 32 plus the complete ones is ranked, so a lookup
-costs the same whatever the crowd.
+(a storm), only a random sample of 32 plus a random few complete ones is ranked, drawn
+in O(sample) from lists kept beside the records (a sample never copies the records, and
+its order never depends on string hashing), so a lookup costs the same whatever the
+crowd. Each record and lease has its own entry in the expiry heap.
 
 Fetch lease. While no complete provider and no live lease exist for a digest, the first
 asker is granted a lease: it alone goes to the registries. Later askers get the holder
@@ -397,7 +399,7 @@ class ProviderDirectory:
 
     A lookup costs O(max_providers + sample), not O(providers): in a storm a home holds
     thousands of downloading records for one digest, and ranks only a random sample of
-    them (plus the complete ones and the lease holder), which also spreads the askers."""
+    them (plus a few complete ones and the lease holder), which also spreads the askers."""
 
     SAMPLE = 32
 
