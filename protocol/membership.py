@@ -3,7 +3,8 @@
 This module owns one cell's view of the cluster: which cells are alive, suspect, dead or
 gone, at which address and zone, and what it must send to keep that view right. It
 never does I/O, never reads a clock and never draws randomness from the OS: the caller
-passes `now` (seconds, any epoch, never going back) and an `rng: random.Random`, and
+passes `now` (seconds, never going back; an epoch all cells share, such as Unix time,
+lets their probes interlock, see "Who probes whom") and an `rng: random.Random`, and
 sends and delivers the messages (protocol/wire.py types) itself. So the daemon
 (celld/gossip.py, over UDP) and the simulator (simulations/model/, thousands of cells in
 one process) run exactly this code.
@@ -50,12 +51,33 @@ go before everything else. A gossip round runs whenever `gossip_interval` has pa
 since the last one and news is queued, so news reaching a cell whose queue was empty is
 relayed at once (an epidemic that covers 1,000 cells in ~0.3 s), then every interval.
 
-Failure detection is one probe at a time, round-robin over a shuffled list: Ping the
-target; no Ack within probe_timeout / 2 -> Ping it once more; none within probe_timeout
--> PingReq `indirect_checks` others, who ping it and relay its Ack, or a Nack if it
-stays silent; no Ack by the end of the probe interval -> Suspect(target). With N cells probing one random target each a
-period, a crashed cell waits about one period for its first prober (k more with
-probability ~e^-k) and one more for that probe to fail: SWIM's first detection.
+Failure detection is one probe at a time, one probe a period: Ping the target; no Ack
+within probe_timeout / 2 -> Ping it once more; none within probe_timeout -> PingReq
+`indirect_checks` others, who ping it and relay its Ack, or a Nack if it stays silent; no
+Ack by the end of the probe interval -> Suspect(target).
+
+Who probes whom. With N cells each probing a random target (or walking its own shuffled
+list, SWIM's round-robin) a member is left unprobed by all N for a period with
+probability (1 - 1/N)^N ~ 1/e, and for k periods ~e^-k: at 1,000 cells and ten crashes
+one of them typically waits 3-6 periods for its first prober. So the probing is made
+collective: every cell orders the live members it knows (alive or suspect, itself
+included) by a blake3 hash of their names (`_Ring`; the same order on every cell, no
+dict order or hash seed in it), and in probe period k = floor(t / probe_interval), where
+t is the time its probe was scheduled for, the cell at position p probes the member at
+position (p + 1 + k mod (N - 1)) mod N, never itself. While the cells agree on the
+members and share a clock (the simulator's; NTP's in a fleet, if the caller's `now` is
+wall-clock based), that is a cyclic shift, a permutation: every member has exactly one
+prober each period, and the message load is the same, one probe a cell a period. Probers
+keep their random phases within the period, so a crashed cell is probed by its current
+period's prober if that one has not had its turn yet, else by the next one's: within one
+period if it crashes as a period starts, within two at worst, and first suspected when
+that probe fails one period later. The offset moves every period, so a member meets each
+other cell as its prober once every N - 1 periods, and a prober that is itself dead,
+leaving, or slowed by its health score (it probes only every health + 1 periods and so
+skips the other periods' targets) costs its target one period, not a blind spot. Where
+views differ (a join or death still spreading, which shifts positions) or clocks are
+skewed or `now` has another epoch on each cell, targets collide and the coverage falls
+back towards that of random targets.
 
 A suspect is declared dead when its suspicion timer runs out (Lifeguard's dynamic
 suspicion, memberlist's formula): it starts at max = suspicion_max_timeout_mult * min
@@ -71,8 +93,9 @@ its K confirmations about one period after the first suspicion, and a short min 
 at N = 1,000) decides; a live one answers the checks, and an accusation nobody
 confirms waits the max (12 s at N = 1,000) for a refutation that takes ~0.3 s. Whoever
 declares first gossips Dead, which every cell takes at once. Measured at 1,000 cells
-(simulations/scenarios/failure_1000.toml): dead everywhere ~1.9 s after the first
-suspicion; loss_5pct/10pct_1000: no live cell declared dead in 10 minutes.
+(simulations/scenarios/failure_1000.toml, seeds 1-3, crashes at a period's start): first
+suspicion at most 2.0 s after a crash (mean 1.3-1.6 s), dead everywhere at most 3.9 s
+after it (mean 3.0-3.4 s); loss_5pct/10pct_1000: no live cell declared dead in 10 minutes.
 
 A suspicion can outrun its refutation: a cell that hears Suspect(n, i) after the
 Alive(n, i+1) epidemic has passed it would keep it to its timer's end and declare a live
@@ -98,11 +121,14 @@ forgotten.
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+import blake3
 
 from protocol import wire
 from protocol.wire import (
@@ -136,9 +162,9 @@ class Config:
       datagram), then indirect_checks 5 (memberlist: 3) at probe_timeout: under 10% loss
       a live cell's probe fails 0.19 x 0.19 x 0.34^5 = 1.7e-4 of the time, 45x less than
       with memberlist's 3 checks and no retry (0.19 x 0.34^3 = 7.7e-3; measured in
-      loss_10pct_1000: 97 failures in 599,334 probes = 1.6e-4). Each false suspicion
+      loss_10pct_1000: 103 failures in 599,337 probes = 1.7e-4). Each false suspicion
       costs an epidemic there and back (~15,000 Gossip datagrams at N = 1,000), so this
-      is also what keeps lossy clusters cheap (5.7 instead of 19 datagrams a cell a
+      is also what keeps lossy clusters cheap (5.8 instead of 19 datagrams a cell a
       second at 10% loss); the retry first means the 5 relays are needed for 3.6% of
       the probes instead of 19%.
     - suspicion_mult 0.5: min = 0.5 log10(N) probe periods, 1.5 s at N = 1,000 (memberlist:
@@ -398,15 +424,99 @@ class Snapshot:
     (10^8 at N = 10,000: gigabytes, and minutes before the first tick). With a shared
     snapshot each cell copies a row only when its view of that member changes."""
 
-    __slots__ = ("live", "names", "rows")
+    __slots__ = ("live", "names", "ring_index", "ring_keys", "ring_names", "rows")
 
     def __init__(self, states: Iterable[MemberState]) -> None:
         self.rows: dict[str, MemberState] = {s.node: s for s in states}
         self.names: list[str] = list(self.rows)
         self.live = frozenset(n for n, s in self.rows.items() if _live(s))
+        # The probe ring's shared part (`_Ring`): the live members in ring order.
+        ring = sorted((_ring_key(n), n) for n in self.live)
+        self.ring_keys: list[bytes] = [k for k, _ in ring]
+        self.ring_names: list[str] = [n for _, n in ring]
+        self.ring_index: dict[str, int] = {n: i for i, n in enumerate(self.ring_names)}
+
+
+def _ring_key(node: str) -> bytes:
+    """A member's place in the probe ring: the same on every cell, whatever the order
+    in which it learnt its members (blake3, not Python's salted hash()); the name
+    after the hash makes the order total."""
+    return blake3.blake3(node.encode()).digest(8) + node.encode()
 
 
 _EMPTY = Snapshot(())
+
+
+class _Ring:
+    """The live members (alive or suspect, us included) in ring order, as a shared
+    Snapshot's ring minus `gone` plus `extra`: rank and select in O(log N) time, and
+    memory proportional to how far this cell's view has moved from the snapshot, not
+    to N (10,000 simulated cells each holding a sorted list of 10,000 would be 10^8)."""
+
+    __slots__ = ("base", "extra_keys", "extra_names", "gone")
+
+    def __init__(self) -> None:
+        self.base = _EMPTY
+        self.gone: list[int] = []  # sorted indexes into base.ring_* no longer live here
+        self.extra_keys: list[bytes] = []  # sorted keys of live members not in base's ring
+        self.extra_names: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.base.ring_keys) - len(self.gone) + len(self.extra_keys)
+
+    def set_live(self, node: str, live: bool) -> None:
+        i = self.base.ring_index.get(node)
+        if i is not None:
+            j = bisect.bisect_left(self.gone, i)
+            present = j < len(self.gone) and self.gone[j] == i
+            if live and present:
+                del self.gone[j]
+            elif not live and not present:
+                self.gone.insert(j, i)
+            return
+        key = _ring_key(node)
+        j = bisect.bisect_left(self.extra_keys, key)
+        present = j < len(self.extra_keys) and self.extra_keys[j] == key
+        if live and not present:
+            self.extra_keys.insert(j, key)
+            self.extra_names.insert(j, node)
+        elif not live and present:
+            del self.extra_keys[j]
+            del self.extra_names[j]
+
+    def _base_before(self, key: bytes) -> int:
+        """Live base members with a key below `key`."""
+        i = bisect.bisect_left(self.base.ring_keys, key)
+        return i - bisect.bisect_left(self.gone, i)
+
+    def rank(self, node: str) -> int:
+        """The position of a live member in ring order."""
+        i = self.base.ring_index.get(node)
+        key = self.base.ring_keys[i] if i is not None else _ring_key(node)
+        return self._base_before(key) + bisect.bisect_left(self.extra_keys, key)
+
+    def select(self, q: int) -> str:
+        """The live member at position q (0 <= q < len(self))."""
+        keys = self.extra_keys
+        # the last extra at or before position q: extra j sits at j + base members below it
+        lo, hi = 0, len(keys)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if mid + self._base_before(keys[mid]) <= q:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo and lo - 1 + self._base_before(keys[lo - 1]) == q:
+            return self.extra_names[lo - 1]
+        # else the (q - lo)-th live base member: the least i with i - |gone <= i| = r
+        r, gone, i = q - lo, self.gone, q - lo
+        while True:
+            nxt = r + bisect.bisect_right(gone, i)
+            if nxt == i:
+                return self.base.ring_names[i]
+            i = nxt
+
+
 _NOT_OWN = object()
 
 Row = _Member | MemberState  # both have node, addr, zone, incarnation, status
@@ -482,13 +592,6 @@ def _live(r: Row | None) -> bool:
     return r is not None and (r.status is Status.ALIVE or r.status is Status.SUSPECT)
 
 
-def _next_prime(n: int) -> int:
-    n = max(n, 2)
-    while any(n % d == 0 for d in range(2, math.isqrt(n) + 1)):
-        n += 1
-    return n
-
-
 class Membership:
     """One cell's SWIM + Lifeguard membership. See the module docstring for how to drive it."""
 
@@ -507,11 +610,10 @@ class Membership:
         self._me = _Member(self_id, addr, zone, 0, Status.ALIVE, 0.0)
         self._roster = _Roster()
         self._roster.add(self._me)
-        # Probe order: round-robin over the affine permutation i -> (a*i + b) mod p of
-        # roster indexes, p prime >= size, a and b drawn each round. A shuffled list of
-        # names per cell would cost N^2 memory in a simulator; this costs four ints.
-        self._perm = (1, 0, 2, 0)  # a, b, p, size at the start of the round
-        self._perm_j = 2
+        self._ring = _Ring()  # live members in probe order (module docstring)
+        self._ring.set_live(self_id, True)
+        self._slot = -1  # the probe period of our last probe
+        self._probes_since_forget = 0
         self._n_live = 1  # members alive or suspect, us included
         self._bcast = _Broadcasts()
         self._suspicions: dict[str, _Suspicion] = {}
@@ -557,6 +659,9 @@ class Membership:
         roster.base = snap
         if self.id in snap.rows:
             roster.extra.remove(self.id)  # our row stays our own, indexed by the snapshot
+        self._ring.set_live(self.id, False)
+        self._ring.base = snap
+        self._ring.set_live(self.id, True)
         self._n_live = len(snap.live) + (self.id not in snap.live)
         self.epoch += 1
         self._start(now)
@@ -569,6 +674,7 @@ class Membership:
         self._leaving = True
         self.epoch += 1
         self._me.status = Status.LEFT
+        self._ring.set_live(self.id, False)
         self._probe = None
         self._checks.clear()
         self._bcast.push(Dead(self.id, self.incarnation, self.id), urgent=True)
@@ -738,6 +844,7 @@ class Membership:
         if status is Status.ALIVE or status is Status.SUSPECT:
             self._n_live += 1
             self.epoch += 1
+            self._ring.set_live(node, True)
         return m
 
     def _apply(self, u: Update, now: float) -> None:
@@ -778,6 +885,7 @@ class Membership:
         elif old is Status.DEAD or old is Status.LEFT:
             self._n_live += 1
             self.epoch += 1
+            self._ring.set_live(a.node, True)
             self._emit(MemberJoined(a.node, a.addr, a.zone, a.incarnation, now))
 
     def _on_suspect(self, s: Suspect, now: float, *, probed: bool = False) -> None:
@@ -843,6 +951,7 @@ class Membership:
         self._suspicions.pop(d.node, None)
         self._n_live -= 1
         self.epoch += 1
+        self._ring.set_live(d.node, False)
         self._bcast.push(d, urgent=True)
         if left:
             self._emit(MemberLeft(d.node, d.incarnation, now))
@@ -887,23 +996,23 @@ class Membership:
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         return self._next_id
 
-    def _next_target(self, now: float) -> Row | None:
-        roster = self._roster
-        for _ in range(2):
-            a, b, p, size = self._perm
-            while self._perm_j < p:
-                i = (a * self._perm_j + b) % p
-                self._perm_j += 1
-                if i < size:
-                    r = roster.get(roster.name(i))
-                    if r is not None and r is not self._me and _live(r):
-                        return r
-            self._new_round(now)
-        return None
+    def _next_target(self, slot: int, now: float) -> Row | None:
+        """The member we probe in probe period `slot`: in ring order, the one
+        1 + slot mod (N - 1) places after us (module docstring, "Who probes whom")."""
+        self._probes_since_forget += 1
+        if self._probes_since_forget >= self._roster.size():
+            self._forget_dead(now)
+        ring = self._ring
+        n = len(ring)
+        if n < 2:
+            return None
+        node = ring.select((ring.rank(self.id) + 1 + slot % (n - 1)) % n)
+        return self._roster.get(node)
 
-    def _new_round(self, now: float) -> None:
-        """End of a probe round: forget rows dead longer than dead_retention, draw a new
-        permutation of the roster."""
+    def _forget_dead(self, now: float) -> None:
+        """Forget rows dead or left longer than dead_retention (checked about every N
+        probes, so at most ~N periods late)."""
+        self._probes_since_forget = 0
         horizon = now - self.config.dead_retention
         self._roster.forget(
             [
@@ -915,10 +1024,6 @@ class Membership:
                 and m is not self._me
             ]
         )
-        size = self._roster.size()
-        p = _next_prime(size)
-        self._perm = (self.rng.randrange(1, p), self.rng.randrange(p), p, size)
-        self._perm_j = 0
 
     def _tick_probe(self, now: float) -> list[Outgoing]:
         out: list[Outgoing] = []
@@ -931,7 +1036,11 @@ class Membership:
                 if self._probe_step(q, now, out):
                     del self._checks[pid]
         if self._probe is None and now >= self._next_probe:
-            m = self._next_target(now)
+            # The period of the scheduled time, not of `now`: a late tick must not make
+            # us probe another cell's share. Two probes never share a period.
+            slot = max(math.floor(self._next_probe / c.probe_interval), self._slot + 1)
+            self._slot = slot
+            m = self._next_target(slot, now)
             self._next_probe = max(self._next_probe + c.probe_interval * (self.health + 1), now)
             if m is None:
                 return out

@@ -27,6 +27,8 @@ from protocol.membership import (
     MemberSuspected,
     Snapshot,
     _Broadcasts,
+    _Ring,
+    _ring_key,
     _Suspicion,
 )
 from protocol.wire import Alive, Codec, Dead, Gossip, MemberState, Ping, Reason, Status, Suspect
@@ -203,7 +205,7 @@ def test_a_suspected_live_cell_refutes_and_is_not_declared_dead() -> None:
     net.run_until(8)
     assert views_agree(net, 30)
     net.cut.add("c5")  # c5 drops off the network long enough to be suspected...
-    net.run_until(net.now + 3)
+    net.run_until(net.now + 2)  # (every period has its prober: ~3 s would be a death)
     net.cut.discard("c5")  # ...and comes back before its suspicion times out
     net.run_until(net.now + 40)
     events = [e for c in net.live() for e in c.events]
@@ -484,3 +486,69 @@ def test_preloaded_cells_share_one_table_until_their_own_view_changes() -> None:
     assert cells[1].live_ids() is cells[2].live_ids()
     assert {s.node for s in cells[0].members()} == {f"n{i}" for i in range(100)}
     assert next(e for e in iter(cells[0].next_event, None)) == MemberDead("n5", 0, "n7", 1.0)
+
+
+# ----------------------------------------------------------------------- who probes whom
+
+
+class _PingLog(Net):
+    """A Net that notes every Ping sent: (time, prober, target)."""
+
+    def __init__(self, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.pings: list[tuple[float, str, str]] = []
+
+    def send(self, src: str, outs: list, now: float) -> None:
+        self.pings += [(now, src, o.msg.target) for o in outs if isinstance(o.msg, Ping)]
+        super().send(src, outs, now)
+
+
+def _probers_per_period(net: _PingLog, start: int, end: int) -> dict[int, Counter[str]]:
+    per: dict[int, Counter[str]] = {k: Counter() for k in range(start, end)}
+    for t, _, target in net.pings:
+        if start <= math.floor(t) < end:
+            per[math.floor(t)][target] += 1
+    return per
+
+
+def test_every_live_member_has_exactly_one_prober_each_period() -> None:
+    # Cells that learnt their members in different orders (through one seed, by gossip
+    # and push-pull) still agree on the ring: each period's probes are a permutation.
+    net = _PingLog(seed=4)
+    for i in range(40):
+        net.add(f"c{i}")
+        net.join(f"c{i}", [] if i == 0 else ["c0"], at=i * 0.05)
+    net.run_until(12)
+    assert views_agree(net, 40)
+    everyone = Counter({name: 1 for name in net.cells})
+    net.run_until(22)
+    for k, probed in _probers_per_period(net, 12, 22).items():
+        assert probed == everyone, k
+    # a death shifts positions; once everyone knows, the periods are permutations again
+    net.crash("c7")
+    net.run_until(40)
+    assert views_agree(net, 39)
+    del everyone["c7"]
+    for k, probed in _probers_per_period(net, 34, 40).items():
+        assert probed == everyone, k
+
+
+def test_the_ring_ranks_and_selects_like_a_sorted_list() -> None:
+    # _Ring keeps a shared snapshot's order plus this cell's differences; check it
+    # against the plain sorted list while members die, come back and join.
+    names = [f"n{i}" for i in range(300)]
+    snap = Snapshot(MemberState(n, 0, n, "z", Status.ALIVE) for n in names[:200])
+    ring = _Ring()
+    ring.base = snap
+    live = set(names[:200])
+    rng = random.Random(9)
+    for step in range(600):
+        node = rng.choice(names)
+        now_live = rng.random() < 0.5
+        ring.set_live(node, now_live)
+        (live.add if now_live else live.discard)(node)
+        order = sorted(live, key=_ring_key)
+        assert len(ring) == len(order), step
+        for q in rng.sample(range(len(order)), min(5, len(order))):
+            assert ring.select(q) == order[q], step
+            assert ring.rank(order[q]) == q, step

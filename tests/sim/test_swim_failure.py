@@ -11,7 +11,9 @@ from simulations.model import simulate
 from simulations.model.scenario import parse
 
 
-def _cluster(cells: int, duration: float, loss: float, crashes: list[int]) -> dict:
+def _cluster(
+    cells: int, duration: float, loss: float, crashes: list[int], every: float = 8.0
+) -> dict:
     doc = {
         "name": "swim_test",
         "duration": duration,
@@ -20,7 +22,7 @@ def _cluster(cells: int, duration: float, loss: float, crashes: list[int]) -> di
         "network": {"same_zone_ms": 0.25, "cross_zone_ms": 1.0, "loss": loss},
         "membership": {"mode": "swim", "probe_interval": 1.0},
         "faults": [
-            {"at": 5.0 + 8.0 * i, "kind": "crash", "cells": [c]} for i, c in enumerate(crashes)
+            {"at": 5.0 + every * i, "kind": "crash", "cells": [c]} for i, c in enumerate(crashes)
         ],
     }
     return simulate(parse(doc))["runs"]["celld"]["membership"]
@@ -39,6 +41,21 @@ def test_crashes_among_300_cells_are_declared_dead_by_all_within_a_few_periods()
         assert e["t100_s"] < 6.0, e
     assert mem["first_suspect_mean_s"] < 3.0
     assert mem["dead_all_mean_s"] < 4.5
+    assert mem["false_dead"] == 0 and mem["false_suspect"] == 0
+
+
+def test_every_crash_among_200_cells_is_probed_within_the_period_it_happens() -> None:
+    # Crashes at the start of a probe period: with one prober per member per period
+    # (membership's ring), the prober of that very period finds it, and its probe fails
+    # one period later. Random targets would leave each crash unprobed for a period or
+    # more with probability ~1/e: all ten within bound by chance ~1%.
+    crashes = [11, 47, 63, 88, 102, 130, 151, 170, 188, 199]
+    mem = _cluster(200, 8.0 + 5.0 * len(crashes), 0.0, crashes, every=5.0)
+    deaths = [e for e in mem["events"] if e["kind"] == "dead"]
+    assert [e["member"] for e in deaths] == crashes
+    for e in deaths:
+        assert e["first_suspect_s"] <= 2.05, e  # 1 period to the prober + 1 of probing
+        assert e["final_fraction"] == 1.0
     assert mem["false_dead"] == 0 and mem["false_suspect"] == 0
 
 
