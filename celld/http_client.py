@@ -18,6 +18,8 @@ Never: request bodies, proxies, HTTP/2, cookies.
 
 from __future__ import annotations
 
+import functools
+import re
 import select
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -40,20 +42,29 @@ class Timeouts:
     read: float
 
 
+# What may go on the wire unescaped: a request target and a header value made
+# of visible ASCII (values may hold inner blanks). Stricter than h11's rules, so
+# a request checked here never fails h11's bookkeeping after it went out.
+_TARGET = re.compile(rb"[\x21-\x7e]+")
+_FIELD_VALUE = re.compile(rb"[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*")
+
+
 @dataclass(frozen=True)
-class _Origin:
+class Origin:
+    """Where a request goes: what a connection is kept alive for."""
+
     scheme: str
     host: str
     port: int
 
     @classmethod
-    def of(cls, url: httpx.URL) -> _Origin:
+    def of(cls, url: httpx.URL) -> Origin:
         if url.scheme not in ("http", "https"):
             raise httpx.UnsupportedProtocol(f"unsupported URL scheme {url.scheme!r}")
         port = url.port or (443 if url.scheme == "https" else 80)
         return cls(url.scheme, url.host, port)
 
-    @property
+    @functools.cached_property
     def host_header(self) -> bytes:
         default = 443 if self.scheme == "https" else 80
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -109,7 +120,7 @@ class Response:
     """
 
     def __init__(
-        self, pool: Pool, origin: _Origin, conn: _Connection, head: h11.Response, read: float
+        self, pool: Pool, origin: Origin, conn: _Connection, head: h11.Response, read: float
     ) -> None:
         self.status = head.status_code
         self.headers = head.headers  # h11 gives lower-case names
@@ -189,38 +200,42 @@ class Pool:
 
     def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
         self._ssl = ssl_context
-        self._idle: dict[_Origin, list[_Connection]] = {}
+        self._idle: dict[Origin, list[_Connection]] = {}
         self._closed = False
 
     async def get(
         self,
-        url: httpx.URL,
+        origin: Origin,
+        target: bytes,
         headers: list[tuple[bytes, bytes]],
         timeouts: Timeouts,
         *,
         authorization: bytes | None = None,
         while_waiting: Callable[[], None] | None = None,
     ) -> Response:
-        """GETs `url`, following redirects; the final response's head, body unread.
+        """GETs `target` (a raw path) from `origin`, following redirects; the final
+        response's head, body unread.
 
-        `authorization` goes only to `url`'s own origin, never to where it
-        redirects. `while_waiting` runs once the first request is on the wire,
-        so work the caller needs anyway overlaps the server's think time.
+        `authorization` goes only to `origin`, never to where it redirects.
+        `while_waiting` runs once the first request is on the wire, so work the
+        caller needs anyway overlaps the server's think time.
         """
-        first = _Origin.of(url)
+        first = origin
         once = _Once(while_waiting)
         for _ in range(MAX_REDIRECTS + 1):
-            origin = _Origin.of(url)
             head = [(b"host", origin.host_header), *headers]
             if authorization is not None and origin == first:
                 head.append((b"authorization", authorization))
-            request = h11.Request(method="GET", target=url.raw_path, headers=head)
+            request = _Request(target, head)
             response = await self._exchange(origin, request, timeouts, once)
             location = response.header(b"location")
             if response.status not in REDIRECTS or not location:
                 return response
             await response.aclose()
-            url = url.join(location)
+            url = httpx.URL(
+                scheme=origin.scheme, host=origin.host, port=origin.port, raw_path=target
+            ).join(location)
+            origin, target = Origin.of(url), url.raw_path
         raise httpx.TooManyRedirects(f"more than {MAX_REDIRECTS} redirects")
 
     async def aclose(self) -> None:
@@ -234,8 +249,8 @@ class Pool:
 
     async def _exchange(
         self,
-        origin: _Origin,
-        request: h11.Request,
+        origin: Origin,
+        request: _Request,
         timeouts: Timeouts,
         while_waiting: _Once,
     ) -> Response:
@@ -255,7 +270,7 @@ class Pool:
             raise
         return Response(self, origin, conn, head, timeouts.read)
 
-    def _checkout(self, origin: _Origin) -> _Connection | None:
+    def _checkout(self, origin: Origin) -> _Connection | None:
         stack = self._idle.get(origin)
         while stack:
             conn = stack.pop()
@@ -264,14 +279,14 @@ class Pool:
             conn.sock.close()
         return None
 
-    def _release(self, origin: _Origin, conn: _Connection) -> None:
+    def _release(self, origin: Origin, conn: _Connection) -> None:
         stack = self._idle.setdefault(origin, [])
         if self._closed or len(stack) >= MAX_IDLE_PER_ORIGIN:
             conn.sock.close()
             return
         stack.append(conn)
 
-    async def _connect(self, origin: _Origin, timeout: float) -> _Connection:
+    async def _connect(self, origin: Origin, timeout: float) -> _Connection:
         where = f"{origin.host}:{origin.port}"
         try:
             with trio.fail_after(timeout):
@@ -300,21 +315,25 @@ class Pool:
     async def _send(
         self,
         conn: _Connection,
-        request: h11.Request,
+        request: _Request,
         read: float,
         while_waiting: _Once,
     ) -> h11.Response:
         try:
-            data = conn.h11.send(request) + conn.h11.send(h11.EndOfMessage())
-        except h11.LocalProtocolError as exc:
-            raise httpx.LocalProtocolError(str(exc)) from exc
-        try:
             with trio.fail_after(read):
-                await conn.stream.send_all(data)
+                await conn.stream.send_all(request.data)
         except trio.TooSlowError as exc:
             raise httpx.WriteTimeout("sending the request timed out") from exc
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise httpx.WriteError(f"sending the request: {_reason(exc)}") from exc
+        # h11 learns of the request only now, while the server thinks: it
+        # parses the response, and its checks cost a cold CPU more than the
+        # wire time of a local registry's answer.
+        try:
+            conn.h11.send(request.event())
+            conn.h11.send(h11.EndOfMessage())
+        except h11.LocalProtocolError as exc:
+            raise httpx.LocalProtocolError(str(exc)) from exc
         while_waiting()
         while True:
             event = await conn.next_event(read)
@@ -323,6 +342,30 @@ class Pool:
             if isinstance(event, h11.ConnectionClosed):
                 raise httpx.RemoteProtocolError("server closed the connection before answering")
             # h11.InformationalResponse (100 Continue and the like): keep reading.
+
+
+class _Request:
+    """A bodiless GET, serialized here as h11 would, so the bytes can go out
+    before h11 has done its bookkeeping. Refuses what h11 would refuse (a
+    target or value with control characters: a redirect's Location or a
+    token is the server's text) before anything is sent."""
+
+    def __init__(self, target: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        if not _TARGET.fullmatch(target):
+            raise httpx.LocalProtocolError(f"illegal request target {target[:100]!r}")
+        for name, value in headers:
+            if not _FIELD_VALUE.fullmatch(value):
+                raise httpx.LocalProtocolError(f"illegal value in header {name.decode()!r}")
+        self.target = target
+        self.headers = headers
+        lines = [b"GET ", target, b" HTTP/1.1\r\n"]
+        for name, value in headers:
+            lines += [name, b": ", value, b"\r\n"]
+        lines.append(b"\r\n")
+        self.data = b"".join(lines)
+
+    def event(self) -> h11.Request:
+        return h11.Request(method="GET", target=self.target, headers=self.headers)
 
 
 def _new_h11() -> h11.Connection:

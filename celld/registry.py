@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 import httpx
 import trio
 
-from celld.http_client import Pool, Timeouts
+from celld.http_client import Origin, Pool, Timeouts
 from celld.http_client import Response as LeanResponse
 from protocol.auth import Challenge, parse_www_authenticate, token_query
 from protocol.reference import parse_digest, parse_name, parse_reference
@@ -52,6 +52,7 @@ from protocol.reference import parse_digest, parse_name, parse_reference
 log = logging.getLogger(__name__)
 
 USER_AGENT = "celld/0.1"
+_LEAN_HEADERS = [(b"user-agent", USER_AGENT.encode()), (b"accept", b"*/*")]
 DEFAULT_TOKEN_TTL = 60.0  # the token spec's default when a realm omits expires_in
 TOKEN_MARGIN = 10.0  # stop using a token this long before it expires (at most 1/4 of its life)
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # containerd's limit; a bigger "manifest" is an attack
@@ -221,6 +222,9 @@ class RegistryClient:
             connect=connect_timeout, read=read_timeout, write=read_timeout, pool=read_timeout
         )
         self._pool = pool  # blob GETs go through it when given (see celld.http_client)
+        if pool is not None:
+            self._lean_origin = Origin.of(self._origin)
+            self._lean_prefix = self._origin.raw_path.rstrip(b"/")
         self._pool_timeouts = Timeouts(connect=connect_timeout, read=read_timeout)
         self._scheme: str | None = None  # "bearer" or "basic", once a 401 told us
         self._bearer: Challenge | None = None
@@ -276,10 +280,10 @@ class RegistryClient:
         temp file) are off the time to first byte.
         """
         name, digest = parse_name(name), str(parse_digest(str(digest)))
-        url = self._url(f"/v2/{name}/blobs/{digest}")
+        path = f"/v2/{name}/blobs/{digest}"
         scopes = (_scope(name, "pull"),)
         if self._pool is not None:
-            lean = await self._lean_get(url, scopes, while_waiting)
+            lean = await self._lean_get(path, scopes, while_waiting)
             if lean is not None:
                 try:
                     yield BlobResponse(lean.chunks(), lean.header(b"content-length"), self._where)
@@ -288,23 +292,29 @@ class RegistryClient:
                 return
         elif while_waiting is not None:
             while_waiting()
-        async with self._stream("GET", url, scopes=scopes, follow_redirects=True) as response:
+        async with self._stream(
+            "GET", self._url(path), scopes=scopes, follow_redirects=True
+        ) as response:
             yield BlobResponse(
                 response.aiter_bytes(), response.headers.get("content-length"), self._where
             )
 
     async def _lean_get(
-        self, url: httpx.URL, scopes: tuple[str, ...], while_waiting: Callable[[], None] | None
+        self, path: str, scopes: tuple[str, ...], while_waiting: Callable[[], None] | None
     ) -> LeanResponse | None:
         """A 200 through the lean client, or None on a 401: httpx's path answers
-        challenges (it has the token flow), then later GETs carry the token here."""
+        challenges (it has the token flow), then later GETs carry the token here.
+
+        `path` is made of names and digests protocol.reference checked, so it
+        goes on the wire as it is: no URL object on the time to first byte."""
         sent = await self._authorization(scopes, stale=None)
-        where = f"{self._where}: GET {url.path}"
+        where = f"{self._where}: GET {path}"
         assert self._pool is not None
         try:
             response = await self._pool.get(
-                url,
-                [(b"user-agent", USER_AGENT.encode()), (b"accept", b"*/*")],
+                self._lean_origin,
+                self._lean_prefix + path.encode("ascii"),
+                _LEAN_HEADERS,
                 self._pool_timeouts,
                 authorization=sent.encode("latin-1") if sent is not None else None,
                 while_waiting=while_waiting,

@@ -12,11 +12,12 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import h11
 import httpx
 import pytest
 
 from celld.daemon import _blob_pool
-from celld.http_client import Pool, Timeouts
+from celld.http_client import Origin, Pool, Response, Timeouts, _Request
 
 TIMEOUTS = Timeouts(connect=2.0, read=5.0)
 
@@ -82,8 +83,15 @@ def _serve() -> Iterator[_Server]:
     srv.server_close()
 
 
+async def _open(pool: Pool, url: str, authorization: bytes | None = None) -> Response:
+    parsed = httpx.URL(url)
+    return await pool.get(
+        Origin.of(parsed), parsed.raw_path, [], TIMEOUTS, authorization=authorization
+    )
+
+
 async def _get(pool: Pool, url: str, authorization: bytes | None = None) -> tuple[int, bytes]:
-    response = await pool.get(httpx.URL(url), [], TIMEOUTS, authorization=authorization)
+    response = await _open(pool, url, authorization)
     try:
         body = b"".join([chunk async for chunk in response.chunks()])
     finally:
@@ -110,7 +118,7 @@ async def test_a_connection_the_server_closed_is_replaced(server: _Server) -> No
 
 async def test_a_body_left_unread_does_not_poison_the_pool(server: _Server) -> None:
     pool = Pool()
-    response = await pool.get(httpx.URL(f"{server.url}/v2/a"), [], TIMEOUTS)
+    response = await _open(pool, f"{server.url}/v2/a")
     await response.aclose()  # the caller gave up mid-body: that connection cannot be reused
     assert await _get(pool, f"{server.url}/v2/b") == (200, b"/v2/b" * 1000)
     await pool.aclose()
@@ -132,7 +140,7 @@ async def test_authorization_stays_with_its_origin_across_redirects(
 async def test_a_dead_origin_is_a_connect_error() -> None:
     pool = Pool()
     with pytest.raises(httpx.ConnectError, match=r"127\.0\.0\.1:1\b"):
-        await pool.get(httpx.URL("http://127.0.0.1:1/v2/"), [], TIMEOUTS)
+        await _open(pool, "http://127.0.0.1:1/v2/")
     await pool.aclose()
 
 
@@ -144,3 +152,25 @@ def test_a_proxy_in_the_environment_keeps_blob_gets_on_httpx(
     assert isinstance(_blob_pool(), Pool)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
     assert _blob_pool() is None
+
+
+def test_a_request_goes_out_as_h11_would_write_it() -> None:
+    headers = [
+        (b"host", b"127.0.0.1:5000"),
+        (b"user-agent", b"celld/0.1"),
+        (b"authorization", b"Bearer a b"),
+    ]
+    request = _Request(b"/v2/library/a/blobs/sha256:" + b"0" * 64, headers)
+    conn = h11.Connection(h11.CLIENT)
+    assert request.data == conn.send(request.event()) + conn.send(h11.EndOfMessage())
+
+
+@pytest.mark.parametrize("value", [b"Bearer x\r\nX-Injected: 1", b"Bearer \x00", b"", b" lead"])
+async def test_a_header_value_that_would_split_the_request_is_refused_unsent(
+    server: _Server, value: bytes
+) -> None:
+    pool = Pool()
+    with pytest.raises(httpx.LocalProtocolError):
+        await _open(pool, f"{server.url}/v2/a", authorization=value)
+    await pool.aclose()
+    assert server.connections == 0
