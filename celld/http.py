@@ -29,6 +29,7 @@ import h11
 import trio
 
 from protocol.errors import OCIError, oci_error
+from protocol.heads import FIELD_VALUE, TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ IDLE_TIMEOUT = 75.0  # keep-alive idle, like nginx's keepalive_timeout
 HEADER_TIMEOUT = 15.0  # a started request must finish its headers in this time
 SEND_STALL_TIMEOUT = 60.0  # a client that reads nothing for this long is dropped
 MAX_DISCARDED_BODY = 1024 * 1024  # request bodies (pushes) we read and drop
+
+_FRAMING = frozenset({b"connection", b"transfer-encoding"})  # h11 may rewrite these
 
 
 @dataclass(frozen=True)
@@ -207,7 +210,12 @@ async def serve_connection(
                 response = error_response(
                     OCIError("UNKNOWN", "internal error", 500), head=request.method == b"HEAD"
                 )
-            await _send_response(conn, out, response, head=request.method == b"HEAD")
+            plain = (
+                event.http_version == b"1.1"
+                and event.method in (b"GET", b"HEAD")
+                and request.header(b"connection") is None
+            )
+            await _send_response(conn, out, response, head=request.method == b"HEAD", plain=plain)
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             try:
@@ -289,8 +297,15 @@ async def _linger(stream: trio.SocketStream) -> None:
 
 
 async def _send_response(
-    conn: h11.Connection, out: _SocketOutput, response: Response, *, head: bool
+    conn: h11.Connection,
+    out: _SocketOutput,
+    response: Response,
+    *,
+    head: bool,
+    plain: bool = False,
 ) -> None:
+    """`plain`: the request was an HTTP/1.1 GET or HEAD that said nothing of the
+    connection, so h11 would write a framed response's head as given."""
     body = response.body
     header_end = out.sent
     try:
@@ -298,7 +313,15 @@ async def _send_response(
         names = {k.lower() for k, _ in headers}
         if b"content-length" not in names and response.length is not None:
             headers.append((b"content-length", str(response.length).encode()))
-        await out.send_bytes(conn.send(h11.Response(status_code=response.status, headers=headers)))
+        data = _plain_head(response.status, headers) if plain else None
+        if data is None:
+            data = conn.send(h11.Response(status_code=response.status, headers=headers))
+            await out.send_bytes(data)
+        else:
+            # The head goes out first; h11 records it after, while the client
+            # reads: on a miss its checks would otherwise delay the first byte.
+            await out.send_bytes(data)
+            conn.send(h11.Response(status_code=response.status, headers=headers))
         header_end = out.sent
         if not head and isinstance(body, Streamed):
 
@@ -325,6 +348,33 @@ async def _send_response(
             body.close()
         if response.on_done is not None:
             response.on_done(max(0, out.sent - header_end))
+
+
+def _plain_head(status: int, headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The head h11 writes for a response with a Content-Length, or None where h11
+    might write another (no length, framing or connection headers of ours,
+    anything it could refuse): then h11 writes it."""
+    if status < 200 or status in (204, 304):
+        return None
+    lines = [b"HTTP/1.1 %d \r\n" % status]
+    lengths = 0
+    for name, value in headers:
+        if not (TOKEN.fullmatch(name) and FIELD_VALUE.fullmatch(value)):
+            return None
+        lower = name.lower()
+        if lower in _FRAMING:
+            return None
+        if lower == b"content-length":
+            # h11 folds repeated or listed lengths into one: only a lone number
+            # is written as given.
+            lengths += 1
+            if not value.isdigit():
+                return None
+        lines += [name, b": ", value, b"\r\n"]
+    if lengths != 1:
+        return None
+    lines.append(b"\r\n")
+    return b"".join(lines)
 
 
 class _Length:

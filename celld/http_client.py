@@ -19,7 +19,6 @@ Never: request bodies, proxies, HTTP/2, cookies.
 from __future__ import annotations
 
 import functools
-import re
 import select
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -29,10 +28,15 @@ import h11
 import httpx
 import trio
 
+from protocol.heads import FIELD_VALUE, TARGET
+
 MAX_HEADER_BYTES = 64 * 1024  # a registry's response head; more is not a registry
 MAX_IDLE_PER_ORIGIN = 8
 MAX_REDIRECTS = 5
 RECEIVE_SIZE = 256 * 1024
+# A response head is read in small pieces: a large read would copy a quarter MiB
+# of body (twice more into h11's buffer) before the head is even parsed.
+HEAD_RECEIVE_SIZE = 16 * 1024
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
@@ -40,13 +44,6 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 class Timeouts:
     connect: float
     read: float
-
-
-# What may go on the wire unescaped: a request target and a header value made
-# of visible ASCII (values may hold inner blanks). Stricter than h11's rules, so
-# a request checked here never fails h11's bookkeeping after it went out.
-_TARGET = re.compile(rb"[\x21-\x7e]+")
-_FIELD_VALUE = re.compile(rb"[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*")
 
 
 @dataclass(frozen=True)
@@ -85,8 +82,9 @@ class _Connection:
         poller.register(self.sock.fileno(), select.POLLIN)
         return not poller.poll(0)
 
-    async def next_event(self, timeout: float) -> h11.Event:
-        """The next h11 event, reading from the socket as needed, within `timeout`."""
+    async def next_event(self, timeout: float, max_bytes: int = RECEIVE_SIZE) -> h11.Event:
+        """The next h11 event, reading from the socket as needed (`max_bytes` at a
+        time), within `timeout`."""
         while True:
             try:
                 event = self.h11.next_event()
@@ -94,7 +92,7 @@ class _Connection:
                 raise httpx.RemoteProtocolError(str(exc)) from exc
             if event is not h11.NEED_DATA:
                 return event
-            self.h11.receive_data(await self.receive(RECEIVE_SIZE, timeout))
+            self.h11.receive_data(await self.receive(max_bytes, timeout))
 
     async def receive(self, max_bytes: int, timeout: float) -> bytes:
         """Up to `max_bytes` from the socket (b"" at its end), within `timeout`."""
@@ -336,7 +334,7 @@ class Pool:
             raise httpx.LocalProtocolError(str(exc)) from exc
         while_waiting()
         while True:
-            event = await conn.next_event(read)
+            event = await conn.next_event(read, HEAD_RECEIVE_SIZE)
             if isinstance(event, h11.Response):
                 return event
             if isinstance(event, h11.ConnectionClosed):
@@ -351,10 +349,10 @@ class _Request:
     token is the server's text) before anything is sent."""
 
     def __init__(self, target: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        if not _TARGET.fullmatch(target):
+        if not TARGET.fullmatch(target):
             raise httpx.LocalProtocolError(f"illegal request target {target[:100]!r}")
         for name, value in headers:
-            if not _FIELD_VALUE.fullmatch(value):
+            if not FIELD_VALUE.fullmatch(value):
                 raise httpx.LocalProtocolError(f"illegal value in header {name.decode()!r}")
         self.target = target
         self.headers = headers

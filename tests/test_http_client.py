@@ -55,6 +55,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         body = self.path.encode() * 1000
         self.send_response(200)
+        if self.path.startswith("/big-head"):
+            for i in range(50):  # a head spanning several of the client's reads
+                self.send_header(f"X-Filler-{i}", "f" * 1000)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -105,6 +108,15 @@ async def test_connections_are_kept_alive_and_reused(server: _Server) -> None:
         assert await _get(pool, f"{server.url}/v2/{i}") == (200, f"/v2/{i}".encode() * 1000)
     await pool.aclose()
     assert server.connections == 1
+
+
+async def test_a_head_larger_than_one_read_and_its_body_arrive_whole(server: _Server) -> None:
+    pool = Pool()
+    for _ in range(2):
+        status, body = await _get(pool, server.url + "/big-head")
+        assert (status, body) == (200, b"/big-head" * 1000)
+    assert server.connections == 1
+    await pool.aclose()
 
 
 async def test_a_connection_the_server_closed_is_replaced(server: _Server) -> None:

@@ -1,0 +1,128 @@
+"""The server core's response heads: written by celld itself on the plain path,
+by h11 everywhere else, and byte for byte what h11 would write either way."""
+
+from __future__ import annotations
+
+import h11
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from celld.http import Request, Response, _plain_head, serve_connection
+
+GET = b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def _h11_head(status: int, headers: list[tuple[bytes, bytes]], method: bytes = b"GET") -> bytes:
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(method + b" / HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn.next_event()
+    return conn.send(h11.Response(status_code=status, headers=headers))
+
+
+_names = st.one_of(
+    st.sampled_from(
+        [b"Content-Type", b"content-length", b"Etag", b"Connection", b"Transfer-Encoding"]
+    ),
+    st.binary(min_size=1, max_size=12),
+)
+_values = st.one_of(st.from_regex(rb"\A[0-9]{1,12}\Z"), st.binary(max_size=24))
+
+
+@given(
+    status=st.integers(min_value=200, max_value=599),
+    headers=st.lists(st.tuples(_names, _values), max_size=6),
+    length=st.one_of(st.none(), st.integers(min_value=0, max_value=2**40)),
+)
+def test_a_head_written_here_is_the_one_h11_writes(
+    status: int, headers: list[tuple[bytes, bytes]], length: int | None
+) -> None:
+    if length is not None:
+        headers = [*headers, (b"content-length", str(length).encode())]
+    ours = _plain_head(status, headers)
+    if ours is None:
+        return
+    assert ours == _h11_head(status, headers)
+    assert ours == _h11_head(status, headers, b"HEAD")
+
+
+def test_the_blob_head_takes_the_plain_path() -> None:
+    headers = [
+        (b"Content-Type", b"application/octet-stream"),
+        (b"Docker-Content-Digest", b"sha256:" + b"a" * 64),
+        (b"Etag", b'"sha256:' + b"a" * 64 + b'"'),
+        (b"Accept-Ranges", b"bytes"),
+        (b"content-length", b"268435456"),
+    ]
+    assert _plain_head(200, headers) == _h11_head(200, headers)
+
+
+def test_what_h11_would_rewrite_is_left_to_h11() -> None:
+    length = (b"content-length", b"3")
+    assert _plain_head(200, [(b"Connection", b"close"), length]) is None
+    assert _plain_head(200, [(b"Transfer-Encoding", b"chunked"), length]) is None
+    assert _plain_head(200, [(b"content-length", b"3, 3")]) is None
+    assert _plain_head(200, [length, length]) is None
+    assert _plain_head(200, [(b"X", b"a\r\nInjected: 1"), length]) is None
+    assert _plain_head(204, [length]) is None
+    assert _plain_head(200, []) is None
+
+
+async def _exchange(requests: bytes) -> bytes:
+    """What a client that sent `requests` at once reads until the server closes."""
+
+    async def handler(request: Request) -> Response:
+        return Response(200, [("Content-Type", "text/plain")], b"hi " + request.target)
+
+    a, b = trio.socket.socketpair()
+    server, client = trio.SocketStream(a), trio.SocketStream(b)
+    received = bytearray()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_connection, server, handler)
+        await client.send_all(requests)
+        with trio.fail_after(5):
+            while data := await client.receive_some(65536):
+                received += data
+                if received.count(b"hi /") == requests.count(b"GET"):
+                    await client.send_eof()
+        nursery.cancel_scope.cancel()
+    return bytes(received)
+
+
+def _expected(requests: list[bytes]) -> bytes:
+    """The bytes h11 alone writes for the same exchange."""
+    conn = h11.Connection(h11.SERVER)
+    out = b""
+    for raw in requests:
+        conn.receive_data(raw)
+        event = conn.next_event()
+        assert isinstance(event, h11.Request)
+        assert isinstance(conn.next_event(), h11.EndOfMessage)
+        body = b"hi " + event.target
+        headers = [
+            (b"Content-Type", b"text/plain"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        out += conn.send(h11.Response(status_code=200, headers=headers))
+        out += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
+        if conn.our_state is h11.MUST_CLOSE:
+            break
+        conn.start_next_cycle()
+    return out
+
+
+async def test_keep_alive_requests_get_h11s_bytes() -> None:
+    requests = [b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"]
+    assert await _exchange(b"".join(requests)) == _expected(requests)
+
+
+async def test_a_client_that_closes_gets_connection_close_and_nothing_more() -> None:
+    for first in (
+        b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /a HTTP/1.0\r\n\r\n",
+    ):
+        requests = [first, b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"]
+        received = await _exchange(b"".join(requests))
+        assert received == _expected(requests)
+        assert b"Connection: close\r\n" in received
+        assert b"hi /b" not in received
