@@ -28,7 +28,7 @@ import h11
 import httpx
 import trio
 
-from protocol.heads import FIELD_VALUE, TARGET
+from protocol.heads import FIELD_VALUE, TARGET, PlainHead, parse_plain_head
 
 MAX_HEADER_BYTES = 64 * 1024  # a registry's response head; more is not a registry
 MAX_IDLE_PER_ORIGIN = 8
@@ -118,16 +118,17 @@ class Response:
     """
 
     def __init__(
-        self, pool: Pool, origin: Origin, conn: _Connection, head: h11.Response, read: float
+        self, pool: Pool, origin: Origin, conn: _Connection, head: _Head, read: float
     ) -> None:
-        self.status = head.status_code
-        self.headers = head.headers  # h11 gives lower-case names
+        self.status = head.status
+        self.headers = head.headers  # lower-case names
         self._pool = pool
         self._origin = origin
         self._conn = conn
         self._read = read
         self._closed = False
-        self._length = _body_length(head)
+        self._length = head.length
+        self._pending = head.pending
         self._keep_alive = head.http_version == b"1.1" and not any(
             key == b"connection" and b"close" in value.lower() for key, value in head.headers
         )
@@ -148,7 +149,7 @@ class Response:
                 elif isinstance(event, h11.EndOfMessage):
                     return
         remaining = self._length
-        pending = self._conn.h11.trailing_data[0]
+        pending, self._pending = self._pending, b""
         if len(pending) > remaining:
             raise httpx.RemoteProtocolError("more bytes than the Content-Length")
         if pending:
@@ -316,7 +317,7 @@ class Pool:
         request: _Request,
         read: float,
         while_waiting: _Once,
-    ) -> h11.Response:
+    ) -> _Head:
         try:
             with trio.fail_after(read):
                 await conn.stream.send_all(request.data)
@@ -333,13 +334,7 @@ class Pool:
         except h11.LocalProtocolError as exc:
             raise httpx.LocalProtocolError(str(exc)) from exc
         while_waiting()
-        while True:
-            event = await conn.next_event(read, HEAD_RECEIVE_SIZE)
-            if isinstance(event, h11.Response):
-                return event
-            if isinstance(event, h11.ConnectionClosed):
-                raise httpx.RemoteProtocolError("server closed the connection before answering")
-            # h11.InformationalResponse (100 Continue and the like): keep reading.
+        return await _read_head(conn, read)
 
 
 class _Request:
@@ -364,6 +359,59 @@ class _Request:
 
     def event(self) -> h11.Request:
         return h11.Request(method="GET", target=self.target, headers=self.headers)
+
+
+@dataclass(frozen=True)
+class _Head:
+    """A final response's head, and the body bytes that came with it."""
+
+    status: int
+    http_version: bytes
+    headers: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...]
+    length: int | None  # None: chunked, read through h11
+    pending: bytes = b""
+
+    @classmethod
+    def plain(cls, head: PlainHead, pending: bytes) -> _Head:
+        return cls(head.status, head.http_version, head.headers, head.length, pending)
+
+    @classmethod
+    def of_h11(cls, event: h11.Response, conn: h11.Connection) -> _Head:
+        length = _body_length(event)
+        pending = b"" if length is None else bytes(conn.trailing_data[0])
+        return cls(event.status_code, event.http_version, event.headers, length, pending)
+
+
+async def _read_head(conn: _Connection, read: float) -> _Head:
+    """Reads the final response's head. A plain one (protocol.heads: what a blob
+    GET gets) is parsed here; any other, or anything odd, is h11's to parse or
+    refuse, from the same bytes."""
+    data = b""
+    closed = False
+    while len(data) <= MAX_HEADER_BYTES:
+        received = await conn.receive(HEAD_RECEIVE_SIZE, read)
+        if not received:
+            closed = True
+            break
+        data += received
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            head = parse_plain_head(data[:end])
+            if head is not None:
+                return _Head.plain(head, data[end + 4 :])
+            break
+        if b"\n\n" in data or b"\n\r\n" in data:
+            break  # bare LF line ends: h11 reads those
+    conn.h11.receive_data(data)
+    if closed:
+        conn.h11.receive_data(b"")
+    while True:
+        event = await conn.next_event(read, HEAD_RECEIVE_SIZE)
+        if isinstance(event, h11.Response):
+            return _Head.of_h11(event, conn.h11)
+        if isinstance(event, h11.ConnectionClosed):
+            raise httpx.RemoteProtocolError("server closed the connection before answering")
+        # h11.InformationalResponse (100 Continue and the like): keep reading.
 
 
 def _new_h11() -> h11.Connection:

@@ -37,6 +37,15 @@ class _Server(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}"
 
 
+# Heads a blob GET rarely gets, which the client leaves to h11: each answers "hello".
+RAW = {
+    "/chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhe\r\n3\r\nllo\r\n0\r\n\r\n",
+    "/interim": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    "/bare-lf": b"HTTP/1.1 200 OK\nContent-Length: 5\n\nhello",
+    "/folded": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Long: a\r\n b\r\n\r\nhello",
+}
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like a registry
     server: _Server
@@ -47,6 +56,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.seen.append((self.path, self.headers.get("Authorization")))
+        if self.path in RAW:
+            self.wfile.write(RAW[self.path])
+            return
         if self.path.startswith("/redirect") and self.server.redirect_to:
             self.send_response(307)
             self.send_header("Location", self.server.redirect_to + "/data")
@@ -117,6 +129,24 @@ async def test_a_head_larger_than_one_read_and_its_body_arrive_whole(server: _Se
         assert (status, body) == (200, b"/big-head" * 1000)
     assert server.connections == 1
     await pool.aclose()
+
+
+@pytest.mark.parametrize("path", sorted(RAW))
+async def test_heads_left_to_h11_still_deliver_their_body(server: _Server, path: str) -> None:
+    pool = Pool()
+    for _ in range(2):  # and the connection is reused after them
+        assert await _get(pool, server.url + path) == (200, b"hello")
+    assert server.connections == 1
+    await pool.aclose()
+
+
+async def test_a_head_h11_refuses_is_a_protocol_error(server: _Server) -> None:
+    RAW["/broken"] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nBad Name: x\r\n\r\nhello"
+    try:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await _get(Pool(), server.url + "/broken")
+    finally:
+        del RAW["/broken"]
 
 
 async def test_a_connection_the_server_closed_is_replaced(server: _Server) -> None:
