@@ -28,6 +28,7 @@ from typing import Protocol
 import h11
 import trio
 
+from celld.receive import receive_head
 from protocol.errors import OCIError, oci_error
 from protocol.heads import FIELD_VALUE, TOKEN
 
@@ -163,7 +164,10 @@ async def _next_event(conn: h11.Connection, stream: trio.SocketStream, timeout: 
         if event is not h11.NEED_DATA:
             return event
         with trio.move_on_after(timeout) as scope:
-            data = await stream.receive_some(65536)
+            if conn.their_state is h11.IDLE:  # a request's head: read at once
+                data = await receive_head(stream, MAX_HEADER_BYTES)
+            else:
+                data = await stream.receive_some(65536)
         if scope.cancelled_caught:
             raise _Discard
         conn.receive_data(data)

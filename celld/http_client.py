@@ -28,6 +28,7 @@ import h11
 import httpx
 import trio
 
+from celld.receive import receive_head
 from protocol.heads import FIELD_VALUE, TARGET, PlainHead, parse_plain_head
 
 MAX_HEADER_BYTES = 64 * 1024  # a registry's response head; more is not a registry
@@ -94,10 +95,13 @@ class _Connection:
                 return event
             self.h11.receive_data(await self.receive(max_bytes, timeout))
 
-    async def receive(self, max_bytes: int, timeout: float) -> bytes:
-        """Up to `max_bytes` from the socket (b"" at its end), within `timeout`."""
+    async def receive(self, max_bytes: int, timeout: float, *, head: bool = False) -> bytes:
+        """Up to `max_bytes` from the socket (b"" at its end), within `timeout`;
+        a `head` at once if the socket holds it (celld.receive)."""
         try:
             with trio.fail_after(timeout):
+                if head:
+                    return await receive_head(self.stream, max_bytes)
                 return await self.stream.receive_some(max_bytes)
         except trio.TooSlowError as exc:
             raise httpx.ReadTimeout("no data from the server in time") from exc
@@ -389,7 +393,7 @@ async def _read_head(conn: _Connection, read: float) -> _Head:
     data = b""
     closed = False
     while len(data) <= MAX_HEADER_BYTES:
-        received = await conn.receive(HEAD_RECEIVE_SIZE, read)
+        received = await conn.receive(HEAD_RECEIVE_SIZE, read, head=True)
         if not received:
             closed = True
             break
