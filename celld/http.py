@@ -30,7 +30,7 @@ import trio
 
 from celld.receive import receive_head
 from protocol.errors import OCIError, oci_error
-from protocol.heads import FIELD_VALUE, TOKEN
+from protocol.heads import FIELD_VALUE, TOKEN, parse_plain_request
 
 log = logging.getLogger(__name__)
 
@@ -181,30 +181,55 @@ async def serve_connection(
     out = _SocketOutput(stream)
     try:
         while True:
-            try:
-                first = conn.their_state is h11.IDLE
-                event = await _next_event(conn, stream, IDLE_TIMEOUT if first else HEADER_TIMEOUT)
-            except h11.RemoteProtocolError as exc:
-                await _send_protocol_error(conn, out, exc)
-                return
-            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-                return
-            if not isinstance(event, h11.Request):
-                return
-            if event.http_version not in (b"1.0", b"1.1"):  # h11 parses any 1-digit.1-digit
-                err = oci_error("UNSUPPORTED", event.http_version.decode("latin-1"), status=505)
-                await _send_response(conn, out, error_response(err), head=False)
-                return
-            try:
-                body = await _read_body(conn, stream, max_body)
-            except _TooLarge:
-                err = oci_error("SIZE_INVALID", f"request body over {max_body} bytes", status=413)
-                await _send_response(conn, out, error_response(err), head=False)
-                return
-            except h11.RemoteProtocolError as exc:
-                await _send_protocol_error(conn, out, exc)
-                return
-            request = Request(event.method, event.target, tuple(event.headers), body)
+            deferred = None
+            request = None
+            if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
+                # A new request: a plain one is parsed here and recorded by h11
+                # once the response head is out (see _send_response).
+                with trio.move_on_after(IDLE_TIMEOUT) as scope:
+                    data = await receive_head(stream, MAX_HEADER_BYTES)
+                if scope.cancelled_caught:
+                    return
+                plain_request = parse_plain_request(data)
+                if plain_request is None:
+                    conn.receive_data(data)
+                else:
+                    request = Request(
+                        plain_request.method, plain_request.target, plain_request.headers
+                    )
+                    deferred = data
+            if request is None:
+                try:
+                    first = conn.their_state is h11.IDLE
+                    event = await _next_event(
+                        conn, stream, IDLE_TIMEOUT if first else HEADER_TIMEOUT
+                    )
+                except h11.RemoteProtocolError as exc:
+                    await _send_protocol_error(conn, out, exc)
+                    return
+                if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                    return
+                if not isinstance(event, h11.Request):
+                    return
+                if event.http_version not in (b"1.0", b"1.1"):  # h11 parses any digit.digit
+                    err = oci_error("UNSUPPORTED", event.http_version.decode("latin-1"), status=505)
+                    await _send_response(conn, out, error_response(err), head=False)
+                    return
+                try:
+                    body = await _read_body(conn, stream, max_body)
+                except _TooLarge:
+                    err = oci_error(
+                        "SIZE_INVALID", f"request body over {max_body} bytes", status=413
+                    )
+                    await _send_response(conn, out, error_response(err), head=False)
+                    return
+                except h11.RemoteProtocolError as exc:
+                    await _send_protocol_error(conn, out, exc)
+                    return
+                request = Request(event.method, event.target, tuple(event.headers), body)
+                http_version = event.http_version
+            else:
+                http_version = b"1.1"
             try:
                 response = await handler(request)
             except OCIError as err:
@@ -215,11 +240,18 @@ async def serve_connection(
                     OCIError("UNKNOWN", "internal error", 500), head=request.method == b"HEAD"
                 )
             plain = (
-                event.http_version == b"1.1"
-                and event.method in (b"GET", b"HEAD")
+                http_version == b"1.1"
+                and request.method in (b"GET", b"HEAD")
                 and request.header(b"connection") is None
             )
-            await _send_response(conn, out, response, head=request.method == b"HEAD", plain=plain)
+            await _send_response(
+                conn,
+                out,
+                response,
+                head=request.method == b"HEAD",
+                plain=plain,
+                deferred=deferred,
+            )
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             try:
@@ -307,9 +339,12 @@ async def _send_response(
     *,
     head: bool,
     plain: bool = False,
+    deferred: bytes | None = None,
 ) -> None:
     """`plain`: the request was an HTTP/1.1 GET or HEAD that said nothing of the
-    connection, so h11 would write a framed response's head as given."""
+    connection, so h11 would write a framed response's head as given.
+    `deferred`: the bytes of a request parsed without h11, for h11 to record
+    before it records the response (after the head is out, if it can be)."""
     body = response.body
     header_end = out.sent
     try:
@@ -319,12 +354,14 @@ async def _send_response(
             headers.append((b"content-length", str(response.length).encode()))
         data = _plain_head(response.status, headers) if plain else None
         if data is None:
+            _record_request(conn, deferred)
             data = conn.send(h11.Response(status_code=response.status, headers=headers))
             await out.send_bytes(data)
         else:
-            # The head goes out first; h11 records it after, while the client
-            # reads: on a miss its checks would otherwise delay the first byte.
+            # The head goes out first; h11 records the exchange after, while
+            # the client reads: on a miss its checks would delay the first byte.
             await out.send_bytes(data)
+            _record_request(conn, deferred)
             conn.send(h11.Response(status_code=response.status, headers=headers))
         header_end = out.sent
         if not head and isinstance(body, Streamed):
@@ -352,6 +389,19 @@ async def _send_response(
             body.close()
         if response.on_done is not None:
             response.on_done(max(0, out.sent - header_end))
+
+
+def _record_request(conn: h11.Connection, deferred: bytes | None) -> None:
+    """Lets h11 parse a request celld parsed itself, so its state machine (keep-
+    alive, the next cycle) follows. protocol.heads only takes requests h11 reads
+    the same; one that still surprised it ends the connection."""
+    if deferred is None:
+        return
+    conn.receive_data(deferred)
+    if not isinstance(conn.next_event(), h11.Request):
+        raise _Discard
+    if not isinstance(conn.next_event(), h11.EndOfMessage):
+        raise _Discard
 
 
 def _plain_head(status: int, headers: list[tuple[bytes, bytes]]) -> bytes | None:

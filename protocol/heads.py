@@ -34,8 +34,26 @@ class PlainHead:
 
 
 _STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([2-5][0-9][0-9])(?: [\t\x20-\x7e]*)?")
+_REQUEST_LINE = re.compile(rb"(GET|HEAD) ([\x21-\x7e]+) HTTP/1\.1")
 _HEADER_LINE = re.compile(rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+):[ \t]*(.*?)[ \t]*")
 _NO_BODY = frozenset({204, 304})
+# Request headers that make h11 do more than record a request: a body to
+# read, an upgrade or 100-continue to track.
+_NOT_PLAIN_REQUEST = frozenset({b"content-length", b"transfer-encoding", b"upgrade", b"expect"})
+
+
+def _fields(lines: list[bytes]) -> list[tuple[bytes, bytes]] | None:
+    """Header lines as (lower-case name, value), or None if any is not plain."""
+    fields = []
+    for line in lines:
+        field = _HEADER_LINE.fullmatch(line)
+        if field is None:
+            return None
+        value = field[2]
+        if value and not FIELD_VALUE.fullmatch(value):
+            return None
+        fields.append((field[1].lower(), value))
+    return fields
 
 
 def parse_plain_head(head: bytes) -> PlainHead | None:
@@ -52,22 +70,42 @@ def parse_plain_head(head: bytes) -> PlainHead | None:
     status = _STATUS_LINE.fullmatch(lines[0])
     if status is None or int(status[2]) in _NO_BODY:
         return None
-    headers = []
-    length = None
-    for line in lines[1:]:
-        field = _HEADER_LINE.fullmatch(line)
-        if field is None:
-            return None
-        name, value = field[1].lower(), field[2]
-        if value and not FIELD_VALUE.fullmatch(value):
-            return None
-        if name == b"transfer-encoding":
-            return None
-        if name == b"content-length":
-            if length is not None or not value.isdigit():
-                return None
-            length = int(value)
-        headers.append((name, value))
-    if length is None:
+    headers = _fields(lines[1:])
+    if headers is None:
         return None
-    return PlainHead(status[1], int(status[2]), tuple(headers), length)
+    lengths = [value for name, value in headers if name == b"content-length"]
+    if len(lengths) != 1 or not lengths[0].isdigit():
+        return None
+    if any(name == b"transfer-encoding" for name, _ in headers):
+        return None
+    return PlainHead(status[1], int(status[2]), tuple(headers), int(lengths[0]))
+
+
+@dataclass(frozen=True)
+class PlainRequest:
+    """An HTTP/1.1 GET or HEAD without a body: what a runtime pulling sends."""
+
+    method: bytes
+    target: bytes
+    headers: tuple[tuple[bytes, bytes], ...]  # names lower-cased, as h11 gives them
+
+
+def parse_plain_request(data: bytes) -> PlainRequest | None:
+    """`data` if it is exactly one plain request (head, blank line, nothing
+    after); None for anything else (another method or version, a body, no or
+    several Host headers, an upgrade, a pipelined request behind it, anything
+    malformed), for h11 to parse or refuse, as for `parse_plain_head`."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0 or end + 4 != len(data):
+        return None
+    lines = data[:end].split(b"\r\n")
+    line = _REQUEST_LINE.fullmatch(lines[0])
+    if line is None:
+        return None
+    headers = _fields(lines[1:])
+    if headers is None:
+        return None
+    names = [name for name, _ in headers]
+    if names.count(b"host") != 1 or not _NOT_PLAIN_REQUEST.isdisjoint(names):
+        return None
+    return PlainRequest(line[1], line[2], tuple(headers))

@@ -1,5 +1,5 @@
-"""The server core's response heads: written by celld itself on the plain path,
-by h11 everywhere else, and byte for byte what h11 would write either way."""
+"""The server core's plain path: requests parsed and response heads written by
+celld itself, h11 everywhere else, and byte for byte what h11 alone would do."""
 
 from __future__ import annotations
 
@@ -98,10 +98,11 @@ def _expected(requests: list[bytes]) -> bytes:
         event = conn.next_event()
         assert isinstance(event, h11.Request)
         assert isinstance(conn.next_event(), h11.EndOfMessage)
-        body = b"hi " + event.target
+        body = b"" if event.method == b"HEAD" else b"hi " + event.target
+        length = len(b"hi " + event.target)
         headers = [
             (b"Content-Type", b"text/plain"),
-            (b"content-length", str(len(body)).encode()),
+            (b"content-length", str(length).encode()),
         ]
         out += conn.send(h11.Response(status_code=200, headers=headers))
         out += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
@@ -111,9 +112,44 @@ def _expected(requests: list[bytes]) -> bytes:
     return out
 
 
-async def test_keep_alive_requests_get_h11s_bytes() -> None:
+async def test_pipelined_requests_get_h11s_bytes() -> None:
     requests = [b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"]
     assert await _exchange(b"".join(requests)) == _expected(requests)
+
+
+async def test_requests_one_at_a_time_and_in_pieces_get_h11s_bytes() -> None:
+    """The plain path (a whole request per read), a request split across reads
+    (h11's path), then the plain path again on the same connection."""
+
+    async def handler(request: Request) -> Response:
+        return Response(200, [("Content-Type", "text/plain")], b"hi " + request.target)
+
+    requests = [
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"HEAD /b HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n",
+        b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /d HTTP/1.1\r\nHost: x\r\n\r\n",
+    ]
+    a, b = trio.socket.socketpair()
+    server, client = trio.SocketStream(a), trio.SocketStream(b)
+    received = bytearray()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_connection, server, handler)
+        for i, raw in enumerate(requests):
+            pieces = [raw[:7], raw[7:20], raw[20:]] if i == 2 else [raw]
+            for piece in pieces:
+                await client.send_all(piece)
+                await trio.sleep(0.01)
+            with trio.fail_after(5):
+                while not received.endswith(b"hi " + raw.split()[1]) and not (
+                    raw.startswith(b"HEAD") and received.endswith(b"\r\n\r\n")
+                ):
+                    received += await client.receive_some(65536)
+        await client.send_eof()
+        with trio.fail_after(5):
+            while data := await client.receive_some(65536):
+                received += data
+    assert bytes(received) == _expected(requests)
 
 
 async def test_a_client_that_closes_gets_connection_close_and_nothing_more() -> None:

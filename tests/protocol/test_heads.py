@@ -1,5 +1,5 @@
-"""Response heads celld parses without h11 (protocol.heads): only plain ones,
-and each exactly as h11 reads it; everything else is left to h11."""
+"""Heads celld parses without h11 (protocol.heads): only plain ones, each
+exactly as h11 reads it; everything else is left to h11."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import h11
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from protocol.heads import PlainHead, parse_plain_head
+from protocol.heads import PlainHead, PlainRequest, parse_plain_head, parse_plain_request
 
 BLOB_HEAD = (
     b"HTTP/1.1 200 OK\r\n"
@@ -61,22 +61,25 @@ def test_what_is_not_plain_is_left_to_h11() -> None:
         assert parse_plain_head(head) is None, head
 
 
-_lines = st.one_of(
-    st.sampled_from(
-        [
-            b"Content-Length: 5",
-            b"content-length:7",
-            b"Content-Length: 5 ",
-            b"Transfer-Encoding: chunked",
-            b"Connection: close",
-            b"X-Empty:",
-            b"X-Blank:   ",
-            b'Etag: "sha256:abc"',
-            b" folded",
-        ]
-    ),
-    st.binary(max_size=30),
-    st.from_regex(rb"\A[A-Za-z-]{1,10}:[ \t]{0,2}[\x20-\x7e]{0,20}\Z"),
+def _header_lines(*likely: bytes) -> st.SearchStrategy[bytes]:
+    """Header lines: some likely ones, any bytes, and any well-formed field."""
+    return st.one_of(
+        st.sampled_from(likely),
+        st.binary(max_size=30),
+        st.from_regex(rb"\A[A-Za-z-]{1,10}:[ \t]{0,2}[\x20-\x7e]{0,20}\Z"),
+    )
+
+
+_lines = _header_lines(
+    b"Content-Length: 5",
+    b"content-length:7",
+    b"Content-Length: 5 ",
+    b"Transfer-Encoding: chunked",
+    b"Connection: close",
+    b"X-Empty:",
+    b"X-Blank:   ",
+    b'Etag: "sha256:abc"',
+    b" folded",
 )
 _status_lines = st.one_of(
     st.sampled_from(
@@ -110,3 +113,96 @@ def test_a_plain_head_is_what_h11_reads(
         tuple(theirs.headers),
         int(dict(theirs.headers)[b"content-length"]),
     )
+
+
+PULL = (
+    b"GET /v2/library/alpine/blobs/sha256:" + b"a" * 64 + b"?ns=docker.io HTTP/1.1\r\n"
+    b"Host: 127.0.0.1:5050\r\n"
+    b"User-Agent: containerd/v1.7.24\r\n"
+    b"Accept: application/vnd.oci.image.layer.v1.tar+gzip, */*\r\n"
+    b"Accept-Encoding: gzip\r\n\r\n"
+)
+
+
+def _h11_reads_request(data: bytes) -> h11.Request | None:
+    """What an h11 server makes of `data`, if it is one whole bodiless request."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(data)
+    try:
+        event = conn.next_event()
+        end = conn.next_event()
+    except h11.RemoteProtocolError:
+        return None
+    if not isinstance(event, h11.Request) or not isinstance(end, h11.EndOfMessage):
+        return None
+    return event
+
+
+def test_a_runtimes_blob_request_is_plain() -> None:
+    request = parse_plain_request(PULL)
+    assert request is not None
+    assert request.method == b"GET"
+    assert request.target == b"/v2/library/alpine/blobs/sha256:" + b"a" * 64 + b"?ns=docker.io"
+    assert (b"accept-encoding", b"gzip") in request.headers
+
+
+def test_requests_that_are_not_plain_are_left_to_h11() -> None:
+    host = b"\r\nHost: x"
+    for data in (
+        b"GET / HTTP/1.1" + host,  # no blank line yet
+        b"GET / HTTP/1.1" + host + b"\r\n\r\nGET /b HTTP/1.1" + host + b"\r\n\r\n",  # pipelined
+        b"GET / HTTP/1.1\r\n\r\n",  # no Host
+        b"GET / HTTP/1.1" + host + host + b"\r\n\r\n",
+        b"GET / HTTP/1.0\r\n\r\n",
+        b"POST / HTTP/1.1" + host + b"\r\nContent-Length: 0\r\n\r\n",
+        b"GET / HTTP/1.1" + host + b"\r\nContent-Length: 0\r\n\r\n",
+        b"GET / HTTP/1.1" + host + b"\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET / HTTP/1.1" + host + b"\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n",
+        b"GET / HTTP/1.1" + host + b"\r\nExpect: 100-continue\r\n\r\n",
+        b"GET /a b HTTP/1.1" + host + b"\r\n\r\n",
+        b"GET /\x00 HTTP/1.1" + host + b"\r\n\r\n",
+        b"GET / HTTP/1.1" + host + b"\r\nX: a\r\n folded\r\n\r\n",
+        b"GET / HTTP/1.1\nHost: x\n\n",
+    ):
+        assert parse_plain_request(data) is None, data
+
+
+_request_lines = st.one_of(
+    st.sampled_from(
+        [b"GET / HTTP/1.1", b"HEAD /v2/a/blobs/x?ns=b HTTP/1.1", b"GET /%2e%2e HTTP/1.1"]
+    ),
+    st.binary(max_size=24),
+)
+_request_fields = _header_lines(
+    b"Host: x",
+    b"host:127.0.0.1:5050",
+    b"Connection: close",
+    b"Content-Length: 0",
+    b"Upgrade: websocket",
+    b"Authorization: Bearer a.b.c",
+    b"X-Blank:  ",
+    b" folded",
+)
+
+
+@settings(max_examples=400)
+@given(
+    line=_request_lines,
+    fields=st.lists(_request_fields, max_size=5),
+    host=st.booleans(),
+    tail=st.sampled_from([b"", b"", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"x"]),
+)
+@example(line=b"GET / HTTP/1.1", fields=[b"X-Blank:  "], host=True, tail=b"")
+def test_a_plain_request_is_what_h11_reads(
+    line: bytes, fields: list[bytes], host: bool, tail: bytes
+) -> None:
+    if host:
+        fields = [*fields, b"Host: 127.0.0.1"]
+    data = b"\r\n".join([line, *fields]) + b"\r\n\r\n" + tail
+    ours = parse_plain_request(data)
+    if ours is None:
+        return
+    theirs = _h11_reads_request(data)
+    assert theirs is not None, "parsed a request h11 refuses"
+    assert theirs.http_version == b"1.1"
+    assert ours == PlainRequest(theirs.method, theirs.target, tuple(theirs.headers))
