@@ -163,13 +163,13 @@ async def _next_event(conn: h11.Connection, stream: trio.SocketStream, timeout: 
         event = conn.next_event()
         if event is not h11.NEED_DATA:
             return event
-        with trio.move_on_after(timeout) as scope:
-            if conn.their_state is h11.IDLE:  # a request's head: read at once
-                data = await receive_head(stream, MAX_HEADER_BYTES)
-            else:
+        if conn.their_state is h11.IDLE:  # a request's head: read at once
+            data = await receive_head(stream, MAX_HEADER_BYTES, timeout)
+        else:
+            with trio.move_on_after(timeout) as scope:
                 data = await stream.receive_some(65536)
-        if scope.cancelled_caught:
-            raise _Discard
+            if scope.cancelled_caught:
+                raise _Discard
         conn.receive_data(data)
 
 
@@ -186,10 +186,7 @@ async def serve_connection(
             if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
                 # A new request: a plain one is parsed here and recorded by h11
                 # once the response head is out (see _send_response).
-                with trio.move_on_after(IDLE_TIMEOUT) as scope:
-                    data = await receive_head(stream, MAX_HEADER_BYTES)
-                if scope.cancelled_caught:
-                    return
+                data = await receive_head(stream, MAX_HEADER_BYTES, IDLE_TIMEOUT)
                 plain_request = parse_plain_request(data)
                 if plain_request is None:
                     conn.receive_data(data)

@@ -99,9 +99,9 @@ class _Connection:
         """Up to `max_bytes` from the socket (b"" at its end), within `timeout`;
         a `head` at once if the socket holds it (celld.receive)."""
         try:
+            if head:
+                return await receive_head(self.stream, max_bytes, timeout)
             with trio.fail_after(timeout):
-                if head:
-                    return await receive_head(self.stream, max_bytes)
                 return await self.stream.receive_some(max_bytes)
         except trio.TooSlowError as exc:
             raise httpx.ReadTimeout("no data from the server in time") from exc

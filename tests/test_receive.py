@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
@@ -17,9 +18,9 @@ async def test_a_head_already_received_is_read_without_yielding() -> None:
     ours, theirs = _pair()
     await theirs.send_all(b"GET / HTTP/1.1\r\n\r\n")
     with trio.testing.assert_no_checkpoints():
-        assert await receive_head(ours, 4) == b"GET "
+        assert await receive_head(ours, 4, 5) == b"GET "
     with trio.testing.assert_no_checkpoints():
-        assert await receive_head(ours, 1024) == b"/ HTTP/1.1\r\n\r\n"
+        assert await receive_head(ours, 1024, 5) == b"/ HTTP/1.1\r\n\r\n"
 
 
 async def test_with_nothing_received_it_waits_like_receive_some() -> None:
@@ -32,13 +33,19 @@ async def test_with_nothing_received_it_waits_like_receive_some() -> None:
 
         nursery.start_soon(later)
         with trio.testing.assert_checkpoints():
-            assert await receive_head(ours, 1024) == b"late"
+            assert await receive_head(ours, 1024, 5) == b"late"
     await theirs.aclose()
-    assert await receive_head(ours, 1024) == b""
+    assert await receive_head(ours, 1024, 5) == b""
 
 
 async def test_other_streams_take_receive_some() -> None:
     ours, theirs = trio.testing.memory_stream_pair()
     await theirs.send_all(b"x")
     with trio.testing.assert_checkpoints():
-        assert await receive_head(ours, 10) == b"x"
+        assert await receive_head(ours, 10, 5) == b"x"
+
+
+async def test_nothing_within_the_timeout_is_too_slow() -> None:
+    ours, _theirs = _pair()
+    with trio.testing.assert_checkpoints(), pytest.raises(trio.TooSlowError):
+        await receive_head(ours, 1024, 0.05)
