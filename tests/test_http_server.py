@@ -3,12 +3,18 @@ celld itself, h11 everywhere else, and byte for byte what h11 alone would do."""
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
+import struct
+
 import h11
+import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from celld.http import Request, Response, _plain_head, serve_connection
+from celld.http import Request, Response, _accept_one, _Full, _plain_head, serve, serve_connection
 
 GET = b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -162,3 +168,54 @@ async def test_a_client_that_closes_gets_connection_close_and_nothing_more() -> 
         assert received == _expected(requests)
         assert b"Connection: close\r\n" in received
         assert b"hi /b" not in received
+
+
+class _Listening:
+    """A listening socket's accept(), scripted: errors, then connections."""
+
+    def __init__(self, *results: OSError | str) -> None:
+        self.results = list(results)
+
+    def accept(self) -> tuple[object, None]:
+        result = self.results.pop(0)
+        if isinstance(result, OSError):
+            raise result
+        return result, None
+
+
+def test_accept_skips_a_connection_that_failed_before_it_was_taken() -> None:
+    # accept(2): Linux hands a new socket's pending network error to accept().
+    for code in (errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET, errno.ETIMEDOUT):
+        listening = _Listening(OSError(code, os.strerror(code)), "client")
+        assert _accept_one(listening) == "client"  # type: ignore[arg-type]
+    assert _accept_one(_Listening(BlockingIOError())) is None  # type: ignore[arg-type]
+
+
+def test_accept_out_of_descriptors_is_a_pause_not_a_crash() -> None:
+    with pytest.raises(_Full):
+        _accept_one(_Listening(OSError(errno.EMFILE, "Too many open files")))  # type: ignore[arg-type]
+    with pytest.raises(OSError):
+        _accept_one(_Listening(OSError(errno.EBADF, "Bad file descriptor")))  # type: ignore[arg-type]
+
+
+async def test_a_client_that_resets_before_it_is_served_leaves_the_server_serving() -> None:
+    async def handler(request: Request) -> Response:
+        return Response(200, [], b"ok")
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(serve, "127.0.0.1", 0, handler)
+        port = listeners[0].socket.getsockname()[1]
+        for _ in range(20):  # connect and reset at once (SO_LINGER 0)
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.connect(("127.0.0.1", port))
+            s.close()
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(GET)
+        with trio.fail_after(5):
+            data = b""
+            while not data.endswith(b"ok"):
+                data += await stream.receive_some(1024)
+        assert data.startswith(b"HTTP/1.1 200 ")
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
