@@ -1,8 +1,12 @@
 """A small HTTP/1.1 server core: h11 on trio sockets, with a sendfile path.
 
-Owns the connection loop shared by the mirror and the metrics listener:
-parsing with h11 (bounded header size), keep-alive, idle and stall timeouts,
-and writing bodies. A handler turns a `Request` into a `Response`; the body
+Owns accepting connections and the connection loop shared by the mirror, the
+metrics listener and the admin socket: parsing with h11 (bounded header size),
+keep-alive, idle and stall timeouts, and writing bodies. h11 is the state
+machine for every exchange; on the plain path (a whole HTTP/1.1 GET or HEAD
+in one read, a response with a Content-Length, see protocol/heads.py) celld
+parses the request and writes the head itself and h11 records both once the
+head is out, because a cache miss's first byte waits on that path. A handler turns a `Request` into a `Response`; the body
 is either bytes, a file range sent with os.sendfile (the cache-hit path moves
 bytes in the kernel), or a `Body` that streams itself (a blob still being
 downloaded). A body that fails mid-way closes the connection before the
