@@ -329,7 +329,9 @@ def test_garbage_under_blobs_and_tmp_is_removed(
     (data_dir / "blobs" / "sha512").mkdir()
     (shard / "ab").mkdir(exist_ok=True)
     (shard / "ab" / ("ab" + "0" * 62)).symlink_to(outside / "keep")
-    (shard / "cd").symlink_to(outside)
+    # A shard directory that is a symlink: named so no seeded blob lives there.
+    taken = {hashlib.sha256(b).hexdigest()[:2] for b in blobs} | {"00", "01", "ab"}
+    (shard / next(f"{i:02x}" for i in range(256) if f"{i:02x}" not in taken)).symlink_to(outside)
     (data_dir / "tmp" / "half.part").write_bytes(b"half a layer")
     (data_dir / "tmp" / "somedir").mkdir()
     (data_dir / "tmp" / "somedir" / "f").write_bytes(b"x")
