@@ -177,6 +177,51 @@ async def _next_event(conn: h11.Connection, stream: trio.SocketStream, timeout: 
         conn.receive_data(data)
 
 
+@dataclass(frozen=True)
+class _Incoming:
+    request: Request
+    http_version: bytes
+    deferred: bytes | None  # a plain request's bytes, for h11 to record later
+
+
+async def _next_request(
+    conn: h11.Connection, stream: trio.SocketStream, out: _SocketOutput, max_body: int
+) -> _Incoming | None:
+    """The connection's next request, or None when it is done: closed by the
+    client, or refused with a response already sent."""
+    if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
+        # A new request: a plain one is parsed here and recorded by h11 once
+        # the response head is out (see _send_response).
+        data = await receive_head(stream, MAX_HEADER_BYTES, IDLE_TIMEOUT)
+        plain = parse_plain_request(data)
+        if plain is not None:
+            return _Incoming(Request(plain.method, plain.target, plain.headers), b"1.1", data)
+        conn.receive_data(data)
+    try:
+        first = conn.their_state is h11.IDLE
+        event = await _next_event(conn, stream, IDLE_TIMEOUT if first else HEADER_TIMEOUT)
+    except h11.RemoteProtocolError as exc:
+        await _send_protocol_error(conn, out, exc)
+        return None
+    if not isinstance(event, h11.Request):  # ConnectionClosed, PAUSED
+        return None
+    if event.http_version not in (b"1.0", b"1.1"):  # h11 parses any digit.digit
+        err = oci_error("UNSUPPORTED", event.http_version.decode("latin-1"), status=505)
+        await _send_response(conn, out, error_response(err), head=False)
+        return None
+    try:
+        body = await _read_body(conn, stream, max_body)
+    except _TooLarge:
+        err = oci_error("SIZE_INVALID", f"request body over {max_body} bytes", status=413)
+        await _send_response(conn, out, error_response(err), head=False)
+        return None
+    except h11.RemoteProtocolError as exc:
+        await _send_protocol_error(conn, out, exc)
+        return None
+    request = Request(event.method, event.target, tuple(event.headers), body)
+    return _Incoming(request, event.http_version, None)
+
+
 async def serve_connection(
     stream: trio.SocketStream, handler: Handler, *, max_body: int = 0
 ) -> None:
@@ -185,52 +230,10 @@ async def serve_connection(
     out = _SocketOutput(stream)
     try:
         while True:
-            deferred = None
-            request = None
-            if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
-                # A new request: a plain one is parsed here and recorded by h11
-                # once the response head is out (see _send_response).
-                data = await receive_head(stream, MAX_HEADER_BYTES, IDLE_TIMEOUT)
-                plain_request = parse_plain_request(data)
-                if plain_request is None:
-                    conn.receive_data(data)
-                else:
-                    request = Request(
-                        plain_request.method, plain_request.target, plain_request.headers
-                    )
-                    deferred = data
-            if request is None:
-                try:
-                    first = conn.their_state is h11.IDLE
-                    event = await _next_event(
-                        conn, stream, IDLE_TIMEOUT if first else HEADER_TIMEOUT
-                    )
-                except h11.RemoteProtocolError as exc:
-                    await _send_protocol_error(conn, out, exc)
-                    return
-                if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-                    return
-                if not isinstance(event, h11.Request):
-                    return
-                if event.http_version not in (b"1.0", b"1.1"):  # h11 parses any digit.digit
-                    err = oci_error("UNSUPPORTED", event.http_version.decode("latin-1"), status=505)
-                    await _send_response(conn, out, error_response(err), head=False)
-                    return
-                try:
-                    body = await _read_body(conn, stream, max_body)
-                except _TooLarge:
-                    err = oci_error(
-                        "SIZE_INVALID", f"request body over {max_body} bytes", status=413
-                    )
-                    await _send_response(conn, out, error_response(err), head=False)
-                    return
-                except h11.RemoteProtocolError as exc:
-                    await _send_protocol_error(conn, out, exc)
-                    return
-                request = Request(event.method, event.target, tuple(event.headers), body)
-                http_version = event.http_version
-            else:
-                http_version = b"1.1"
+            incoming = await _next_request(conn, stream, out, max_body)
+            if incoming is None:
+                return
+            request = incoming.request
             try:
                 response = await handler(request)
             except OCIError as err:
@@ -241,7 +244,7 @@ async def serve_connection(
                     OCIError("UNKNOWN", "internal error", 500), head=request.method == b"HEAD"
                 )
             plain = (
-                http_version == b"1.1"
+                incoming.http_version == b"1.1"
                 and request.method in (b"GET", b"HEAD")
                 and request.header(b"connection") is None
             )
@@ -251,7 +254,7 @@ async def serve_connection(
                 response,
                 head=request.method == b"HEAD",
                 plain=plain,
-                deferred=deferred,
+                deferred=incoming.deferred,
             )
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
