@@ -6,10 +6,11 @@ keep-alive, idle and stall timeouts, and writing bodies. h11 is the state
 machine for every exchange; on the plain path (a whole HTTP/1.1 GET or HEAD
 in one read, a response with a Content-Length, see protocol/heads.py) celld
 parses the request and writes the head itself and h11 records both once the
-head is out, because a cache miss's first byte waits on that path. A handler turns a `Request` into a `Response`; the body
-is either bytes, a file range sent with os.sendfile (the cache-hit path moves
-bytes in the kernel), or a `Body` that streams itself (a blob still being
-downloaded). A body that fails mid-way closes the connection before the
+head is out, because a cache miss's first byte waits on that path.
+
+A handler turns a `Request` into a `Response`; the body is either bytes, a
+file range sent with os.sendfile (the cache-hit path moves bytes in the
+kernel), or a `Body` that streams itself (a blob still being downloaded). A body that fails mid-way closes the connection before the
 declared length is complete, so a client never mistakes a partial or
 unverified body for a whole one.
 
@@ -34,7 +35,7 @@ import trio
 
 from celld.receive import receive_head
 from protocol.errors import OCIError, oci_error
-from protocol.heads import FIELD_VALUE, TOKEN, parse_plain_request
+from protocol.heads import FIELD_VALUE, TOKEN, parse_plain_request, write_head
 
 log = logging.getLogger(__name__)
 
@@ -414,7 +415,6 @@ def _plain_head(status: int, headers: list[tuple[bytes, bytes]]) -> bytes | None
     anything it could refuse): then h11 writes it."""
     if status < 200 or status in (204, 304):
         return None
-    lines = [b"HTTP/1.1 %d \r\n" % status]
     lengths = 0
     for name, value in headers:
         if not (TOKEN.fullmatch(name) and FIELD_VALUE.fullmatch(value)):
@@ -428,11 +428,9 @@ def _plain_head(status: int, headers: list[tuple[bytes, bytes]]) -> bytes | None
             lengths += 1
             if not value.isdigit():
                 return None
-        lines += [name, b": ", value, b"\r\n"]
     if lengths != 1:
         return None
-    lines.append(b"\r\n")
-    return b"".join(lines)
+    return write_head(b"HTTP/1.1 %d " % status, headers)
 
 
 class _Length:

@@ -29,7 +29,7 @@ import httpx
 import trio
 
 from celld.receive import receive_head
-from protocol.heads import FIELD_VALUE, TARGET, PlainHead, parse_plain_head
+from protocol.heads import FIELD_VALUE, TARGET, PlainHead, parse_plain_head, write_head
 
 MAX_HEADER_BYTES = 64 * 1024  # a registry's response head; more is not a registry
 MAX_IDLE_PER_ORIGIN = 8
@@ -355,11 +355,7 @@ class _Request:
                 raise httpx.LocalProtocolError(f"illegal value in header {name.decode()!r}")
         self.target = target
         self.headers = headers
-        lines = [b"GET ", target, b" HTTP/1.1\r\n"]
-        for name, value in headers:
-            lines += [name, b": ", value, b"\r\n"]
-        lines.append(b"\r\n")
-        self.data = b"".join(lines)
+        self.data = write_head(b"GET " + target + b" HTTP/1.1", headers)
 
     def event(self) -> h11.Request:
         return h11.Request(method="GET", target=self.target, headers=self.headers)

@@ -4,9 +4,10 @@ trio checkpoints on every receive, data or not: fair to other tasks, but on a
 cache miss two such rounds lie on the runtime's time to first byte (reading
 its request, reading the upstream's answer), each ~0.05 ms of a cold CPU.
 `receive_head` takes what the kernel already holds at once and waits (a
-checkpoint, in a cancel scope for its deadline) only when there is nothing yet. Only for heads, which are read
-once per request and bounded in size: a body is read with `receive_some`, so
-a fast sender can never keep the other tasks from running.
+checkpoint, in a cancel scope for its deadline) only when there is nothing
+yet. Only for heads, which are read once per request and bounded in size: a
+body is read with `receive_some`, so a fast sender can never keep the other
+tasks from running.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
-"""What celld writes into an HTTP/1.1 head without h11's checks first.
+"""The HTTP/1.1 heads celld writes and parses without h11 going first.
 
-The mirror's response heads and the blob client's requests are serialized by
-celld itself, so their bytes go out before h11 records them (a miss's first
-byte should not wait on bookkeeping). Everything written that way must match
-these patterns, which are stricter than RFC 9110's grammar: whatever passes
-here, h11 accepts afterwards, and a CR, LF or NUL from a server's text (a
-redirect, a token, a media type) can never split a head.
+On a miss's path to its first byte, the mirror's response head and the blob
+client's request are written here, and the runtime's request and the
+registry's response head are parsed here, when they are plain; h11 records
+each exchange afterwards and handles everything that is not plain. The
+patterns are stricter than RFC 9110's grammar: whatever passes here, h11
+accepts the same, and a CR, LF or NUL from a server's text (a redirect, a
+token, a media type) can never split a head.
 """
 
 from __future__ import annotations
@@ -34,12 +35,22 @@ class PlainHead:
 
 
 _STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([2-5][0-9][0-9])(?: [\t\x20-\x7e]*)?")
-_REQUEST_LINE = re.compile(rb"(GET|HEAD) ([\x21-\x7e]+) HTTP/1\.1")
-_HEADER_LINE = re.compile(rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+):[ \t]*(.*?)[ \t]*")
+_REQUEST_LINE = re.compile(rb"(GET|HEAD) (" + TARGET.pattern + rb") HTTP/1\.1")
+_HEADER_LINE = re.compile(rb"(" + TOKEN.pattern + rb"):[ \t]*(.*?)[ \t]*")
 _NO_BODY = frozenset({204, 304})
 # Request headers that make h11 do more than record a request: a body to
 # read, an upgrade or 100-continue to track.
 _NOT_PLAIN_REQUEST = frozenset({b"content-length", b"transfer-encoding", b"upgrade", b"expect"})
+
+
+def write_head(start_line: bytes, fields: list[tuple[bytes, bytes]]) -> bytes:
+    """A head as h11 writes it: the start line, each field as given, a blank line.
+    The caller has checked every name and value against the patterns above."""
+    lines = [start_line, b"\r\n"]
+    for name, value in fields:
+        lines += [name, b": ", value, b"\r\n"]
+    lines.append(b"\r\n")
+    return b"".join(lines)
 
 
 def _fields(lines: list[bytes]) -> list[tuple[bytes, bytes]] | None:
