@@ -10,8 +10,9 @@ shared and noisy, so only ratios measured side by side mean anything):
 - miss TTFB: time to the first byte of an uncached blob through celld,
   against the same blob fetched directly from the upstream registry; and the
   throughput of those whole transfers. nginx as a plain reverse proxy to the
-  same registry (keep-alive upstream, no buffering, no cache) runs in the same
-  rotation: what any proxy's extra hop costs on this machine.
+  same registry (keep-alive upstream, no buffering, no cache) and nginx as a
+  TCP relay (no HTTP at all: bytes in, bytes out) run in the same rotation:
+  what any proxy's extra hop costs on this machine, the relay being its floor.
 
 The client is curl writing to /dev/null, one process per concurrent client,
 the same for every server. Run: python -m simulations.bench.serve [--size-mib 256]
@@ -34,7 +35,11 @@ from tests.support.images import Blob, Pusher
 from tests.support.procs import free_port, stop_process, wait_for_port
 from tests.support.registry import Registry
 
+# Debian's libnginx-mod-stream: nginx as a plain TCP relay.
+STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
+
 NGINX_CONF = """\
+load_module {stream_module};
 worker_processes 1;
 daemon off;
 pid {root}/nginx.pid;
@@ -68,6 +73,12 @@ http {{
         }}
     }}
 }}
+stream {{
+    server {{
+        listen 127.0.0.1:{relay_port};
+        proxy_pass {upstream};
+    }}
+}}
 """
 
 
@@ -76,11 +87,15 @@ class Nginx:
     root: Path
     port: int = 0
     proxy_port: int = 0  # a reverse proxy to `upstream`
+    relay_port: int = 0  # a TCP relay to `upstream`
     proc: subprocess.Popen | None = None
 
     def start(self, files: dict[str, Path], upstream: str) -> Nginx:
         self.port = free_port()
         self.proxy_port = free_port()
+        self.relay_port = free_port()
+        if not STREAM_MODULE.exists():
+            raise SystemExit(f"{STREAM_MODULE} is missing: apt-get install libnginx-mod-stream")
         (self.root / "www").mkdir(parents=True, exist_ok=True)
         (self.root / "tmp").mkdir(exist_ok=True)
         for name, path in files.items():
@@ -95,6 +110,8 @@ class Nginx:
                 root=self.root,
                 port=self.port,
                 proxy_port=self.proxy_port,
+                relay_port=self.relay_port,
+                stream_module=STREAM_MODULE,
                 upstream=upstream.removeprefix("http://"),
             )
         )
@@ -105,13 +122,14 @@ class Nginx:
         )
         wait_for_port(self.port, self.proc)
         wait_for_port(self.proxy_port, self.proc)
+        wait_for_port(self.relay_port, self.proc)
         return self
 
     def stop(self) -> None:
         stop_process(self.proc)
 
 
-MISS_PATHS = ["direct", "celld", "nginx-proxy"]
+MISS_PATHS = ["direct", "celld", "nginx-proxy", "tcp-relay"]
 
 
 def print_hits(size_mib: int, rounds: int, results: dict[tuple[str, int], list[float]]) -> None:
@@ -233,6 +251,7 @@ def main() -> None:
                     "direct": upstream.url,
                     "celld": cell.url,
                     "nginx-proxy": f"http://127.0.0.1:{nginx.proxy_port}",
+                    "tcp-relay": f"http://127.0.0.1:{nginx.relay_port}",
                 }
                 # The registry's first read of a blob is slower than the next
                 # (its caches, the page cache), and whoever went first paid
@@ -243,7 +262,8 @@ def main() -> None:
                 time.sleep(0.5)
                 # Rotate who goes first; let celld's commit (fsync of the whole
                 # blob) finish before anyone else is timed.
-                for name in MISS_PATHS[i % 3 :] + MISS_PATHS[: i % 3]:
+                first = i % len(MISS_PATHS)
+                for name in MISS_PATHS[first:] + MISS_PATHS[:first]:
                     misses[name].append(ttfb(through[name] + path))
                     if name == "celld":
                         cell.blob_stored(digest)
@@ -259,16 +279,19 @@ def main() -> None:
         print_hits(args.size_mib, args.rounds, results)
     print(f"celld peak RSS: {rss:.0f} MiB")
     direct = misses["direct"]
-    for name in ("celld", "nginx-proxy"):
+    for name in MISS_PATHS[1:]:
         timed = misses[name]
         tc, td = (statistics.median(t for t, _ in m) for m in (timed, direct))
         # Each pair ran within seconds, under the same load: the median of the
-        # pairs' ratios resists a shared machine better than a ratio of medians.
-        paired = statistics.median(c / d for (c, _), (d, _) in zip(timed, direct, strict=True))
+        # pairs' ratios (and differences) resists a shared machine better than
+        # a ratio of medians.
+        pairs = list(zip(timed, direct, strict=True))
+        paired = statistics.median(c / d for (c, _), (d, _) in pairs)
+        added = statistics.median(c - d for (c, _), (d, _) in pairs)
         print(
             f"uncached {args.size_mib} MiB TTFB, median of {len(timed)}: "
             f"{name} {tc * 1000:.1f} ms, direct {td * 1000:.1f} ms, ratio {tc / td:.2f}; "
-            f"median of paired ratios {paired:.2f}"
+            f"median of paired ratios {paired:.2f}, of paired differences {added * 1000:+.1f} ms"
         )
     rc, rd = (statistics.median(r for _, r in m) for m in (misses["celld"], direct))
     print(

@@ -1,0 +1,44 @@
+"""The serve benchmark still runs end to end and prints every figure the README quotes.
+
+Not a timing test: a small blob, one round, and only the shape of the report is
+checked, so a change that breaks a contender (celld, nginx, the registry, the
+reverse proxy, the TCP relay) is caught here rather than at the next bench run.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NUMBER = r"[0-9]+(?:\.[0-9]+)?"
+
+
+ARGS = ["--size-mib", "1", "--rounds", "1", "--ttfb-blobs", "2"]
+
+
+def test_serve_bench_reports_every_contender():
+    out = subprocess.run(
+        [sys.executable, "-m", "simulations.bench.serve", *ARGS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    report = out.stdout
+    for clients in (1, 16):
+        assert re.search(rf"^\s+{clients}( +{NUMBER}){{5}}$", report, re.M), report
+    assert re.search(rf"^celld peak RSS: {NUMBER} MiB$", report, re.M), report
+    for name in ("celld", "nginx-proxy", "tcp-relay"):
+        line = (
+            rf"^uncached 1 MiB TTFB, median of 2: {name} {NUMBER} ms, direct {NUMBER} ms, "
+            rf"ratio {NUMBER}; median of paired ratios {NUMBER}, of paired differences "
+            rf"[+-]{NUMBER} ms$"
+        )
+        assert re.search(line, report, re.M), report
+    assert re.search(
+        rf"^uncached 1 MiB throughput, median of 2: celld {NUMBER} MiB/s", report, re.M
+    )
