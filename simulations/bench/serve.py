@@ -91,11 +91,11 @@ class Nginx:
     proc: subprocess.Popen | None = None
 
     def start(self, files: dict[str, Path], upstream: str) -> Nginx:
+        if not STREAM_MODULE.exists():
+            raise SystemExit(f"{STREAM_MODULE} is missing: apt-get install libnginx-mod-stream")
         self.port = free_port()
         self.proxy_port = free_port()
         self.relay_port = free_port()
-        if not STREAM_MODULE.exists():
-            raise SystemExit(f"{STREAM_MODULE} is missing: apt-get install libnginx-mod-stream")
         (self.root / "www").mkdir(parents=True, exist_ok=True)
         (self.root / "tmp").mkdir(exist_ok=True)
         for name, path in files.items():
@@ -245,14 +245,14 @@ def main() -> None:
                         )
 
             misses: dict[str, list[tuple[float, float]]] = {n: [] for n in MISS_PATHS}
+            through = {
+                "direct": upstream.url,
+                "celld": cell.url,
+                "nginx-proxy": f"http://127.0.0.1:{nginx.proxy_port}",
+                "tcp-relay": f"http://127.0.0.1:{nginx.relay_port}",
+            }
             for i, digest in enumerate(digests):
                 path = f"/v2/library/bench/blobs/{digest}"
-                through = {
-                    "direct": upstream.url,
-                    "celld": cell.url,
-                    "nginx-proxy": f"http://127.0.0.1:{nginx.proxy_port}",
-                    "tcp-relay": f"http://127.0.0.1:{nginx.relay_port}",
-                }
                 # The registry's first read of a blob is slower than the next
                 # (its caches, the page cache), and whoever went first paid
                 # for it: one untimed GET first, so every contender meets the
