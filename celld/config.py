@@ -55,6 +55,26 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Where this cell meets its peers: UDP gossip and the peer API over TCP share
+    `listen`; `advertise` is what peers dial (behind NAT or a wildcard listen)."""
+
+    listen: Listen
+    advertise: Listen
+    seeds: tuple[Listen, ...] = ()
+    zone: str = ""
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """What this cell gives its peers: concurrent piece uploads, and a byte rate cap
+    (0: unlimited)."""
+
+    upload_slots: int = 8
+    upload_rate: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     name: str
     data_dir: Path
@@ -67,6 +87,8 @@ class Config:
     connect_timeout: float = 2.0
     source_retry_after: float = 30.0
     platform: str = "linux/amd64"  # the image staging picks out of an index
+    cluster: ClusterConfig | None = None  # None: the cell runs alone
+    peer: PeerConfig = PeerConfig()
 
     def upstream(self, ns: str | None) -> UpstreamConfig | None:
         return self.upstreams.get(ns or "docker.io")
@@ -165,7 +187,17 @@ def _seconds(table: dict, key: str, default: float) -> float:
 def from_dict(doc: dict) -> Config:
     _check_keys(
         doc,
-        {"cell", "cluster", "mirror", "metrics", "store", "registry", "upstreams", "sources"},
+        {
+            "cell",
+            "cluster",
+            "peer",
+            "mirror",
+            "metrics",
+            "store",
+            "registry",
+            "upstreams",
+            "sources",
+        },
         "",
     )
     cell = _table(doc, "cell")
@@ -177,8 +209,10 @@ def from_dict(doc: dict) -> Config:
     data_dir = Path(_str(cell, "data_dir", "cell.", str(default_data_dir())) or "").expanduser()
 
     cluster = _table(doc, "cluster")
-    _check_keys(cluster, {"key_file"}, "cluster.")
+    _check_keys(cluster, {"key_file", "listen", "advertise", "seeds", "zone"}, "cluster.")
     key_file = _str(cluster, "key_file", "cluster.")
+    cluster_config = _cluster(cluster, key_file)
+    peer = _peer(_table(doc, "peer"))
 
     mirror = _table(doc, "mirror")
     _check_keys(mirror, {"listen"}, "mirror.")
@@ -194,6 +228,8 @@ def from_dict(doc: dict) -> Config:
     )
     if metrics_listen == mirror_listen:
         raise ConfigError("metrics.listen: must differ from mirror.listen")
+    if cluster_config is not None and cluster_config.listen in (mirror_listen, metrics_listen):
+        raise ConfigError("cluster.listen: must differ from mirror.listen and metrics.listen")
 
     store = _table(doc, "store")
     _check_keys(store, {"max_bytes"}, "store.")
@@ -254,7 +290,47 @@ def from_dict(doc: dict) -> Config:
         connect_timeout=connect_timeout,
         source_retry_after=retry_after,
         platform=platform,
+        cluster=cluster_config,
+        peer=peer,
     )
+
+
+def _cluster(table: dict, key_file: str | None) -> ClusterConfig | None:
+    """[cluster] beyond the key: without `listen` the cell runs alone, as before."""
+    if "listen" not in table:
+        for k in ("advertise", "seeds", "zone"):
+            if k in table:
+                raise ConfigError(f"cluster.{k}: needs cluster.listen")
+        return None
+    if key_file is None:
+        raise ConfigError("cluster.key_file: required with cluster.listen (peers sign everything)")
+    if not Path(key_file).is_file():
+        raise ConfigError(f"cluster.key_file: no such file: {key_file}")
+    listen = parse_listen(table["listen"], "cluster.listen")
+    advertise = parse_listen(table.get("advertise", str(listen)), "cluster.advertise")
+    if advertise.host in ("0.0.0.0", "::"):
+        raise ConfigError(
+            f"cluster.advertise: peers cannot dial {advertise}; give the address they reach"
+        )
+    raw_seeds = table.get("seeds", [])
+    if not isinstance(raw_seeds, list):
+        raise ConfigError(f"cluster.seeds: expected a list of 'host:port', got {raw_seeds!r}")
+    seeds = tuple(parse_listen(s, f"cluster.seeds[{i}]") for i, s in enumerate(raw_seeds))
+    zone = table.get("zone", "")
+    if not isinstance(zone, str) or not re.fullmatch(r"[A-Za-z0-9._-]{0,64}", zone):
+        raise ConfigError(f"cluster.zone: expected a short label of [A-Za-z0-9._-], got {zone!r}")
+    return ClusterConfig(listen=listen, advertise=advertise, seeds=seeds, zone=zone)
+
+
+def _peer(table: dict) -> PeerConfig:
+    _check_keys(table, {"upload_slots", "upload_rate"}, "peer.")
+    slots = table.get("upload_slots", 8)
+    if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= 1024:
+        raise ConfigError(f"peer.upload_slots: expected a number from 1 to 1024, got {slots!r}")
+    rate = table.get("upload_rate", "0")
+    if rate in ("0", 0):
+        return PeerConfig(upload_slots=slots, upload_rate=0)
+    return PeerConfig(upload_slots=slots, upload_rate=parse_size(rate, "peer.upload_rate"))
 
 
 def load(path: Path | None) -> Config:

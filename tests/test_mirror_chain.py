@@ -208,6 +208,9 @@ def test_kill_during_large_download_restart_is_clean(tmp_path, hub, fault_proxy)
         ('[upstreams."docker.io"]\nurl = 5\n', 'upstreams."docker.io".url'),
         ("[cell]\nnmae = 'typo'\n", "cell.nmae"),
         ("this is not toml", "TOML"),
+        ('[cluster]\nlisten = "127.0.0.1:7946"\n', "cluster.key_file"),
+        ('[cluster]\nkey_file = "/nonexistent/k"\nlisten = "127.0.0.1:7946"\n', "cluster.key_file"),
+        ("[peer]\nupload_slots = 0\n", "peer.upload_slots"),
     ],
 )
 def test_bad_config_one_line_exit_2(tmp_path, text, key):
