@@ -20,6 +20,7 @@ import trio
 
 from celld import __version__
 from celld.config import Config
+from celld.gossip import Gossip
 from celld.http import Request, Response, Streamed
 from celld.metrics import Metrics
 from celld.registry import Credentials
@@ -59,8 +60,11 @@ class Admin:
         stager: Stager,
         metrics: Metrics,
         platform: Platform,
+        *,
+        gossip: Gossip | None = None,
     ) -> None:
         self.config = config
+        self.gossip = gossip
         self.store = store
         self.stager = stager
         self.metrics = metrics
@@ -82,6 +86,8 @@ class Admin:
                 return await self._ls()
             if path == "/v1/stats" and method == b"GET":
                 return self._stats()
+            if path == "/v1/peers" and method == b"GET":
+                return self._peers()
             if path == "/v1/gc" and method == b"POST":
                 return await self._gc(request)
         except OCIError as exc:
@@ -243,6 +249,19 @@ class Admin:
                 "digest_mismatches": total(m.digest_mismatches),
                 "stale_tags_served": total(m.stale_tags),
                 "evictions": total(m.evictions),
+            },
+        )
+
+    def _peers(self) -> Response:
+        if self.gossip is None:
+            return _json(200, {"cluster": False, "cell": self.config.name, "members": []})
+        return _json(
+            200,
+            {
+                "cluster": True,
+                "cell": self.config.name,
+                "now": time.time(),
+                "members": [asdict(p) for p in self.gossip.peers()],
             },
         )
 

@@ -121,6 +121,9 @@ class AdminClient:
     def stats(self) -> dict[str, Any]:
         return self._call("GET", "/v1/stats")
 
+    def peers(self) -> dict[str, Any]:
+        return self._call("GET", "/v1/peers")
+
     def gc(self, keep_seconds: float | None = None) -> dict[str, Any]:
         body = None if keep_seconds is None else {"keep_seconds": keep_seconds}
         return self._call("POST", "/v1/gc", body)

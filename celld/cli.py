@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- the admin commands: clients of the running daemon's admin socket -------
 
-ADMIN_COMMANDS = ("stage", "pins", "unpin", "ls", "stats", "gc")
+ADMIN_COMMANDS = ("stage", "pins", "unpin", "ls", "stats", "gc", "peers")
 USERNAME_ENV = "CELLD_REGISTRY_USERNAME"
 PASSWORD_ENV = "CELLD_REGISTRY_PASSWORD"
 TOKEN_HINT = "(use as the password of any user, or as a Bearer token)"
@@ -184,6 +184,7 @@ def _add_admin_parsers(sub: argparse._SubParsersAction) -> None:
     unpin.add_argument("app")
     command("ls", "list cached images and blobs")
     command("stats", "store and hit figures")
+    command("peers", "list the cluster's members as this cell sees them")
     gc = command("gc", "remove blobs that no pin and no recent pull needs")
     gc.add_argument(
         "--keep",
@@ -444,6 +445,37 @@ def _stats(client: AdminClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _peers(client: AdminClient, args: argparse.Namespace) -> int:
+    doc = client.peers()
+    if args.json:
+        _print_json(doc)
+        return 0
+    if not doc.get("cluster"):
+        print("this cell runs alone (no [cluster] listen in its config)")
+        return 0
+    now = float(doc.get("now", time.time()))
+    rows = [
+        [
+            str(m.get("name", "")) + (" (this cell)" if m.get("name") == doc.get("cell") else ""),
+            str(m.get("addr", "")),
+            str(m.get("zone") or "-"),
+            str(m.get("state", "")),
+            str(m.get("incarnation", "")),
+            "-" if m.get("last_heard") is None else ago(m["last_heard"], now),
+            str(m.get("blobs_announced", 0)),
+        ]
+        for m in doc.get("members", [])
+    ]
+    print(
+        table(
+            rows,
+            ["NAME", "ADDRESS", "ZONE", "STATE", "INCARNATION", "LAST HEARD", "BLOBS"],
+            right=(4, 6),
+        )
+    )
+    return 0
+
+
 def _gc(client: AdminClient, args: argparse.Namespace) -> int:
     doc = client.gc(args.keep)
     if args.json:
@@ -461,6 +493,7 @@ _COMMANDS: dict[str, Callable[[AdminClient, argparse.Namespace], int]] = {
     "ls": _ls,
     "stats": _stats,
     "gc": _gc,
+    "peers": _peers,
 }
 
 

@@ -21,6 +21,7 @@ import trio
 from celld import http as http_server
 from celld.admin import MAX_BODY, Admin, parse_platform
 from celld.config import Config, load_cluster_key
+from celld.gossip import Gossip
 from celld.http_client import Pool
 from celld.metrics import Metrics
 from celld.mirror import Mirror
@@ -42,6 +43,7 @@ class Running:
     store: Store
     sources: Sources
     metrics_registry: Metrics
+    gossip: Gossip | None = None
 
 
 def _address(listeners: list[trio.SocketListener]) -> tuple[str, int]:
@@ -68,7 +70,10 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
             sources = Sources(config, store, metrics, nursery, client, pool=pool)
             mirror = Mirror(sources, store, metrics, cluster_key)
             stager = Stager(config, store, sources, client, cluster_key)
-            admin = Admin(config, store, stager, metrics, parse_platform(config.platform))
+            gossip = _gossip(config, cluster_key, metrics)
+            admin = Admin(
+                config, store, stager, metrics, parse_platform(config.platform), gossip=gossip
+            )
             listen = config.mirror_listen
             listeners = await nursery.start(
                 http_server.serve, listen.host, listen.port, mirror.handle
@@ -85,8 +90,11 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
                 config.admin_socket,
                 admin.handle,
             )
+            if gossip is not None:
+                await gossip.bind()
+                await nursery.start(gossip.run)
             nursery.start_soon(_bookkeeping, store)
-            running = Running(_address(listeners), metrics_addr, store, sources, metrics)
+            running = Running(_address(listeners), metrics_addr, store, sources, metrics, gossip)
             log.info(
                 "cell %s: mirror on %s:%d, metrics on %s, data in %s",
                 config.name,
@@ -105,6 +113,21 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
                 await pool.aclose()
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(_close_store, store)
+
+
+def _gossip(config: Config, key: bytes | None, metrics: Metrics) -> Gossip | None:
+    cluster = config.cluster
+    if cluster is None or key is None:
+        return None
+    return Gossip(
+        config.name,
+        (cluster.listen.host, cluster.listen.port),
+        str(cluster.advertise),
+        cluster.zone,
+        key,
+        [str(s) for s in cluster.seeds],
+        metrics.registry,
+    )
 
 
 def _blob_pool() -> Pool | None:
@@ -130,8 +153,10 @@ async def _bookkeeping(store: Store) -> None:
 async def run_until_signalled(config: Config) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve, config)
+            running: Running = await nursery.start(serve, config)
             async for signum in signals:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
+                if running.gossip is not None:
+                    await running.gossip.leave()
                 nursery.cancel_scope.cancel()
                 break

@@ -20,6 +20,31 @@ import httpx
 from tests.support.procs import LoopbackProcess, free_port
 
 
+@dataclass(frozen=True)
+class Cluster:
+    """A cell's [cluster] table: gossip and the peer API on `listen` (127.0.0.X:port)."""
+
+    listen: str
+    seeds: tuple[str, ...] = ()
+    zone: str = ""
+    upload_slots: int | None = None
+
+    def lines(self) -> list[str]:
+        out = [f'listen = "{self.listen}"']
+        if self.seeds:
+            out.append("seeds = [" + ", ".join(f'"{s}"' for s in self.seeds) + "]")
+        if self.zone:
+            out.append(f'zone = "{self.zone}"')
+        if self.upload_slots is not None:
+            out += ["[peer]", f"upload_slots = {self.upload_slots}"]
+        return out
+
+
+def cluster_address(i: int) -> str:
+    """A distinct loopback address for cell i (Linux routes all of 127/8 to lo)."""
+    return f"127.0.0.{10 + i}:{free_port()}"
+
+
 @dataclass
 class Celld(LoopbackProcess):
     """`celld serve` with a config the test describes; mirror on `port`."""
@@ -31,6 +56,8 @@ class Celld(LoopbackProcess):
     max_bytes: str | None = None
     platform: str | None = None
     metrics_port: int = field(default_factory=free_port)
+    name: str = "test-cell"
+    cluster: Cluster | None = None
 
     @property
     def data_dir(self) -> Path:
@@ -47,7 +74,7 @@ class Celld(LoopbackProcess):
     def write_config(self) -> Path:
         lines = [
             "[cell]",
-            'name = "test-cell"',
+            f'name = "{self.name}"',
             f'data_dir = "{self.data_dir}"',
             *([f'platform = "{self.platform}"'] if self.platform else []),
             "[mirror]",
@@ -55,8 +82,12 @@ class Celld(LoopbackProcess):
             "[metrics]",
             f'listen = "127.0.0.1:{self.metrics_port}"',
         ]
-        if self.key_file is not None:
-            lines += ["[cluster]", f'key_file = "{self.key_file}"']
+        if self.key_file is not None or self.cluster is not None:
+            lines += ["[cluster]"]
+            if self.key_file is not None:
+                lines.append(f'key_file = "{self.key_file}"')
+            if self.cluster is not None:
+                lines += self.cluster.lines()
         if self.max_bytes is not None:
             lines += ["[store]", f'max_bytes = "{self.max_bytes}"']
         for url in self.registries:
@@ -77,6 +108,12 @@ class Celld(LoopbackProcess):
             timeout=20,
         )
         return self
+
+    def peers(self) -> dict[str, dict]:
+        """GET /v1/peers on the admin socket, as {name: member}."""
+        with self.admin() as client:
+            doc = client.get("/v1/peers").json()
+        return {m["name"]: m for m in doc["members"]}
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
