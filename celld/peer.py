@@ -231,9 +231,8 @@ def _hash_fd(fd: int, size: int, piece_size: int) -> PieceTable:
 
 
 def _error(status: int, detail: str, layout: _Layout | None = None) -> Response:
-    code = {401: "UNAUTHORIZED", 404: "BLOB_UNKNOWN", 503: "TOOMANYREQUESTS"}.get(
-        status, "UNSUPPORTED"
-    )
+    codes = {401: "UNAUTHORIZED", 404: "BLOB_UNKNOWN", 416: "RANGE_INVALID", 503: "TOOMANYREQUESTS"}
+    code = codes.get(status, "UNSUPPORTED")
     body = oci_error(code, detail=detail, status=status).body()
     headers = [("Content-Type", "application/json")]
     if layout is not None:

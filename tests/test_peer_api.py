@@ -230,6 +230,45 @@ async def test_a_busy_cell_says_503_and_serves_again_once_free(store: Store) -> 
         assert cell.value("celld_peer_requests_total", endpoint="piece", outcome="error_503") == 1
 
 
+async def test_a_queued_upload_starts_when_the_slot_frees(store: Store) -> None:
+    digest, data = _blob()
+    store.put_bytes(digest, data)
+    metrics = Metrics()
+    uploader = Uploader("server", slots=1, queue=1)
+    peer = Peer(KEY, uploader, StoreBlobs(store), metrics, upload_rate=16 * MiB)
+    table = PieceTable.from_bytes(data)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(serve, "127.0.0.1", 0, peer.handle)
+        addr = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        results: dict[str, PieceAnswer] = {}
+        async with client(cell="a") as a, client(cell="b") as b, client(cell="c") as c:
+
+            async def ask(who: PeerClient, name: str, index: int) -> None:
+                results[name] = (await who.piece(addr, digest, index, table)).answer
+
+            async with trio.open_nursery() as n:
+                n.start_soon(ask, a, "a", 0)
+                while uploader.load == 0:
+                    await trio.sleep(0.005)
+                n.start_soon(ask, b, "b", 1)  # queued behind a
+                await trio.sleep(0.05)
+                n.start_soon(ask, c, "c", 2)  # slot and queue full
+        nursery.cancel_scope.cancel()
+    assert results == {"a": PieceAnswer.OK, "b": PieceAnswer.OK, "c": PieceAnswer.BUSY}
+    assert uploader.load == 0 and uploader.uploads_done == 2
+
+
+async def test_an_empty_blob(store: Store) -> None:
+    digest, data = _blob(size=0)
+    store.put_bytes(digest, data)
+    async with running(StoreBlobs(store)) as cell, client() as c:
+        assert await read_blob(c, cell.addr, digest) == b""
+        table = await c.table(cell.addr, digest)
+        assert table.count == 0 and table.complete
+        answer = await c.have(cell.addr, digest, 0, 0)
+        assert answer.complete and answer.count == 0
+
+
 async def test_the_rate_cap_holds_across_uploads(store: Store) -> None:
     size, rate = 3 * MiB, 4 * MiB
     digest, data = _blob(size=size)
@@ -249,6 +288,7 @@ async def test_the_rate_cap_holds_across_uploads(store: Store) -> None:
         assert got == [data, data]
         achieved = 2 * size / elapsed
         # a burst of 256 KiB is allowed up front; the rest goes at the cap
+        print(f"2 uploads under a {rate / MiB:.0f} MiB/s cap: {achieved / rate:.2f} of it")
         assert 0.6 * rate < achieved < 1.15 * rate, achieved / rate
 
 
