@@ -74,6 +74,24 @@ class Metrics:
             "Requests for private content without a valid pull token",
             registry=r,
         )
+        self.peer_requests = Counter(
+            "celld_peer_requests",
+            "Peer API requests served, by endpoint (blob, table, piece, have) and outcome",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
+        self.peer_auth_failures = Counter(
+            "celld_peer_auth_failures",
+            "Peer API requests refused with 401, by reason (missing, bad_mac, stale, ...)",
+            ["reason"],
+            registry=r,
+        )
+        self.peer_sent_bytes = Counter(
+            "celld_peer_sent_bytes",
+            "Body bytes sent to peers, by endpoint",
+            ["endpoint"],
+            registry=r,
+        )
         self.store_bytes = Gauge("celld_store_bytes", "Bytes of verified blobs stored", registry=r)
         self.store_blobs = Gauge("celld_store_blobs", "Verified blobs stored", registry=r)
 
