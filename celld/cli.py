@@ -2,7 +2,8 @@
 
 Owns what a user sees when something is wrong before the daemon runs: a bad
 config file is one line naming the key and the problem, exit status 2; a
-port in use is one line, exit status 1. Never prints a traceback for a
+listener that cannot bind (a port in use) is one line naming its key, address
+and reason (celld.listen), exit status 1. Never prints a traceback for a
 user's mistake.
 
 The admin commands (`stage`, `pins`, `unpin`, `ls`, `stats`, `gc`) are
@@ -31,6 +32,7 @@ import trio
 
 from celld import config as config_mod
 from celld.admin_client import AdminClient, AdminError, Credentials
+from celld.listen import ListenError
 from celld.present import (
     ProgressLine,
     RateMeter,
@@ -80,6 +82,13 @@ def _first(group: BaseExceptionGroup) -> BaseException:
     return exc
 
 
+def _cannot_start(exc: ListenError | OSError) -> int:
+    """One line: a listener names its key and address (celld.listen)."""
+    reason = exc if isinstance(exc, ListenError) else exc.strerror or exc
+    print(f"celld: cannot start: {reason}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "simulate":
@@ -105,13 +114,11 @@ def main(argv: list[str] | None = None) -> int:
             trio.run(run_until_signalled, cfg)
         except BaseExceptionGroup as group:
             exc = _first(group)
-            if not isinstance(exc, OSError):
+            if not isinstance(exc, (ListenError, OSError)):
                 raise
-            print(f"celld: cannot start: {exc.strerror or exc}", file=sys.stderr)
-            return 1
-        except OSError as exc:
-            print(f"celld: cannot start: {exc.strerror or exc}", file=sys.stderr)
-            return 1
+            return _cannot_start(exc)
+        except (ListenError, OSError) as exc:
+            return _cannot_start(exc)
     return 0
 
 

@@ -23,11 +23,12 @@ from celld.admin import MAX_BODY, Admin, parse_platform
 from celld.config import Config, load_cluster_key
 from celld.gossip import Gossip
 from celld.http_client import Pool
+from celld.listen import ListenError, naming
 from celld.metrics import Metrics
 from celld.mirror import Mirror
 from celld.sources import Sources
 from celld.stage import Stager
-from celld.store import Store
+from celld.store import Store, StoreLocked
 
 log = logging.getLogger("celld")
 
@@ -54,7 +55,11 @@ def _address(listeners: list[trio.SocketListener]) -> tuple[str, int]:
 async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     cluster_key = load_cluster_key(config)
-    store = await trio.to_thread.run_sync(Store.open, config.data_dir)
+    try:
+        store = await trio.to_thread.run_sync(Store.open, config.data_dir)
+    except StoreLocked:
+        # Its admin socket, store and index are another daemon's: say so, as a listener would.
+        raise ListenError("cell.data_dir", config.data_dir, "in use by another celld") from None
     store.max_bytes = config.max_bytes
     pool = _blob_pool()
     try:
@@ -75,23 +80,27 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
                 config, store, stager, metrics, parse_platform(config.platform), gossip=gossip
             )
             listen = config.mirror_listen
-            listeners = await nursery.start(
-                http_server.serve, listen.host, listen.port, mirror.handle
-            )
+            with naming("mirror.listen", listen):
+                listeners = await nursery.start(
+                    http_server.serve, listen.host, listen.port, mirror.handle
+                )
             metrics_addr = None
             if config.metrics_listen is not None:
                 ml = config.metrics_listen
-                mlisteners = await nursery.start(
-                    http_server.serve, ml.host, ml.port, metrics.handle
-                )
+                with naming("metrics.listen", ml):
+                    mlisteners = await nursery.start(
+                        http_server.serve, ml.host, ml.port, metrics.handle
+                    )
                 metrics_addr = _address(mlisteners)
-            await nursery.start(
-                functools.partial(http_server.serve_unix, max_body=MAX_BODY),
-                config.admin_socket,
-                admin.handle,
-            )
+            with naming("cell.data_dir", config.admin_socket):
+                await nursery.start(
+                    functools.partial(http_server.serve_unix, max_body=MAX_BODY),
+                    config.admin_socket,
+                    admin.handle,
+                )
             if gossip is not None:
-                await gossip.bind()
+                with naming("cluster.listen", config.cluster.listen):
+                    await gossip.bind()
                 await nursery.start(gossip.run)
             nursery.start_soon(_bookkeeping, store)
             running = Running(_address(listeners), metrics_addr, store, sources, metrics, gossip)

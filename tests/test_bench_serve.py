@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from simulations.bench.serve import goal_line
+
 ROOT = Path(__file__).resolve().parent.parent
 NUMBER = r"[0-9]+(?:\.[0-9]+)?"
 
@@ -41,4 +43,16 @@ def test_serve_bench_reports_every_contender():
         assert re.search(line, report, re.M), report
     assert re.search(
         rf"^uncached 1 MiB throughput, median of 2: celld {NUMBER} MiB/s", report, re.M
+    ), report
+    goal = rf"^goal: celld added [+-]{NUMBER} ms (<=|>) nginx-proxy added [+-]{NUMBER} ms \+ 0\.5 ms: (met|missed)$"
+    assert re.search(goal, report, re.M), report
+
+
+def test_goal_line_says_met_or_missed_by_the_added_times():
+    assert goal_line(0.0013, 0.0009) == (
+        "goal: celld added +1.30 ms <= nginx-proxy added +0.90 ms + 0.5 ms: met"
     )
+    assert goal_line(0.0022, 0.0016) == (
+        "goal: celld added +2.20 ms > nginx-proxy added +1.60 ms + 0.5 ms: missed"
+    )
+    assert goal_line(0.0014, 0.0009).endswith(": met")  # the margin is inclusive

@@ -1,7 +1,8 @@
 """The report of a scenario: one JSON file and a few PNG plots.
 
 Owns: running every strategy a scenario names, checking the scenario's goals against
-the subject strategy (the first), and drawing the plots.
+the subject strategy (the first), and drawing the plots when matplotlib (the `sim`
+extra) is installed; without it the report is the same and the plots are skipped.
 Never: puts anything run-dependent but the simulation's own results in report.json (no
 wall time, no paths, no dates), so the same seed gives the same bytes.
 """
@@ -83,16 +84,38 @@ def write_report(report: dict[str, Any], out_dir: Path) -> Path:
     return path
 
 
-def run_scenario(path: str | Path, out_dir: str | Path, seed: int | None = None) -> dict:
-    """Simulate the scenario at `path`, write report.json and the plots into `out_dir`,
-    and return the report. `seed` overrides the scenario's."""
+SIM_EXTRA = "pip install 'celld[sim]'"
+
+
+def run_scenario(
+    path: str | Path, out_dir: str | Path, seed: int | None = None, *, plots: bool = True
+) -> dict:
+    """Simulate the scenario at `path`, write report.json and (with `plots`, when
+    matplotlib is installed: see `draw_plots`) the plots into `out_dir`, and return
+    the report. `seed` overrides the scenario's."""
     sc = load(path)
     if seed is not None:
         sc = sc.with_seed(seed)
     report = simulate(sc)
     out = Path(out_dir)
     write_report(report, out)
-    from simulations.model.plots import draw
-
-    draw(report, out)
+    if plots:
+        draw_plots(report, out)
     return report
+
+
+def draw_plots(report: dict[str, Any], out_dir: Path) -> str | None:
+    """Draws the PNG plots into `out_dir`; None when drawn, else why not. The plots
+    need matplotlib (the `sim` extra), which `./scripts/serve`'s install leaves out;
+    the simulation and its report do not need it."""
+    try:
+        from simulations.model.plots import draw
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if not missing or missing in ("simulations", "protocol", "celld"):
+            raise  # our own import broke: a bug, not a missing extra
+        if missing == "matplotlib":
+            return "matplotlib is not installed"
+        return f"matplotlib cannot be imported (no module named {missing!r})"
+    draw(report, out_dir)
+    return None

@@ -98,3 +98,51 @@ def test_celld_simulate_is_the_same_command(tmp_path: Path) -> None:
         == 0
     )
     assert (out / "report.json").read_bytes() == (direct / "report.json").read_bytes()
+
+
+# What `import matplotlib` does where it is not installed (./scripts/serve's install):
+# every finder comes up empty and the import raises ModuleNotFoundError.
+NO_MATPLOTLIB = """\
+import sys
+
+
+class _NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _NotInstalled())
+"""
+
+
+def test_celld_simulate_without_matplotlib_writes_the_report_and_says_what_draws_plots(
+    tmp_path: Path,
+) -> None:
+    """The issue's command after the README's install: no traceback; the run, the
+    report and the summary as with matplotlib, one line about the plots, same status."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NO_MATPLOTLIB)
+    pythonpath = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "celld", "simulate", str(SCENARIOS / "tiny_storm.toml")]
+    proc = subprocess.run(
+        [*argv, "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": pythonpath},
+    )
+    assert proc.stderr == (
+        "plots skipped: matplotlib is not installed; pip install 'celld[sim]' draws them\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "celld" in proc.stdout and "p99" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["report.json"]
+    with_plots = tmp_path / "with-plots"
+    assert _run("run", str(SCENARIOS / "tiny_storm.toml"), "--out", str(with_plots)).returncode == 0
+    assert (with_plots / "completion_cdf.png").exists()
+    assert (out / "report.json").read_bytes() == (with_plots / "report.json").read_bytes()
