@@ -183,3 +183,20 @@ def test_forged_stale_and_replayed_datagrams_are_dropped_and_counted(start_cell)
     # nothing of it disturbed the cluster
     assert states(a) == {"cell-a": "alive", "cell-b": "alive", "cell-c": "alive"}
     assert "cell-x" not in states(b)
+
+
+def test_a_taken_cluster_address_is_one_line_naming_the_key(tmp_path, key_file):
+    addr = cluster_address(0)
+    host, port = addr.rsplit(":", 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind((host, int(port)))
+        cell = Celld(tmp_path / "c", key_file=key_file, cluster=Cluster(addr))
+        cell.write_config()
+        out = subprocess.run(
+            [sys.executable, "-m", "celld", "serve", "--config", str(cell.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert out.returncode == 1
+    assert out.stderr.strip() == f"celld: cannot start: cluster.listen {addr}: address already in use"
