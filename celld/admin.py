@@ -20,12 +20,12 @@ import trio
 
 from celld import __version__
 from celld.config import Config
-from celld.gossip import Gossip
 from celld.http import Request, Response, Streamed
 from celld.metrics import Metrics
+from celld.peering import Peering
 from celld.registry import Credentials
 from celld.stage import StageError, Stager, StageRequest
-from celld.store import Store
+from celld.store import BlobEntry, Store
 from protocol.errors import OCIError
 from protocol.manifest import Platform, parse_manifest
 from protocol.reference import parse_image
@@ -61,10 +61,12 @@ class Admin:
         metrics: Metrics,
         platform: Platform,
         *,
-        gossip: Gossip | None = None,
+        peering: Peering | None = None,
+        removed: Callable[[list[BlobEntry]], None] | None = None,
     ) -> None:
         self.config = config
-        self.gossip = gossip
+        self.peering = peering
+        self.removed = removed
         self.store = store
         self.stager = stager
         self.metrics = metrics
@@ -253,7 +255,7 @@ class Admin:
         )
 
     def _peers(self) -> Response:
-        if self.gossip is None:
+        if self.peering is None:
             return _json(200, {"cluster": False, "cell": self.config.name, "members": []})
         return _json(
             200,
@@ -261,7 +263,7 @@ class Admin:
                 "cluster": True,
                 "cell": self.config.name,
                 "now": time.time(),
-                "members": [asdict(p) for p in self.gossip.peers()],
+                "members": [asdict(p) for p in self.peering.peers()],
             },
         )
 
@@ -274,9 +276,8 @@ class Admin:
             except (ValueError, AttributeError, TypeError):
                 return _error(400, 'expected {"keep_seconds": <number>}')
         removed = await trio.to_thread.run_sync(self.store.gc, time.time() - keep)
-        for entry in removed:
-            self.metrics.store_bytes.dec(entry.size)
-            self.metrics.store_blobs.dec()
+        if self.removed is not None:
+            self.removed(removed)
         return _json(
             200,
             {

@@ -26,6 +26,7 @@ from celld.http_client import Pool
 from celld.listen import ListenError, naming
 from celld.metrics import Metrics
 from celld.mirror import Mirror
+from celld.peering import Peering
 from celld.sources import Sources
 from celld.stage import Stager
 from celld.store import Store, StoreLocked
@@ -76,8 +77,27 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
             mirror = Mirror(sources, store, metrics, cluster_key)
             stager = Stager(config, store, sources, client, cluster_key)
             gossip = _gossip(config, cluster_key, metrics)
+            peering = None
+            if gossip is not None and config.cluster is not None and cluster_key is not None:
+                peering = Peering(
+                    config.name,
+                    config.cluster.zone,
+                    cluster_key,
+                    store,
+                    metrics,
+                    gossip,
+                    upload_slots=config.peer.upload_slots,
+                    upload_rate=config.peer.upload_rate,
+                )
+                sources.peering = peering
             admin = Admin(
-                config, store, stager, metrics, parse_platform(config.platform), gossip=gossip
+                config,
+                store,
+                stager,
+                metrics,
+                parse_platform(config.platform),
+                peering=peering,
+                removed=sources.removed,
             )
             listen = config.mirror_listen
             with naming("mirror.listen", listen):
@@ -98,9 +118,12 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
                     config.admin_socket,
                     admin.handle,
                 )
-            if gossip is not None:
-                with naming("cluster.listen", config.cluster.listen):
+            if gossip is not None and peering is not None and config.cluster is not None:
+                cl = config.cluster.listen
+                with naming("cluster.listen", cl):
                     await gossip.bind()
+                    await nursery.start(http_server.serve, cl.host, cl.port, peering.peer.handle)
+                await nursery.start(peering.run)
                 await nursery.start(gossip.run)
             nursery.start_soon(_bookkeeping, store)
             running = Running(_address(listeners), metrics_addr, store, sources, metrics, gossip)

@@ -109,6 +109,7 @@ class Peer:
     state: str
     incarnation: int
     last_heard: float | None  # Unix time of its last authenticated datagram
+    blobs_announced: int = 0  # to this cell, as one of the digests' homes (celld.peering)
 
 
 def split_addr(addr: str) -> tuple[str, int]:

@@ -92,6 +92,16 @@ class Metrics:
             ["endpoint"],
             registry=r,
         )
+        self.peer_received_bytes = Counter(
+            "celld_peer_received_bytes",
+            "Piece bytes received from peers and verified (blake3) before being written",
+            registry=r,
+        )
+        self.peer_bad_pieces = Counter(
+            "celld_peer_bad_pieces",
+            "Pieces from peers that failed their hash (the sender is charged, then banned)",
+            registry=r,
+        )
         self.store_bytes = Gauge("celld_store_bytes", "Bytes of verified blobs stored", registry=r)
         self.store_blobs = Gauge("celld_store_blobs", "Verified blobs stored", registry=r)
 

@@ -41,7 +41,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote, unquote
 
 import httpx
 import trio
@@ -76,6 +76,7 @@ __all__ = [
     "PieceAnswer",
     "PieceResult",
     "StoreBlobs",
+    "TableReply",
     "TokenBucket",
 ]
 
@@ -101,6 +102,7 @@ class Complete:
     path: Path
     size: int
     table: PieceTable | None = None
+    private: frozenset[str] = frozenset()  # app scopes the blob is private to
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class Partial:
     piece_size: int
     table: PieceTable
     held: int
+    private: frozenset[str] = frozenset()
 
 
 class BlobSource(Protocol):
@@ -129,7 +132,9 @@ class StoreBlobs:
 
     def find(self, digest: str) -> Complete | Partial | None:
         entry = self.store.lookup(digest)
-        return None if entry is None else Complete(entry.path, entry.size)
+        if entry is None:
+            return None
+        return Complete(entry.path, entry.size, private=self.store.private_scopes(digest))
 
 
 @dataclass(frozen=True)
@@ -453,6 +458,11 @@ class Peer:
         finally:
             os.close(fd)
         headers = [("Content-Type", "application/octet-stream"), *layout.headers()]
+        if found.private:
+            # the asker keeps the blob private to the same apps (celld.mirror's check)
+            headers.append(
+                ("Celld-Private", ",".join(quote(s, safe="") for s in sorted(found.private)))
+            )
         return Response(200, headers, table.encode())
 
     async def _complete_table(self, digest: str, fd: int, layout: _Layout) -> PieceTable:
@@ -540,6 +550,12 @@ class Peer:
 
 # ---------------------------------------------------------------------------------------
 # The client side
+
+
+@dataclass(frozen=True)
+class TableReply:
+    table: PieceTable
+    private: frozenset[str]  # the blob is private to these app scopes at the peer
 
 
 class PeerError(Exception):
@@ -670,17 +686,19 @@ class PeerClient:
     def _refused(self, addr: str, response: ClientResponse) -> PeerError:
         return PeerError(f"{addr} answered {response.status}", response.status)
 
-    async def table(self, addr: str, digest: str) -> PieceTable:
-        """The peer's piece table of `digest` (partial while it downloads)."""
+    async def table(self, addr: str, digest: str) -> TableReply:
+        """The peer's piece table of `digest` (partial while it downloads), and the app
+        scopes the blob is private to there."""
         target = f"/v1/blobs/{digest}/pieces".encode()
         async with self._get(addr, target, self.timeout) as response:
             if response.status != 200:
                 raise self._refused(addr, response)
             data = await self._read(response, 32 * ((1 << 20) + 64), self.timeout)
+            private = response.header(b"celld-private") or ""
         table = PieceTable.decode(data)
         if not isinstance(table, PieceTable):
             raise PeerError(f"{addr}: bad piece table: {table.reason}", 200)
-        return table
+        return TableReply(table, frozenset(unquote(s) for s in private.split(",") if s))
 
     async def piece(self, addr: str, digest: str, index: int, table: PieceTable) -> PieceResult:
         """Piece `index`, checked against `table` (which must know its hash): a piece that

@@ -33,6 +33,8 @@ import trio
 from celld.config import Config, RegistryConfig
 from celld.http_client import Pool
 from celld.metrics import Metrics
+from celld.peer import PeerError
+from celld.peering import Peering, Transfer
 from celld.registry import (
     BlobResponse,
     Credentials,
@@ -46,6 +48,7 @@ from celld.registry import (
 from celld.store import BlobEntry, BlobWriter, DigestMismatch, Store
 from protocol.errors import OCIError, oci_error
 from protocol.manifest import MAX_MANIFEST_BYTES, UPSTREAM_ACCEPT, parse_manifest
+from protocol.placement import LeaseStatus
 from protocol.reference import Digest
 
 log = logging.getLogger(__name__)
@@ -211,6 +214,7 @@ class Sources:
         self.nursery = nursery
         self.clock = clock
         self._fetches: dict[str, Fetch] = {}
+        self.peering: Peering | None = None  # set by the daemon when the cell has peers
         self._manifest_flights: dict[tuple, trio.Event] = {}
         self._health: dict[str, Health] = {}
         self._central = [
@@ -342,12 +346,14 @@ class Sources:
         chain = [via] if via is not None else self._chain(name, ns, scope)
         fetch = Fetch(key, scope=via.scope if via is not None else scope)
         self._fetches[key] = fetch
-        self.nursery.start_soon(self._run_fetch, fetch, chain)
+        self.nursery.start_soon(self._run_fetch, fetch, chain, via is None)
         return fetch
 
-    async def _run_fetch(self, fetch: Fetch, chain: list[Source]) -> None:
+    async def _run_fetch(self, fetch: Fetch, chain: list[Source], peers: bool = False) -> None:
         misses = Misses()
         try:
+            if peers and self.peering is not None and await self._from_peers(fetch, misses):
+                return
             for source in chain:
                 try:
                     await self._fetch_from(fetch, source)
@@ -370,6 +376,71 @@ class Sources:
                 fetch.error = unavailable("fetch cancelled")
             self._fetches.pop(fetch.digest, None)
             fetch.notify()
+
+    async def _from_peers(self, fetch: Fetch, misses: Misses) -> bool:
+        """Takes the blob from other cells when they have it (or are fetching it under
+        the lease); False: go to the registries (this cell holds the lease, or nobody
+        answered). Waiters follow the verified prefix as pieces land, as they follow a
+        registry's stream."""
+        peering = self.peering
+        assert peering is not None
+        result = await peering.locate(fetch.digest)
+        if result is None:
+            return False
+        if result.lease == LeaseStatus.GRANTED or not (result.providers or result.lease_holder):
+            peering.lease(fetch.digest, result)
+            return False
+        got = await peering.table(result)
+        if got is None:
+            return False
+        reply, member = got
+        table = reply.table
+        scopes = sorted(reply.private)
+        writer = self.store.new_writer(
+            fetch.digest, source=f"peer:{member}", private_scope=scopes[0] if scopes else None
+        )
+        t = Transfer(
+            fetch.digest, writer, table.blob_size, table.piece_size, table,
+            private=reply.private, table_from=member,
+        )  # fmt: skip
+        entry = None
+        try:
+            fetch.size, fetch.source, fetch.path = t.size, "peer", writer.path
+            fetch.notify()
+            await _let_waiters_run()
+            if t.size and self.store.over_limit(t.size):
+                self._evicted(await trio.to_thread.run_sync(self.store.make_room, t.size))
+            peering.start(t, result)
+            await peering.follow(t, fetch)
+            if not t.complete:  # the lease came to this cell: the registries go on
+                if fetch.written:
+                    raise FetchFailed(f"the providers of {fetch.digest} went away mid-blob")
+                return False
+            if not writer.matches():
+                peering.bad_table(t)
+                raise DigestMismatch(fetch.digest, "the bytes the peers sent")
+            fetch.verified = True
+            fetch.notify()
+            entry = await trio.to_thread.run_sync(writer.commit)
+            for scope in scopes[1:]:
+                await trio.to_thread.run_sync(self.store.mark_private, fetch.digest, scope)
+            self.metrics.fetches.labels("peer", "ok").inc()
+            self.metrics.fetched_bytes.labels("peer").inc(entry.size)
+            self.metrics.store_bytes.inc(entry.size)
+            self.metrics.store_blobs.inc()
+            fetch.entry = entry
+            return True
+        except (PeerError, DigestMismatch) as exc:
+            outcome = "digest_mismatch" if isinstance(exc, DigestMismatch) else "unavailable"
+            self.metrics.fetches.labels("peer", outcome).inc()
+            misses.notes.append((outcome, f"peers: {exc}"))
+            log.warning("from peers, %s: %s", fetch.digest, exc)
+            if fetch.written:
+                raise FetchFailed(f"peers: {exc}") from exc
+            return False
+        finally:
+            peering.finished(t, entry)
+            writer.abort()
 
     async def _fetch_from(self, fetch: Fetch, source: Source) -> None:
         writers: list[BlobWriter] = []
@@ -416,13 +487,22 @@ class Sources:
         self.metrics.store_bytes.inc(entry.size)
         self.metrics.store_blobs.inc()
         fetch.entry = entry
+        if self.peering is not None:
+            self.peering.holding(entry)
 
     def _evicted(self, entries: list[BlobEntry]) -> None:
         for entry in entries:
             log.info("evicted %s (%d bytes, least recently used)", entry.digest, entry.size)
             self.metrics.evictions.inc()
+        self.removed(entries)
+
+    def removed(self, entries: list[BlobEntry]) -> None:
+        """Blobs eviction or gc took out of the store: counted, and withdrawn from peers."""
+        for entry in entries:
             self.metrics.store_bytes.dec(entry.size)
             self.metrics.store_blobs.dec()
+        if self.peering is not None and entries:
+            self.peering.removed([e.digest for e in entries])
 
     async def _copy(self, fetch: Fetch, writer: BlobWriter, chunks: AsyncIterator[bytes]) -> None:
         """Moves bytes to disk as they arrive, hashing as it goes.
@@ -531,6 +611,10 @@ class Sources:
         self, name: str, digest: str, ns: str | None, scope: str | None
     ) -> ManifestResult:
         misses = Misses()
+        if self.peering is not None:
+            from_peer = await self._manifest_from_peers(digest)
+            if from_peer is not None:
+                return from_peer
         for source in self._chain(name, ns, scope):
             got = await self._get_manifest(source, digest, misses)
             if got is None:
@@ -544,22 +628,58 @@ class Sources:
     async def _keep_manifest(
         self, data: bytes, media_type: str, digest: str, source: Source
     ) -> ManifestResult:
-        entry = self.store.lookup(digest)
-        if entry is None:
-            put = functools.partial(
-                self.store.put_bytes,
-                digest,
-                data,
-                media_type=media_type,
-                source=source.label,
-                private_scope=source.scope,
-            )
-            entry = await trio.to_thread.run_sync(put)
-            self.metrics.store_bytes.inc(entry.size)
-            self.metrics.store_blobs.inc()
-            self.metrics.fetches.labels(source.kind, "ok").inc()
-            self.metrics.fetched_bytes.labels(source.kind).inc(entry.size)
+        scopes = (source.scope,) if source.scope else ()
+        await self._keep_bytes(data, media_type, digest, source.kind, source.label, scopes)
         return ManifestResult(media_type, data, digest, source.kind)
+
+    async def _keep_bytes(
+        self,
+        data: bytes,
+        media_type: str | None,
+        digest: str,
+        kind: str,
+        label: str,
+        scopes: tuple[str, ...] = (),
+    ) -> None:
+        """Stores a small verified blob (a manifest), private to `scopes` when given."""
+        if self.store.lookup(digest) is not None:
+            return
+        put = functools.partial(
+            self.store.put_bytes,
+            digest,
+            data,
+            media_type=media_type,
+            source=label,
+            private_scope=scopes[0] if scopes else None,
+        )
+        entry = await trio.to_thread.run_sync(put)
+        for scope in scopes[1:]:
+            await trio.to_thread.run_sync(self.store.mark_private, digest, scope)
+        self.metrics.store_bytes.inc(entry.size)
+        self.metrics.store_blobs.inc()
+        self.metrics.fetches.labels(kind, "ok").inc()
+        self.metrics.fetched_bytes.labels(kind).inc(entry.size)
+        if self.peering is not None:
+            self.peering.holding(entry)
+
+    async def _manifest_from_peers(self, digest: str) -> ManifestResult | None:
+        """A manifest by digest from a cell that holds it (pinned apps scaling out)."""
+        assert self.peering is not None
+        got = await self.peering.small_blob(digest, MAX_MANIFEST_BYTES)
+        if got is None:
+            return None
+        data, private, member = got
+        if _sha256(data) != digest:
+            self.metrics.fetches.labels("peer", "digest_mismatch").inc()
+            self.metrics.digest_mismatches.labels("peer").inc()
+            log.error("peer %s sent a manifest that does not match %s", member, digest)
+            return None
+        try:
+            media_type = parse_manifest(data, None).media_type
+        except OCIError:
+            return None  # not a manifest: the registries decide what it is
+        await self._keep_bytes(data, media_type, digest, "peer", f"peer:{member}", private)
+        return ManifestResult(media_type, data, digest, "peer")
 
     async def _resolve_tag(self, name: str, tag: str, ns: str | None) -> ManifestResult:
         ns_key = ns or "docker.io"

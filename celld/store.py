@@ -216,6 +216,35 @@ class BlobWriter:
         self._hash.update(data)
         self.written += len(data)
 
+    def write_at(self, offset: int, data: bytes) -> None:
+        """Put ``data`` at ``offset``, unhashed: pieces from peers land in any order.
+        ``advance`` hashes them once every byte before them is in. On a full disk:
+        abort, then raise :class:`StoreFull`."""
+        fd = self._require_open()
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as exc:
+            self.abort()
+            raise _full_disk(exc, f"writing {self.digest}") from exc
+
+    def advance(self, n: int) -> None:
+        """Hash the ``n`` bytes that ``write_at`` put right after the ``written`` ones,
+        and count them written: readers may follow up to there."""
+        self._require_open()
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.written)
+            left = n
+            while left:
+                chunk = f.read(min(left, 1 << 20))
+                if not chunk:
+                    raise ValueError(f"{self.digest}: {n} bytes to hash, {n - left} on disk")
+                self._hash.update(chunk)
+                left -= len(chunk)
+        self.written += n
+
     def matches(self) -> bool:
         """Do the bytes written so far hash to the digest? (Cheap: the running hash
         is copied, not finished.) Lets verified bytes reach readers before the

@@ -132,8 +132,10 @@ async def test_table_matches_the_bytes_and_every_piece_verifies(store: Store) ->
         async with trio.open_nursery() as n:  # many askers, one hashing
             for _ in range(3):
                 n.start_soon(c.table, cell.addr, digest)
-        table = await c.table(cell.addr, digest)
+        reply = await c.table(cell.addr, digest)
+        table = reply.table
         assert table == expected and table.complete and table.count == 3
+        assert reply.private == {"app-secret"}  # the asker keeps it private to the same app
         for i in range(table.count):
             result = await c.piece(cell.addr, digest, i, table)
             assert result.answer is PieceAnswer.OK
@@ -263,7 +265,7 @@ async def test_an_empty_blob(store: Store) -> None:
     store.put_bytes(digest, data)
     async with running(StoreBlobs(store)) as cell, client() as c:
         assert await read_blob(c, cell.addr, digest) == b""
-        table = await c.table(cell.addr, digest)
+        table = (await c.table(cell.addr, digest)).table
         assert table.count == 0 and table.complete
         answer = await c.have(cell.addr, digest, 0, 0)
         assert answer.complete and answer.count == 0
@@ -313,7 +315,7 @@ async def test_a_partial_blob_serves_only_verified_pieces(tmp_path: Path) -> Non
             return Partial(temp, SIZE, psize, table, state["held"])
 
     async with running(Downloading()) as cell, client() as c:
-        table = await c.table(cell.addr, digest)
+        table = (await c.table(cell.addr, digest)).table
         assert not table.complete and table.known == held
         assert table.merge(full) == full
         for i in (0, 2):

@@ -1,0 +1,177 @@
+"""Cells share layers: real `celld serve` processes take blobs from each other.
+
+The Hub and the central registry are real docker-registry processes; their access
+logs are the proof of what reached them. The runtime is skopeo, pulling through a
+cell's mirror as a runtime on that cell would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.celld import Celld, Cluster, cluster_address
+from tests.support.images import Image, make_image, push_image
+from tests.support.registry import Registry
+from tests.support.skopeo import skopeo_copy, stored_blobs, write_registries_conf
+
+KEY = bytes(range(32))
+MiB = 1 << 20
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "cluster.key"
+    path.write_text(KEY.hex() + "\n")
+    return path
+
+
+@pytest.fixture
+def cells(
+    tmp_path: Path, key_file: Path, hub: Registry, central: Registry
+) -> Iterator[Callable[..., list[Celld]]]:
+    started: list[Celld] = []
+
+    def start(n: int, **kw) -> list[Celld]:
+        addrs = [cluster_address(i) for i in range(n)]
+        out = []
+        for i, addr in enumerate(addrs):
+            cell = Celld(
+                tmp_path / f"cell-{i}",
+                name=f"cell-{i}",
+                key_file=key_file,
+                cluster=Cluster(addr, tuple(addrs[:1]) if i else ()),
+                upstreams={"docker.io": hub.url},
+                registries=[central.url],
+                **kw,
+            ).start()
+            started.append(cell)
+            out.append(cell)
+        names = {c.name for c in out}
+        for cell in out:
+            wait_until(
+                lambda cell=cell: {n for n, m in cell.peers().items() if m["state"] == "alive"}
+                == names,
+                15,
+                f"{cell.name} sees every cell",
+            )
+        return out
+
+    yield start
+    for cell in started:
+        cell.stop()
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.05)
+
+
+def pull(cell: Celld, ref: str, dest: Path) -> dict[str, Path]:
+    """skopeo copy through the cell's mirror; every blob checked against its digest."""
+    conf = write_registries_conf(dest.with_suffix(".conf"), {"docker.io": cell.host})
+    out = skopeo_copy(f"docker.io/{ref}", dest, registries_conf=conf, timeout=180)
+    assert out.returncode == 0, out.stderr + "\n" + cell.log()[-3000:]
+    return stored_blobs(dest)
+
+
+def blob_gets(reg: Registry) -> list[tuple[str, str, int]]:
+    return [r for r in reg.requests("GET", r"/blobs/sha256:") if r[2] == 200]
+
+
+def blobs_of(image: Image) -> set[str]:
+    return {b.digest for b in image.blobs}
+
+
+def test_b_pulls_from_a_and_no_registry_sends_a_blob(cells, hub, central, tmp_path):
+    image = make_image((3 * MiB, 200_000))
+    push_image(hub.url, "library/app", "1", image)
+    a, b = cells(2)
+    pull(a, f"library/app@{image.digest}", tmp_path / "via-a")
+    hub_before, central_before = len(blob_gets(hub)), len(blob_gets(central))
+    hub_manifests = len(hub.requests("GET", r"/manifests/"))
+
+    got = pull(b, f"library/app@{image.digest}", tmp_path / "via-b")
+    assert blobs_of(image) | {image.digest} <= set(got)
+    assert len(blob_gets(hub)) == hub_before
+    assert len(blob_gets(central)) == central_before
+    assert len(hub.requests("GET", r"/manifests/")) == hub_manifests  # pinned: by digest
+    size = sum(len(blob.data) for blob in image.blobs) + len(image.manifest.data)
+    assert b.metric("celld_fetched_bytes_total", source="peer") == size
+    assert b.metric("celld_fetched_bytes_total", source="upstream") == 0
+    assert b.metric("celld_fetched_bytes_total", source="registry") == 0
+    assert a.metric("celld_peer_sent_bytes_total") >= size
+    # and B now holds them: a second runtime on B is served from B's store
+    pull(b, f"library/app@{image.digest}", tmp_path / "via-b-again")
+    assert b.metric("celld_mirror_served_total", kind="blob", source="store") >= 2
+
+
+def test_eight_cold_pulls_cost_the_registries_about_one_copy(cells, hub, central, tmp_path):
+    image = make_image((24 * MiB, 8 * MiB))
+    push_image(hub.url, "library/storm", "1", image)
+    fleet = cells(8)
+    with ThreadPoolExecutor(len(fleet)) as pool:
+        results = list(
+            pool.map(
+                lambda c: pull(c, f"library/storm@{image.digest}", tmp_path / f"dest-{c.name}"),
+                fleet,
+            )
+        )
+    for got in results:
+        assert blobs_of(image) <= set(got)
+    for blob in image.blobs:
+        sent = [r for r in blob_gets(hub) + blob_gets(central) if blob.digest in r[1]]
+        assert len(sent) <= 2, (blob.digest, sent)  # the lease: about once
+    from_peers = sum(c.metric("celld_fetched_bytes_total", source="peer") for c in fleet)
+    assert from_peers >= 5 * sum(len(b.data) for b in image.blobs)
+    for cell in fleet:
+        for blob in image.blobs:
+            assert cell.blob_stored(blob.digest)
+
+
+def test_a_corrupt_provider_is_banned_and_the_pull_completes(cells, hub, tmp_path):
+    image = make_image((6 * MiB,))
+    push_image(hub.url, "library/rot", "1", image)
+    a, b = cells(2)
+    pull(a, f"library/rot@{image.digest}", tmp_path / "via-a")
+    layer = image.layers[0]
+    path = a.data_dir / "blobs" / "sha256" / layer.digest[7:9] / layer.digest[7:]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # the disk rots after A verified and announced it
+    path.write_bytes(bytes(data))
+
+    got = pull(b, f"library/rot@{image.digest}", tmp_path / "via-b")
+    assert hashlib.sha256(got[layer.digest].read_bytes()).hexdigest() == layer.digest[7:]
+    assert b.metric("celld_peer_bad_pieces_total") >= 1
+    assert "Traceback" not in b.log()
+
+
+def test_eviction_withdraws_and_peers_stop_asking(cells, hub, tmp_path):
+    image = make_image((2 * MiB,))
+    push_image(hub.url, "library/gone", "1", image)
+    a, b = cells(2)
+    pull(a, f"library/gone@{image.digest}", tmp_path / "via-a")
+    with a.admin() as client:
+        r = client.post("/v1/gc", json={"keep_seconds": 0})
+        assert r.status_code == 200, r.text
+    hub_before = len(blob_gets(hub))
+    pull(b, f"library/gone@{image.digest}", tmp_path / "via-b")
+    # A withdrew: B went to the registries, and never asked A for what A removed
+    assert len(blob_gets(hub)) > hub_before
+    assert b.metric("celld_fetched_bytes_total", source="peer") == 0
+
+
+def test_peer_api_refuses_unsigned_requests(cells):
+    (a,) = cells(1)
+    r = httpx.get(f"http://{a.cluster.listen}/v1/blobs/sha256:{'0' * 64}", timeout=10)
+    assert r.status_code == 401
+    assert a.metric("celld_peer_auth_failures_total") >= 1
