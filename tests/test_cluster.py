@@ -199,4 +199,6 @@ def test_a_taken_cluster_address_is_one_line_naming_the_key(tmp_path, key_file):
             timeout=30,
         )
     assert out.returncode == 1
-    assert out.stderr.strip() == f"celld: cannot start: cluster.listen {addr}: address already in use"
+    assert (
+        out.stderr.strip() == f"celld: cannot start: cluster.listen {addr}: address already in use"
+    )

@@ -56,8 +56,9 @@ def cells(
         names = {c.name for c in out}
         for cell in out:
             wait_until(
-                lambda cell=cell: {n for n, m in cell.peers().items() if m["state"] == "alive"}
-                == names,
+                lambda cell=cell: (
+                    {n for n, m in cell.peers().items() if m["state"] == "alive"} == names
+                ),
                 15,
                 f"{cell.name} sees every cell",
             )
