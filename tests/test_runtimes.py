@@ -135,14 +135,15 @@ def test_containerd_fails_on_corrupt_upstream_then_recovers(
 # docker ---------------------------------------------------------------------
 
 
-def assert_docker_has(docker: Docker, ref: str, image: Image) -> None:
-    """docker's own record of the pull: the manifest digest it verified, the
-    config as the image id, and the diff_ids it checked while unpacking."""
+def assert_docker_has(docker: Docker, ref: str, image: Image, pulled: str | None = None) -> dict:
+    """docker's own record of the pull: the manifest (or list, `pulled`) digest
+    it verified, the config as the image id, the diff_ids it checked unpacking."""
     info = docker.inspect(ref)
     assert info is not None, f"docker has no image {ref}"
-    assert [d.rpartition("@")[2] for d in info["RepoDigests"]] == [image.digest]
+    assert [d.rpartition("@")[2] for d in info["RepoDigests"]] == [pulled or image.digest]
     assert info["Id"] == image.config.digest
     assert info["RootFS"]["Layers"] == [sha256(gzip.decompress(b.data)) for b in image.layers]
+    return info
 
 
 def test_docker_pulls_through_the_mirror(dockerd, cell: Celld, hub: Registry) -> None:
@@ -159,6 +160,20 @@ def test_docker_pulls_through_the_mirror(dockerd, cell: Celld, hub: Registry) ->
         f"/v2/library/web/blobs/{blob.digest}" for blob in image.blobs
     }
     assert len(hub.requests("GET", "/blobs/")) == len(image.blobs)
+
+
+def test_docker_takes_one_platform_of_a_manifest_list(dockerd, cell: Celld, hub: Registry) -> None:
+    index = make_index(("amd64", "arm64"), docker=True)
+    push_image(hub.url, "library/multi", "2", index)
+    docker = dockerd(cell.url)
+    proc = docker.run("pull", "--platform", "linux/arm64", "library/multi:2")
+    assert proc.returncode == 0, proc.stderr
+    arm = index.images["arm64"]
+    info = assert_docker_has(docker, "library/multi:2", arm, pulled=index.digest)
+    assert info["Architecture"] == "arm64"
+    assert {uri for _, uri, _ in hub.requests("GET", "/blobs/")} == {
+        f"/v2/library/multi/blobs/{blob.digest}" for blob in arm.blobs
+    }
 
 
 def cell_with_central(root: Path, hub: Registry, central: Registry, key: Path) -> Celld:
