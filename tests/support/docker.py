@@ -25,9 +25,12 @@ What it knows about dockerd 20.10 here (checked, not assumed):
   fallback ends at the dead proxy port ("proxyconnect tcp"), so a pull
   succeeds through the mirror or not at all.
 - The client sends dockerd the credentials its config.json holds for the
-  image's registry (`https://index.docker.io/v1/` for docker.io refs), and
-  dockerd answers a registry's or a mirror's 401 challenge with them.
-  `login()` writes that file by hand: `docker login` would ask Docker Hub.
+  image's registry (`https://index.docker.io/v1/` for docker.io refs, also
+  when the request goes to a mirror). dockerd learns whether to send them
+  from the 401 of its `GET /v2/` ping only: a 401 on a manifest or blob is
+  never answered with credentials, and a /v2/ challenge it has no
+  credentials for ends the pull there. `login()` writes config.json by
+  hand: `docker login` would ask Docker Hub.
 
 What it still writes outside its dirs (dockerd 20.10 has no setting
 against it): an empty /run/docker/plugins directory.
