@@ -146,8 +146,11 @@ def assert_docker_has(docker: Docker, ref: str, image: Image, pulled: str | None
     return info
 
 
-def test_docker_pulls_through_the_mirror(dockerd, cell: Celld, hub: Registry) -> None:
-    image = make_image((4096, 30_000, 70_000), docker=True)
+@pytest.mark.parametrize("docker_media", [True, False], ids=["docker-v2", "oci"])
+def test_docker_pulls_through_the_mirror(
+    dockerd, cell: Celld, hub: Registry, docker_media: bool
+) -> None:
+    image = make_image((4096, 30_000, 70_000), docker=docker_media)
     push_image(hub.url, "library/web", "1.0", image)
     docker = dockerd(cell.url)
 
