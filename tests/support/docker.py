@@ -29,8 +29,8 @@ What it knows about dockerd 20.10 here (checked, not assumed):
   when the request goes to a mirror). dockerd learns whether to send them
   from the 401 of its `GET /v2/` ping only: a 401 on a manifest or blob is
   never answered with credentials, and a /v2/ challenge it has no
-  credentials for ends the pull there. `login()` writes config.json by
-  hand: `docker login` would ask Docker Hub.
+  credentials for ends the pull at that endpoint, before any manifest GET.
+  `login()` writes config.json by hand: `docker login` would ask Docker Hub.
 
 What it still writes outside its dirs (dockerd 20.10 has no setting
 against it): an empty /run/docker/plugins directory.
