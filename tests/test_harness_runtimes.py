@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from tests.support.containerd import Containerd, loopback_only_env
+from tests.support.docker import HUB_AUTH_KEY
 from tests.support.images import Image, Index, make_image, make_index, push_image, sha256
 from tests.support.podman import Podman
 from tests.support.procs import free_port
@@ -271,6 +272,42 @@ def test_podman_pulls_through_registries_conf_mirror(podman: Podman, hub: Regist
     assert {u for _, u, _ in hub.requests("GET", "/blobs/")} == {
         f"/v2/acme/multi/blobs/{b.digest}" for b in arm.blobs
     }
+
+
+# docker ---------------------------------------------------------------------
+
+
+def test_docker_sends_hub_credentials_to_a_mirror_that_challenges_at_v2(
+    dockerd, hub: Registry, tmp_path: Path
+) -> None:
+    """What celld's docker tests rely on: dockerd asks a mirror with no `ns`,
+    learns whether to authenticate from the 401 of its `GET /v2/` ping (and,
+    without credentials, asks nothing more), and then offers the credentials
+    the client holds for docker.io, never those filed under the mirror's host."""
+    image = make_image((2048, 4096), docker=True)
+    push_image(hub.url, "acme/secret", "1", image)
+    private = behind_basic_auth(hub, tmp_path)
+    try:
+        docker = dockerd(private.url)
+        pushed = len(private.requests())
+        assert docker.pull("acme/secret:1").returncode != 0
+        docker.login("celld", "harness-pw", registry=private.host)
+        refused = docker.pull("acme/secret:1")
+        assert refused.returncode != 0
+        assert "proxyconnect tcp: dial tcp 127.0.0.1:1" in refused.stderr, refused.stderr
+        # a /v2/ challenge with no credentials to answer it: not even a manifest GET
+        assert private.requests()[pushed:] == [("GET", "/v2/", 401)] * 2
+
+        docker.login("celld", "harness-pw", registry=HUB_AUTH_KEY)
+        pulled = docker.pull("acme/secret:1")
+        assert pulled.returncode == 0, pulled.stderr
+        assert docker.inspect("acme/secret:1")["RepoDigests"] == [f"acme/secret@{image.digest}"]
+        pulls = private.requests()
+        assert ("GET", "/v2/", 401) in pulls
+        assert all(ns_of(uri) == [] for _, uri, _ in pulls)
+        assert len(private.requests("GET", "/blobs/")) == len(image.blobs)
+    finally:
+        private.stop()
 
 
 # the fault proxy --------------------------------------------------------------

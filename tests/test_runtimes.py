@@ -1,18 +1,24 @@
-"""Real runtimes pull through celld: containerd, skopeo and podman.
+"""Real runtimes pull through celld: containerd, skopeo, podman and docker.
 
 containerd is pointed at celld with hosts.toml (the image's own registry is a
 dead port, so a pull can only succeed through the mirror); skopeo and podman
-with a registries.conf mirror. Every digest is checked end to end in the
-runtime's own store.
+with a registries.conf mirror; docker with its daemon's registry-mirrors (its
+fallback, Docker Hub itself, ends at the dead proxy port). Every digest is
+checked end to end in the runtime's own store.
 """
 
 from __future__ import annotations
 
+import gzip
+import secrets
+from pathlib import Path
+
 import pytest
 
 from tests.support.celld import Celld
-from tests.support.containerd import Containerd
-from tests.support.images import Image, Index, make_image, make_index, push_image
+from tests.support.containerd import DEAD_SERVER, Containerd
+from tests.support.docker import Docker
+from tests.support.images import Image, Index, make_image, make_index, push_image, sha256
 from tests.support.podman import Podman
 from tests.support.registry import Registry
 from tests.support.skopeo import skopeo_copy, stored_blobs, top_digest, write_registries_conf
@@ -122,5 +128,131 @@ def test_containerd_fails_on_corrupt_upstream_then_recovers(
         good = containerd.view(containerd.namespace + "-retry").pull("docker.io/library/flaky:1")
         good.check()
         assert good.content_digests() == all_digests(image)
+    finally:
+        cell.stop()
+
+
+# docker ---------------------------------------------------------------------
+
+
+def assert_docker_has(docker: Docker, ref: str, image: Image, pulled: str | None = None) -> dict:
+    """docker's own record of the pull: the manifest (or list, `pulled`) digest
+    it verified, the config as the image id, the diff_ids it checked unpacking."""
+    info = docker.inspect(ref)
+    assert info is not None, f"docker has no image {ref}"
+    assert [d.rpartition("@")[2] for d in info["RepoDigests"]] == [pulled or image.digest]
+    assert info["Id"] == image.config.digest
+    assert info["RootFS"]["Layers"] == [sha256(gzip.decompress(b.data)) for b in image.layers]
+    return info
+
+
+@pytest.mark.parametrize("docker_media", [True, False], ids=["docker-v2", "oci"])
+def test_docker_pulls_through_the_mirror(
+    dockerd, cell: Celld, hub: Registry, docker_media: bool
+) -> None:
+    image = make_image((4096, 30_000, 70_000), docker=docker_media)
+    push_image(hub.url, "library/web", "1.0", image)
+    docker = dockerd(cell.url)
+
+    proc = docker.pull("library/web:1.0")
+    assert proc.returncode == 0, proc.stderr
+
+    assert_docker_has(docker, "library/web:1.0", image)
+    assert cell.metric("celld_mirror_served_total", kind="blob") == len(image.blobs)
+    assert {uri for _, uri, _ in hub.requests("GET", "/blobs/")} == {
+        f"/v2/library/web/blobs/{blob.digest}" for blob in image.blobs
+    }
+    assert len(hub.requests("GET", "/blobs/")) == len(image.blobs)
+
+
+def test_docker_takes_one_platform_of_a_manifest_list(dockerd, cell: Celld, hub: Registry) -> None:
+    index = make_index(("amd64", "arm64"), docker=True)
+    push_image(hub.url, "library/multi", "2", index)
+    docker = dockerd(cell.url)
+    proc = docker.run("pull", "--platform", "linux/arm64", "library/multi:2")
+    assert proc.returncode == 0, proc.stderr
+    arm = index.images["arm64"]
+    info = assert_docker_has(docker, "library/multi:2", arm, pulled=index.digest)
+    assert info["Architecture"] == "arm64"
+    assert {uri for _, uri, _ in hub.requests("GET", "/blobs/")} == {
+        f"/v2/library/multi/blobs/{blob.digest}" for blob in arm.blobs
+    }
+
+
+def cell_with_central(root: Path, hub: Registry, central: Registry, key: Path) -> Celld:
+    return Celld(
+        root, upstreams={"docker.io": hub.url}, registries=[central.url], key_file=key
+    ).start()
+
+
+@pytest.fixture
+def cluster_key(tmp_path: Path) -> Path:
+    path = tmp_path / "cluster.key"
+    path.write_text(secrets.token_hex(32) + "\n")
+    return path
+
+
+def test_docker_pulls_a_staged_digest_on_a_fresh_cell_with_the_hub_down(
+    dockerd, hub: Registry, central: Registry, cluster_key: Path, tmp_path: Path
+) -> None:
+    image = make_image((20_000, 50_000), docker=True)
+    push_image(hub.url, "acme/shop", "2.1", image)
+    staging = cell_with_central(tmp_path / "a", hub, central, cluster_key)
+    try:
+        assert staging.stage("docker.io/acme/shop:2.1", "shop")[-1]["event"] == "done"
+    finally:
+        staging.stop()
+    hub.stop()
+
+    fresh = cell_with_central(tmp_path / "b", hub, central, cluster_key)
+    try:
+        docker = dockerd(fresh.url)
+        ref = f"acme/shop@{image.digest}"
+        proc = docker.pull(ref)
+        assert proc.returncode == 0, proc.stderr
+        assert_docker_has(docker, ref, image)
+        assert fresh.metric("celld_fetches_total", source="registry", outcome="ok") == 1 + len(
+            image.blobs
+        )
+        assert fresh.metric("celld_fetches_total", source="upstream", outcome="ok") == 0
+    finally:
+        fresh.stop()
+
+
+def test_docker_gets_nothing_of_a_private_image_even_with_its_token(
+    dockerd, token_hub, central: Registry, cluster_key: Path, fault_proxy, tmp_path: Path
+) -> None:
+    """docker sends credentials only to a registry whose `GET /v2/` answered
+    401; celld's `/v2/` is open (tokenless public pulls need it), so docker
+    never sends the pull token, and a private image cannot be pulled with
+    docker through celld, as a mirror or by the staged reference. What must
+    hold: none of it is served, and the token goes nowhere."""
+    image = make_image((20_000, 30_000), docker=True)
+    token_hub.push("acme/secret", "1", image)
+    ((user, password),) = token_hub.users.items()
+    cell = cell_with_central(tmp_path / "cell", token_hub, central, cluster_key)
+    try:
+        staged = cell.stage("docker.io/acme/secret:1", "billing", username=user, password=password)
+        token = staged[-1]["token"]
+        assert staged[-1]["private"] and token
+        seen = fault_proxy(cell.host)  # to read what docker sends celld
+        docker = dockerd(seen.url)
+
+        docker.login("billing", token)  # docker.io's credentials: what docker offers a mirror
+        mirrored = docker.pull(f"acme/secret@{image.digest}")
+        assert mirrored.returncode != 0
+        assert f"proxyconnect tcp: dial tcp {DEAD_SERVER.removeprefix('http://')}" in (
+            mirrored.stderr
+        ), mirrored.stderr  # celld said 401, docker fell back to the Hub (the dead port)
+        docker.login("billing", token, registry=seen.host)
+        direct = docker.pull(f"{seen.host}/acme/secret@{image.digest}")
+        assert direct.returncode != 0
+        assert "private" in direct.stderr, direct.stderr
+
+        assert docker.images() == []
+        assert cell.metric("celld_mirror_unauthorized_total") >= 2
+        assert cell.metric("celld_mirror_served_total") == 0
+        assert seen.headers_seen("authorization") == set()
+        assert any(uri.endswith(f"/manifests/{image.digest}") for _, uri in seen.requests)
     finally:
         cell.stop()

@@ -1,4 +1,4 @@
-"""Fixtures for the real runtimes: containerd, podman, and the fault proxy.
+"""Fixtures for the real runtimes: containerd, podman, docker, and the fault proxy.
 
 One containerd daemon serves the whole session (it boots in ~30 ms, but a
 daemon per test would still leave a root dir per test); each test gets its own
@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.containerd import Containerd
+from tests.support.docker import Docker
 from tests.support.podman import Podman, podman_unavailable_reason
 from tests.support.proxy import FaultProxy
 
@@ -63,3 +64,20 @@ def podman(tmp_path: Path) -> Iterator[Podman]:
         tmp_path / "podman", registries_conf=tmp_path / "podman-registries.conf", runroot=runroot
     )
     shutil.rmtree(runroot, ignore_errors=True)
+
+
+@pytest.fixture
+def dockerd(tmp_path: Path) -> Iterator[Callable[[str], Docker]]:
+    """Start a dockerd whose registry mirror is the given URL; all stop at
+    teardown. Called in the test's body, so a dockerd that cannot start fails
+    the test with its log (see tests/support/docker.py for why one per test)."""
+    started: list[Docker] = []
+
+    def start(mirror_url: str) -> Docker:
+        daemon = Docker(tmp_path / f"docker-{len(started)}", mirror_url)
+        started.append(daemon)
+        return daemon.start()
+
+    yield start
+    for daemon in started:
+        daemon.stop()
