@@ -23,6 +23,7 @@ from tests.support.auth import AuthHub
 from tests.support.celld import Celld
 from tests.support.containerd import Containerd
 from tests.support.images import Image, make_image
+from tests.support.podman import Podman
 from tests.support.skopeo import skopeo_copy, stored_blobs, top_digest, write_registries_conf
 from tests.test_stage import ACCEPT, all_digests, centrals, cluster_key, done, new_cell  # noqa: F401
 
@@ -191,3 +192,19 @@ def test_public_images_pull_on_a_fresh_cell_without_a_token_or_a_challenge(
     assert challenged(fresh, "base") == 1
     assert token_requests(fresh) == 1
     assert challenged(fresh, "manifest") == challenged(fresh, "blob") == 0
+
+
+def test_podman_pulls_the_pinned_private_image_only_with_its_token(
+    fresh: Celld, staged: Staged, podman: Podman
+) -> None:
+    ref = f"docker.io/acme/secret@{staged.secret.digest}"
+    write_registries_conf(podman.registries_conf, {"docker.io": fresh.host})
+    for creds in (None, f"app:{staged.other_token}"):
+        failed = podman.pull(ref, creds=creds)
+        assert failed.returncode != 0
+        assert "unauthorized" in failed.stderr.lower(), failed.stderr
+    assert served(fresh) == 0
+    pulled = podman.pull(ref, creds=f"app:{staged.token}")
+    assert pulled.returncode == 0, pulled.stderr
+    assert podman.inspect(ref)["Digest"] == staged.secret.digest
+    assert fresh.metric("celld_fetches_total", source="upstream", outcome="ok") == 0
