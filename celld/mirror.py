@@ -19,12 +19,20 @@ from celld.http import FileRange, Output, Request, Response
 from celld.metrics import Metrics
 from celld.sources import Fetch, FetchFailed, Sources
 from celld.store import BlobEntry, Store
-from protocol.auth import PullGrant, token_from_authorization, verify_pull_token
+from protocol.auth import (
+    ANONYMOUS_TOKEN,
+    BASIC_CHALLENGE,
+    PullGrant,
+    bearer_challenge,
+    token_answer,
+    token_from_authorization,
+    verify_pull_token,
+)
 from protocol.errors import OCIError, oci_error
 from protocol.manifest import negotiate, parse_manifest
 from protocol.ranges import ByteRange, Unsatisfiable, parse_range
 from protocol.reference import Digest
-from protocol.routes import ApiBase, BlobRoute, ManifestRoute, route
+from protocol.routes import ApiBase, BlobRoute, ManifestRoute, TokenRoute, route
 
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 
@@ -75,13 +83,21 @@ async def _open_fetched(fetch: Fetch) -> int:
         return os.open(fetch.entry.path, os.O_RDONLY | os.O_CLOEXEC)
 
 
-def _unauthorized(detail: str) -> OCIError:
-    """401 with the Basic challenge runtimes answer with their pull token."""
+# What the sources answer when they cannot serve a request: the answers a private
+# image would also get from the public paths (absent, refused, or a source down).
+_MISSES = frozenset({"MANIFEST_UNKNOWN", "BLOB_UNKNOWN", "UNAUTHORIZED", "UNAVAILABLE"})
+
+
+def _unauthorized() -> OCIError:
+    """401 with the Basic challenge runtimes answer with their pull token.
+
+    One text for content that is private, absent, or that no source could reach: a
+    request without the right token must not learn which it was.
+    """
     return oci_error(
         "UNAUTHORIZED",
-        detail=detail,
-        message="this content is private: present the app's pull token",
-        headers=(("WWW-Authenticate", 'Basic realm="celld"'),),
+        message="not available without a pull token: private images need the app's token",
+        headers=(("WWW-Authenticate", BASIC_CHALLENGE),),
     )
 
 
@@ -130,7 +146,33 @@ class Mirror:
         if grant is not None and grant.scope in scopes and await self._grants(grant, digest):
             return
         self.metrics.unauthorized.inc()
-        raise _unauthorized("no valid pull token for this private content")
+        raise _unauthorized()
+
+    def _may_be_private(self) -> bool:
+        """Could a request this cell cannot serve publicly be for a private image it
+        could serve with a token? Tokens verify only under a cluster key, and a
+        cell's private copies live in the central registries (its own store is
+        checked before any source)."""
+        return self.cluster_key is not None and bool(self.sources.central())
+
+    def _miss(self, err: OCIError, opened: bool) -> OCIError:
+        """What a request the sources could not serve hears.
+
+        A request whose token does not open the content is challenged when the
+        content may be private: this cell cannot know (a private copy sits under the
+        app's own path, which only its token names), and runtimes send their token
+        only after a 401. The answer depends only on the public paths, never on a
+        private copy existing, so it tells a tokenless client nothing; absent and
+        unreachable public content costs an anonymous client its 404 and 503. A
+        request whose token opens the content hears what the sources said. Every
+        401 carries the challenge: one without it is a dead end to a runtime.
+        """
+        if err.code not in _MISSES:
+            return err
+        if err.code == "UNAUTHORIZED" or (not opened and self._may_be_private()):
+            self.metrics.unauthorized.inc()
+            return _unauthorized()
+        return err
 
     async def handle(self, request: Request) -> Response:
         kind = "other"
@@ -138,7 +180,10 @@ class Mirror:
             target = route(request.method, request.target)
             if isinstance(target, ApiBase):
                 kind = "base"
-                response = Response(200, [("Content-Type", "application/json")], b"{}")
+                response = self._base(request)
+            elif isinstance(target, TokenRoute):
+                kind = "token"
+                response = self._token(request)
             elif isinstance(target, ManifestRoute):
                 kind = "manifest"
                 response = await self._manifest(request, target)
@@ -154,16 +199,52 @@ class Mirror:
         response.headers.append(API_VERSION)
         return response
 
+    def _base(self, request: Request) -> Response:
+        """The version check. Where private content may be served, clients that ping
+        first (containers/image, docker) are challenged here, the one answer they
+        take challenges from, unless they already carry a token (protocol.auth)."""
+        token = token_from_authorization(request.header(b"authorization"))
+        known = token == ANONYMOUS_TOKEN or (token is not None and self._grant(request))
+        if self._may_be_private() and not known:
+            raise oci_error(
+                "UNAUTHORIZED",
+                message="fetch a token (anonymous for public images)",
+                headers=(("WWW-Authenticate", bearer_challenge(request.header(b"host"))),),
+            )
+        return Response(200, [("Content-Type", "application/json")], b"{}")
+
+    def _token(self, request: Request) -> Response:
+        """The token endpoint of the base's challenge: the pull token presented as
+        Basic credentials, checked, or the anonymous token when none is."""
+        token = token_from_authorization(request.header(b"authorization"))
+        if token is not None and self._grant(request) is None:
+            self.metrics.unauthorized.inc()
+            raise oci_error(
+                "UNAUTHORIZED",
+                message="the password is not a pull token of this cluster",
+                headers=(("WWW-Authenticate", BASIC_CHALLENGE),),
+            )
+        body = token_answer(token or ANONYMOUS_TOKEN)
+        return Response(200, [("Content-Type", "application/json")], body)
+
     async def _manifest(self, request: Request, target: ManifestRoute) -> Response:
         grant = self._grant(request)
         scope = None
+        # A token opens one manifest, by digest; never a tag (a tag of a private
+        # repository resolves nowhere a cell may look).
+        opened = grant is not None and str(target.reference) == grant.manifest
         if isinstance(target.reference, Digest):
             digest = str(target.reference)
             if self.store.lookup(digest) is not None:
                 await self._check_private(grant, digest)
-            elif grant is not None and digest == grant.manifest:
+            elif opened:
                 scope = grant.scope
-        result = await self.sources.manifest(target.name, target.reference, target.ns, scope=scope)
+        try:
+            result = await self.sources.manifest(
+                target.name, target.reference, target.ns, scope=scope
+            )
+        except OCIError as err:
+            raise self._miss(err, opened) from None
         await self._check_private(grant, result.digest)
         if not negotiate(request.header_values(b"accept") or None, result.media_type):
             raise oci_error(
@@ -180,6 +261,15 @@ class Mirror:
 
     async def _blob(self, request: Request, target: BlobRoute) -> Response:
         grant = self._grant(request)
+        opened = await self._grants(grant, str(target.digest))
+        try:
+            return await self._find_blob(request, target, grant, opened)
+        except OCIError as err:
+            raise self._miss(err, opened) from None
+
+    async def _find_blob(
+        self, request: Request, target: BlobRoute, grant: PullGrant | None, opened: bool
+    ) -> Response:
         digest = str(target.digest)
         scope = None
         if self.store.lookup(digest) is not None:
@@ -191,17 +281,17 @@ class Mirror:
                 if not await self.sources.publicly_available(target.name, digest, target.ns):
                     raise
                 await trio.to_thread.run_sync(self.store.clear_private, digest)
-        elif await self._grants(grant, digest):
+        elif opened:
+            assert grant is not None
             scope = grant.scope
         found = self.sources.blob(target.name, target.digest, target.ns, scope=scope)
         if isinstance(found, Fetch) and found.scope is not None and found.scope != scope:
             # Someone's private fetch of this digest is in flight: its bytes are
-            # not ours to follow. Once stored, the usual private check decides.
+            # not ours to follow. Once stored, the usual private check decides; if
+            # it failed, this request makes its own (its outcome is not ours either).
             while not found.finished:
                 await found.changed.wait()
-            if found.entry is None:
-                raise found.error or _unauthorized("private content")
-            return await self._blob(request, target)
+            return await self._find_blob(request, target, grant, opened)
         if isinstance(found, Fetch):
             await found.wait_started()
             if found.size is None or found.entry is not None:

@@ -3,7 +3,8 @@
 Owns: turning the challenges an upstream registry sends with a 401 into values, the
 query of the token request a Bearer challenge asks for (the docker token flow:
 GET realm?service=...&scope=...), and the pull tokens staging hands out for private
-images (`mint_pull_token`, `verify_pull_token`, `token_from_authorization`).
+images (`mint_pull_token`, `verify_pull_token`, `token_from_authorization`), and the
+challenges and token answers through which a runtime comes to present one.
 
 Never: raises on what a remote registry sent (garbage yields fewer challenges, possibly
 none), does I/O, or sees a credential: the caller adds those to the token request.
@@ -28,12 +29,16 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import blake3
+
+from protocol.errors import OCIError, bad_request
+from protocol.reference import parse_ns
 
 _TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _TOKEN68 = frozenset("-._~+/0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -321,3 +326,45 @@ def token_from_authorization(header: bytes | str | None) -> str | None:
         _, sep, password = decoded.partition(":")
         return password if sep and password else None
     return None
+
+
+# -- how a runtime comes to present its token ---------------------------------------
+#
+# Runtimes send credentials only when challenged, and in two ways:
+# - containerd asks for content first and answers a 401's challenge, then keeps
+#   sending the credentials to that host. Content answers 401 with BASIC_CHALLENGE.
+# - containers/image (skopeo, podman) and docker ping `/v2/` first and take their
+#   challenges from that answer only; a 401 on content is never retried. So the base
+#   answers 401 with `bearer_challenge`, the docker token flow: the client GETs the
+#   realm, with Basic credentials if it has any, and sends the token it gets back as
+#   Bearer. A Basic challenge on the base would do for containers/image, but docker
+#   refuses to send a request at all after a Basic challenge it has no credentials
+#   for, so anonymous docker pulls would break; Bearer has an anonymous answer.
+# The token endpoint hands back the pull token it was given (after checking it), or
+# ANONYMOUS_TOKEN when given none: the mirror itself stays stateless.
+
+BASIC_CHALLENGE = 'Basic realm="celld"'
+ANONYMOUS_TOKEN = "celld-anonymous"
+TOKEN_PATH = "/v2/token"
+TOKEN_SERVICE = "celld"
+TOKEN_LIFETIME = 3600  # seconds; the pull token itself does not expire
+
+
+def bearer_challenge(host: bytes | str | None) -> str:
+    """The base's challenge, naming the token endpoint on the host the client used.
+
+    Raises a 400 `OCIError` for a Host header that is not `host[:port]`: the realm
+    must not carry whatever a client put there.
+    """
+    text = host.decode("latin-1") if isinstance(host, bytes) else host
+    try:
+        checked = parse_ns(text or "")
+    except OCIError:
+        raise bad_request({"header": "host"}, "invalid Host header") from None
+    return f'Bearer realm="http://{checked}{TOKEN_PATH}",service="{TOKEN_SERVICE}"'
+
+
+def token_answer(token: str) -> bytes:
+    """The token endpoint's JSON body; both names, as docker's and OAuth2's clients read."""
+    body = {"token": token, "access_token": token, "expires_in": TOKEN_LIFETIME}
+    return json.dumps(body, separators=(",", ":")).encode()

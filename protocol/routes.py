@@ -1,7 +1,7 @@
 """Request routing for the mirror: method plus raw request target -> one read route.
 
 Owns: turning what h11 hands over (`method`, `target` bytes: path and query, still
-percent-encoded) into `ApiBase`, `ManifestRoute` or `BlobRoute`, with the name, the
+percent-encoded) into `ApiBase`, `TokenRoute`, `ManifestRoute` or `BlobRoute`, with the name, the
 reference and the `ns` host already checked against the grammar. Anything else raises
 `OCIError`, so the mirror answers it without touching the disk or the network.
 
@@ -13,7 +13,8 @@ The rules, in the order they apply:
 1. The target is at most 2,048 bytes of visible ASCII (no control bytes, NUL, space,
    DEL or non-ASCII), has no fragment, and is in origin form (starts with "/").
    Otherwise 400.
-2. `/v2` and `/v2/` are the API base (GET/HEAD).
+2. `/v2` and `/v2/` are the API base (GET/HEAD); `/v2/token` is the token endpoint
+   the base's Bearer challenge names (GET/HEAD; no name is one segment long).
 3. Under `/v2/`, the endpoint is found from the end of the path, the way distribution's
    router does it, because a name may itself contain slashes and even a component
    called "manifests" or "blobs": `<name>/manifests/<reference>`,
@@ -53,6 +54,11 @@ class ApiBase:
 
 
 @dataclass(frozen=True)
+class TokenRoute:
+    """`/v2/token`: where clients that ping the base first fetch their Bearer token."""
+
+
+@dataclass(frozen=True)
 class ManifestRoute:
     """`/v2/<name>/manifests/<reference>`, by tag (str) or by digest."""
 
@@ -74,7 +80,7 @@ class BlobRoute:
     ns: str | None = None
 
 
-Route = ApiBase | ManifestRoute | BlobRoute
+Route = ApiBase | TokenRoute | ManifestRoute | BlobRoute
 
 
 def _method_text(method: bytes) -> str:
@@ -137,6 +143,10 @@ def route(method: bytes, target: bytes) -> Route:
     if len(segments) < 3 or segments[1] != "v2":
         raise _unknown(segments, path)
     rest = segments[2:]
+
+    if rest == ["token"]:
+        _read_only(method)
+        return TokenRoute()
 
     if rest == ["_catalog"]:
         raise _unsupported(method, "catalog")

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from protocol.errors import ERROR_CODES, OCIError, oci_error
 from protocol.reference import parse_digest
-from protocol.routes import MAX_TARGET, ApiBase, BlobRoute, ManifestRoute, route
+from protocol.routes import MAX_TARGET, ApiBase, BlobRoute, ManifestRoute, TokenRoute, route
 from tests.protocol.test_reference import HOSTS, PORTS, digests, names, tags
 
 DIGEST = "sha256:" + "ab" * 32
@@ -29,6 +29,12 @@ def error_of(method: bytes, target: bytes) -> OCIError:
 @pytest.mark.parametrize("method", [b"GET", b"HEAD"])
 def test_api_base(method: bytes, target: bytes) -> None:
     assert route(method, target) == ApiBase()
+
+
+def test_token_endpoint_reads_only() -> None:
+    assert route(b"GET", b"/v2/token?service=celld&scope=repository:a/b:pull") == TokenRoute()
+    assert error_of(b"POST", b"/v2/token").status == 405  # containerd then falls back to GET
+    assert error_of(b"GET", b"/v2/token/x").status == 404
 
 
 def test_manifest_by_tag_and_digest_with_ns() -> None:
