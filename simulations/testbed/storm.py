@@ -87,8 +87,10 @@ def spawn_in(
     ports: tuple[int, ...],
     env: dict[str, str] | None = None,
     timeout: float = 20.0,
+    wait: bool = True,
 ) -> subprocess.Popen:
-    """Start argv inside netns, logging to log_path; return once every port listens there.
+    """Start argv inside netns, logging to log_path; return once every port listens
+    there (or at once, without `wait`: then `wait_ready`).
 
     A session of its own, so a Ctrl-C at the terminal reaches the storm alone,
     which then stops its children in order."""
@@ -103,13 +105,24 @@ def spawn_in(
             cwd=REPO,
             start_new_session=True,
         )
+    if wait:
+        wait_ready(netns, proc, log_path, ports, timeout)
+    return proc
+
+
+def wait_ready(
+    netns: str,
+    proc: subprocess.Popen,
+    log_path: Path,
+    ports: tuple[int, ...],
+    timeout: float = 20.0,
+) -> None:
     try:
         for port in ports:
             net.wait_listening(netns, port, proc, log_path, timeout)
     except BaseException:
         stop_process(proc)
         raise
-    return proc
 
 
 @dataclass
@@ -163,14 +176,18 @@ class NsCelld(Celld):
         path.write_text(path.read_text().replace('name = "test-cell"', f'name = "{self.name}"', 1))
         return path
 
-    def start(self) -> NsCelld:
+    def start(self, wait: bool = True) -> NsCelld:
         self.write_config()
         argv = [sys.executable, "-m", "celld", "serve", "--config", str(self.config_path)]
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONUNBUFFERED": "1"}
-        self.proc = spawn_in(
-            self.netns, argv, self.log_path, ports=(self.port, self.metrics_port), env=env
-        )
+        self.proc = spawn_in(self.netns, argv, self.log_path, ports=(), env=env, wait=False)
+        if wait:
+            self.wait_ready()
         return self
+
+    def wait_ready(self) -> None:
+        ports = (self.port, self.metrics_port)
+        wait_ready(self.netns, self.proc, self.log_path, ports, timeout=60)  # type: ignore[arg-type]
 
 
 def cluster_lines(
@@ -300,8 +317,10 @@ class Storm:
                 name=host.role,
             )
             self.cellds[host.role] = cell
-            cell.start()
+            cell.start(wait=False)  # all at once: a daemon takes a second to import
             self.procs.append(cell.proc)  # type: ignore[arg-type]
+        for cell in self.cellds.values():
+            cell.wait_ready()
 
     # -- one storm --------------------------------------------------------------
 
@@ -475,7 +494,14 @@ class Storm:
                 results.append(fig)
             if self.opts.json_out:
                 self.opts.json_out.write_text(
-                    json.dumps({"run_id": self.rid, "storms": results}, indent=1)
+                    json.dumps(
+                        {
+                            "run_id": self.rid,
+                            "image_digest": self.image.digest,  # type: ignore[union-attr]
+                            "storms": results,
+                        },
+                        indent=1,
+                    )
                 )
         finally:
             self.teardown()
