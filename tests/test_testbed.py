@@ -120,6 +120,7 @@ def test_storm_through_celld_and_the_pull_through_cache(tmp_path: Path) -> None:
         "p99/limit ",
         "from the Hub",
         "from central",
+        "busiest link",
     ):
         assert out.count(needle) == 2, out
     assert "largest upload" in out

@@ -430,6 +430,15 @@ class Storm:
             "cluster_listening": phase.cluster_listening,
         }
         fig["p99_over_limit"] = fig["p99_s"] / limit if times else None
+        # The floor a storm cannot beat when its bytes all cross one registry's link.
+        rates = {"hub": self.hub_bps, "central": self.central_bps}
+        floors = [
+            (phase.wire[role][d] * 8 / rate, role, ("received", "sent")[d], phase.wire[role][d])
+            for role, rate in rates.items()
+            for d in (0, 1)
+        ]
+        secs, role, way, nbytes = max(floors)
+        fig["busiest_registry_link"] = {"host": role, "way": way, "bytes": nbytes, "seconds": secs}
         return fig
 
     def print_figures(self, fig: dict) -> None:
@@ -468,6 +477,12 @@ class Storm:
         )
         p(
             f"   from central   {size(fig['central_wire_bytes'])} on its link; access log: {fig['central_log']['blob_gets']} blob GETs, {size(fig['central_log']['bytes'])}"
+        )
+        b = fig["busiest_registry_link"]
+        rate = (o.hub_link if b["host"] == "hub" else o.central_link) or o.link
+        p(
+            f"   busiest link   {b['host']} {b['way']} {size(b['bytes'])}: {b['seconds']:.2f} s at {rate},"
+            " the floor of this storm's completion"
         )
         lu = fig["largest_upload"]
         p(
