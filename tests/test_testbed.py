@@ -108,6 +108,7 @@ def test_storm_through_celld_and_the_pull_through_cache(tmp_path: Path) -> None:
     assert celld["hub_log"]["bytes"] == 3 * image
     assert celld["central_log"]["bytes"] == 0
     assert celld["hub_wire_bytes"] >= 3 * image
+    assert celld["celld_fetched_bytes"] == {"upstream": 3 * image}  # celld's own count agrees
     # The pull-through cache sends each cell a copy over the central's link.
     assert proxy["central_log"]["bytes"] == 3 * image
     assert proxy["central_wire_bytes"] >= 3 * image

@@ -185,6 +185,17 @@ class NsCelld(Celld):
             self.wait_ready()
         return self
 
+    def fetched_by_source(self) -> dict[str, int]:
+        """celld_fetched_bytes by source, read from the cell's own /metrics (in its
+        namespace, so through curl there); {} when the daemon does not answer."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        argv = net.netns_exec(self.netns, ["curl", "-s", "--max-time", "5", url])
+        done = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        found = re.findall(
+            r'^celld_fetched_bytes_total\{source="([^"]*)"\} (\S+)$', done.stdout, re.M
+        )
+        return {source: int(float(value)) for source, value in found}
+
     def wait_ready(self) -> None:
         ports = (self.port, self.metrics_port)
         wait_ready(self.netns, self.proc, self.log_path, ports, timeout=60)  # type: ignore[arg-type]
@@ -229,6 +240,7 @@ class Phase:
     hub_log: tuple[int, int] = (0, 0)
     central_log: tuple[int, int] = (0, 0)
     cluster_listening: int | None = None  # cells whose daemon listens on the cluster port
+    fetched: dict[str, int] = field(default_factory=dict)  # celld's own account, by source
 
 
 class Storm:
@@ -396,7 +408,10 @@ class Storm:
         phase.hub_log = self.hub_registry.blob_bytes(hub_since)
         phase.central_log = central_reg.blob_bytes(central_since)
         if mode == "celld":
-            for cell in self.cellds.values():
+            for role, cell in self.cellds.items():
+                if role not in phase.killed:
+                    for source, n in cell.fetched_by_source().items():
+                        phase.fetched[source] = phase.fetched.get(source, 0) + n
                 stop_process(cell.proc)
         return phase
 
@@ -428,6 +443,7 @@ class Storm:
             "cells_upload_bytes": sum(cells_tx.values()),
             "largest_upload": {"cell": biggest, "bytes": cells_tx.get(biggest, 0)},
             "cluster_listening": phase.cluster_listening,
+            "celld_fetched_bytes": phase.fetched,
         }
         fig["p99_over_limit"] = fig["p99_s"] / limit if times else None
         # The floor a storm cannot beat when its bytes all cross one registry's link.
@@ -481,13 +497,20 @@ class Storm:
         b = fig["busiest_registry_link"]
         rate = (o.hub_link if b["host"] == "hub" else o.central_link) or o.link
         p(
-            f"   busiest link   {b['host']} {b['way']} {size(b['bytes'])}: {b['seconds']:.2f} s at {rate},"
-            " the floor of this storm's completion"
+            f"   busiest link   {b['host']} {b['way']} {size(b['bytes'])}: {b['seconds']:.2f} s at {rate}"
+            " (with the physical limit, a floor of the completion)"
         )
         lu = fig["largest_upload"]
         p(
             f"   from peers     cells sent {size(fig['cells_upload_bytes'])} in all, TCP ACKs and requests included; largest upload {lu['cell']} {size(lu['bytes'])}"
         )
+        if fig["mode"] == "celld":
+            account = ", ".join(
+                f"{k} {size(v)}" for k, v in sorted(fig["celld_fetched_bytes"].items())
+            )
+            p(
+                f"   celld's count  fetched into the stores of the cells alive: {account or 'nothing'}"
+            )
         verdict = f"   digests        {fig['completed']}/{fig['survivors']} cells completed with the right digest"
         if fig["killed"]:
             verdict += f" ({len(fig['killed'])} killed: {', '.join(fig['killed'])})"
