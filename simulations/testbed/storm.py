@@ -398,6 +398,9 @@ class Storm:
                 result = {"error": f"worker printed no result: {stdout.strip()[-300:]}"}
             if "ended" in result:
                 result["seconds"] = result["ended"] - start_at
+            if "started" in result:
+                # A worker that began late (a busy machine) had its lateness counted in.
+                result["late_s"] = max(0.0, result["started"] - start_at)
             phase.cells[role] = result
 
         after = self.bed.counters()
@@ -488,6 +491,11 @@ class Storm:
             for r, c in sorted(fig["per_cell"].items())
         )
         p(f"   per cell (s)   {per}")
+        late = max((c.get("late_s", 0.0) for c in fig["per_cell"].values()), default=0.0)
+        if late > 0.2:
+            p(
+                f"   note           a pull started {late:.2f} s after the common start (busy machine)"
+            )
         p(
             f"   from the Hub   {size(fig['hub_wire_bytes'])} on its link; access log: {fig['hub_log']['blob_gets']} blob GETs, {size(fig['hub_log']['bytes'])}"
         )
@@ -498,7 +506,7 @@ class Storm:
         rate = (o.hub_link if b["host"] == "hub" else o.central_link) or o.link
         p(
             f"   busiest link   {b['host']} {b['way']} {size(b['bytes'])}: {b['seconds']:.2f} s at {rate}"
-            " (with the physical limit, a floor of the completion)"
+            " (a floor of the completion, like one cell's limit)"
         )
         lu = fig["largest_upload"]
         p(
