@@ -79,7 +79,6 @@ class Testbed:
 
     rid: str
     hosts: dict[str, Host] = field(default_factory=dict)
-    made_netns: list[str] = field(default_factory=list)
 
     @property
     def bridge_netns(self) -> str:
@@ -99,7 +98,6 @@ class Testbed:
 
     def _netns_add(self, name: str) -> None:
         run(["ip", "netns", "add", name])
-        self.made_netns.append(name)
         run(["ip", "-n", name, "link", "set", "lo", "up"])
 
     def add_host(self, role: str, index: int, rate_bps: int) -> Host:
