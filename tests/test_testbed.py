@@ -17,11 +17,14 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
 
+from celld.config import Listen, from_dict, load_cluster_key
 from simulations.testbed import net
+from simulations.testbed.storm import cluster_lines
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -191,3 +194,27 @@ def test_cleanup_removes_what_a_killed_storm_left(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"run {rid}: removed" in done.stdout
     assert_nothing_left(rid, workdir)
+
+
+def test_the_cluster_lines_are_the_ones_the_daemon_parses(tmp_path: Path) -> None:
+    key = tmp_path / "cluster.key"
+    key.write_text(secrets.token_hex(32) + "\n")
+    text = cluster_lines(key, "10.77.0.12", ["10.77.0.10", "10.77.0.11"], "rack-2")
+    config = from_dict(tomllib.loads(text))
+    assert config.cluster is not None
+    assert config.cluster.listen == Listen("10.77.0.12", 7946)
+    assert config.cluster.seeds == (Listen("10.77.0.10", 7946), Listen("10.77.0.11", 7946))
+    assert config.cluster.zone == "rack-2"
+    assert config.peer.upload_slots == 8
+    assert len(load_cluster_key(config)) == 32  # type: ignore[arg-type]
+
+
+def test_tbf_settings_scale_with_the_rate() -> None:
+    assert net.parse_rate("200mbit") == 200_000_000
+    assert net.parse_rate("10gbit") == 10**10
+    with pytest.raises(ValueError):
+        net.parse_rate("200 Mbps")
+    # 64 KiB at least (one GSO segment), 4 ms of the rate above that.
+    assert net.tbf_args(200_000_000)[4] == str(100_000)
+    assert net.tbf_args(10**8 // 8)[4] == str(64 * 1024)
+    assert net.tbf_args(10**10)[4] == str(5_000_000)
