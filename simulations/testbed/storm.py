@@ -334,6 +334,37 @@ class Storm:
         for cell in self.cellds.values():
             cell.wait_ready()
 
+    def _wait_for_cluster(self, timeout: float = 30.0) -> None:
+        """Start the storm once every cell sees every other alive (`celld peers --json`,
+        issue 11), so the figures measure sharing, not gossip converging; say so
+        and go on when the daemon has no such command or the wait runs out."""
+        first = self.cellds[self.cell_hosts[0].role]
+        argv = [sys.executable, "-m", "celld", "peers", "--config", str(first.config_path)]
+        deadline = time.monotonic() + timeout
+        alive = -1
+        while time.monotonic() < deadline:
+            done = subprocess.run(
+                net.netns_exec(self.cell_hosts[0].netns, [*argv, "--json"]),
+                capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=REPO,
+            )  # fmt: skip
+            if done.returncode != 0:
+                self.out(f"cluster: `celld peers` answered {done.returncode}: not waiting for it")
+                return
+            try:
+                doc = json.loads(done.stdout)
+            except json.JSONDecodeError:
+                self.out("cluster: `celld peers --json` printed no JSON: not waiting for it")
+                return
+            members = doc.get("members", []) if isinstance(doc, dict) else doc
+            alive = sum(isinstance(m, dict) and m.get("state") == "alive" for m in members)
+            if (
+                alive >= len(self.cell_hosts) - 1
+            ):  # every other cell, whether or not it lists itself
+                self.out(f"cluster: {alive} members alive as c01 sees it")
+                return
+            time.sleep(0.5)
+        self.out(f"cluster: after {timeout:.0f} s c01 sees {alive} of {len(self.cell_hosts)} alive")
+
     # -- one storm --------------------------------------------------------------
 
     def limit_s(self) -> float:
@@ -350,6 +381,8 @@ class Storm:
                     or net.listening(h.netns, CLUSTER_PORT, "t")
                     for h in self.cell_hosts
                 )
+                if phase.cluster_listening:
+                    self._wait_for_cluster()
             mirror = f"127.0.0.1:{MIRROR_PORT}"
         else:
             hub_url = f"http://{self.hub.address}:{REGISTRY_PORT}"
