@@ -127,6 +127,7 @@ def test_storm_through_celld_and_the_pull_through_cache(tmp_path: Path) -> None:
         "from the Hub",
         "from central",
         "busiest link",
+        "retransmitted",
     ):
         assert out.count(needle) == 2, out
     assert "largest upload" in out

@@ -132,6 +132,18 @@ class Testbed:
             out[role] = (stats["rx"]["bytes"], stats["tx"]["bytes"])
         return out
 
+    def retransmits(self) -> dict[str, int]:
+        """TCP segments each host has retransmitted (Tcp RetransSegs of its namespace):
+        what its veth counter holds beyond what the applications sent."""
+        out = {}
+        for role, host in self.hosts.items():
+            text = run(netns_exec(host.netns, ["cat", "/proc/net/snmp"])).stdout
+            names, values = (
+                line.split()[1:] for line in text.splitlines() if line.startswith("Tcp:")
+            )
+            out[role] = int(dict(zip(names, values, strict=True))["RetransSegs"])
+        return out
+
     def destroy(self) -> None:
         remove_run(self.rid)
 

@@ -241,6 +241,7 @@ class Phase:
     central_log: tuple[int, int] = (0, 0)
     cluster_listening: int | None = None  # cells whose daemon listens on the cluster port
     fetched: dict[str, int] = field(default_factory=dict)  # celld's own account, by source
+    retransmits: dict[str, int] = field(default_factory=dict)  # TCP segments, by host
 
 
 class Storm:
@@ -389,6 +390,7 @@ class Storm:
             self._registry(self.workdir / "proxy", self.central, PROXY_PORT, proxy=hub_url)
             mirror = f"{self.central.address}:{PROXY_PORT}"
         before = self.bed.counters()
+        retrans_before = self.bed.retransmits()
         hub_since = self.hub_registry.log_size()
         central_reg = self.central_registry if mode == "celld" else self.registries[-1]
         central_since = central_reg.log_size()
@@ -437,6 +439,8 @@ class Storm:
             phase.cells[role] = result
 
         after = self.bed.counters()
+        retrans_after = self.bed.retransmits()
+        phase.retransmits = {r: retrans_after[r] - retrans_before[r] for r in retrans_after}
         phase.wire = {
             role: (after[role][0] - before[role][0], after[role][1] - before[role][1])
             for role in after
@@ -480,6 +484,7 @@ class Storm:
             "largest_upload": {"cell": biggest, "bytes": cells_tx.get(biggest, 0)},
             "cluster_listening": phase.cluster_listening,
             "celld_fetched_bytes": phase.fetched,
+            "retransmitted_segments": phase.retransmits,
         }
         fig["p99_over_limit"] = fig["p99_s"] / limit if times else None
         # The floor a storm cannot beat when its bytes all cross one registry's link.
@@ -540,6 +545,10 @@ class Storm:
         p(
             f"   busiest link   {b['host']} {b['way']} {size(b['bytes'])}: {b['seconds']:.2f} s at {rate}"
             " (a floor of the completion, like one cell's limit)"
+        )
+        rt = fig["retransmitted_segments"]
+        p(
+            f"   retransmitted  TCP segments: Hub {rt['hub']}, central {rt['central']}, cells {sum(v for k, v in rt.items() if k not in ('hub', 'central'))}"
         )
         lu = fig["largest_upload"]
         p(
