@@ -1,0 +1,221 @@
+"""The testbed as its user runs it: a small storm, a kill, and interruptions.
+
+Each test runs `python -m simulations.testbed` as a separate process, as root,
+in network namespaces it builds itself (3 cells, an image of a few MiB, links
+of 100-200 mbit), and checks what a user would: every cell completed with the
+image's digest, the figures are printed and add up, and nothing of the run
+(namespace, veth, bridge, process) is left afterwards, also when the run is
+interrupted or killed. Where namespaces cannot be made, the storm says why and
+the test fails with that reason: it never skips.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from celld.config import Listen, from_dict, load_cluster_key
+from simulations.testbed import net
+from simulations.testbed.storm import cluster_lines
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start_testbed(*args: str, **kw: object) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "simulations.testbed", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    return out
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 60) -> str:
+    """Read the storm's output until `needle`; what it printed so far."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    proc.kill()
+    raise AssertionError(f"no {needle!r} in the storm's output:\n{''.join(seen)}")
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that mention `text` (the run's work dir)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
+def assert_nothing_left(rid: str, workdir: Path) -> None:
+    assert net.leftovers(rid) == []
+    assert not (net.OWNERS / rid).exists()
+    assert processes_mentioning(str(workdir)) == []
+
+
+def rid_for(tmp_path: Path) -> str:
+    """A run id of this test's own (4 hex digits): parallel runs never share one."""
+    return secrets.token_hex(2)
+
+
+def test_storm_through_celld_and_the_pull_through_cache(tmp_path: Path) -> None:
+    rid, workdir, report = rid_for(tmp_path), tmp_path / "wd", tmp_path / "storm.json"
+    proc = start_testbed(
+        "storm", "--cells", "3", "--image-mib", "4", "--link", "200mbit",
+        "--run-id", rid, "--workdir", str(workdir), "--json", str(report),
+    )  # fmt: skip
+    out = finish(proc)
+    assert proc.returncode == 0, out
+    figures = json.loads(report.read_text())
+    digest = figures["image_digest"]
+    celld, proxy = figures["storms"]
+    assert [celld["mode"], proxy["mode"]] == ["celld", "proxy"]
+    for storm in (celld, proxy):
+        assert storm["completed"] == 3
+        assert {c["digest"] for c in storm["per_cell"].values()} == {digest}
+        assert 0 < storm["p50_s"] <= storm["p99_s"] <= storm["max_s"]
+        assert storm["limit_s"] == pytest.approx(storm["image_bytes"] * 8 / 200e6)
+        # A cell's link cannot beat its rate: nobody finishes under the physical limit.
+        assert storm["p50_s"] >= storm["limit_s"]
+    image = celld["image_bytes"]
+    # Standalone cells: each takes every blob from the Hub (nothing staged at central).
+    assert celld["hub_log"]["bytes"] == 3 * image
+    assert celld["central_log"]["bytes"] == 0
+    assert celld["hub_wire_bytes"] >= 3 * image
+    # celld's own count agrees with what skopeo stored (manifests included), to the byte.
+    stored = sum(c["bytes"] for c in celld["per_cell"].values())
+    assert celld["celld_fetched_bytes"] == {"upstream": stored}
+    # The pull-through cache sends each cell a copy over the central's link.
+    assert proxy["central_log"]["bytes"] == 3 * image
+    assert proxy["central_wire_bytes"] >= 3 * image
+    assert proxy["hub_log"]["bytes"] >= image
+    for needle in (
+        "p50 ",
+        "p99 ",
+        "max ",
+        "physical limit",
+        "p99/limit ",
+        "from the Hub",
+        "from central",
+        "busiest link",
+        "retransmitted",
+    ):
+        assert out.count(needle) == 2, out
+    assert "largest upload" in out
+    assert "3/3 cells completed with the right digest" in out
+    assert_nothing_left(rid, workdir)
+
+
+def test_cells_killed_mid_storm_leave_the_others_complete(tmp_path: Path) -> None:
+    rid, workdir, report = rid_for(tmp_path), tmp_path / "wd", tmp_path / "storm.json"
+    proc = start_testbed(
+        "storm", "--cells", "3", "--image-mib", "8", "--link", "100mbit", "--modes", "celld",
+        "--cluster", "--kill", "1", "--kill-at", "0.3",
+        "--run-id", rid, "--workdir", str(workdir), "--json", str(report),
+    )  # fmt: skip
+    out = finish(proc)
+    assert proc.returncode == 0, out
+    (storm,) = json.loads(report.read_text())["storms"]
+    assert storm["killed"] == ["c03"]
+    assert storm["completed"] == storm["survivors"] == 2
+    assert "error" in storm["per_cell"]["c03"]
+    digest = json.loads(report.read_text())["image_digest"]
+    assert {storm["per_cell"][c]["digest"] for c in ("c01", "c02")} == {digest}
+    assert "killed (-9) celld on c03" in out
+    assert "2/2 cells completed with the right digest (1 killed: c03)" in out
+    assert_nothing_left(rid, workdir)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_storm_removes_everything(tmp_path: Path, sig: signal.Signals) -> None:
+    rid, workdir = rid_for(tmp_path), tmp_path / "wd"
+    proc = start_testbed(
+        "storm", "--cells", "3", "--image-mib", "16", "--link", "100mbit",
+        "--run-id", rid, "--workdir", str(workdir),
+    )  # fmt: skip
+    wait_for_line(proc, "storm (celld)")
+    time.sleep(2.5)  # past the storm's common start: skopeo, celld and registries all busy
+    assert net.leftovers(rid), "the run's namespaces should exist mid-storm"
+    assert processes_mentioning(str(workdir))
+    proc.send_signal(sig)
+    out = finish(proc, timeout=60)
+    assert proc.returncode == 130, out
+    assert f"interrupted ({sig.name})" in out
+    assert f"cleaned up run {rid}" in out
+    assert "Traceback" not in out
+    assert_nothing_left(rid, workdir)
+
+
+def test_cleanup_removes_what_a_killed_storm_left(tmp_path: Path) -> None:
+    rid, workdir = rid_for(tmp_path), tmp_path / "wd"
+    proc = start_testbed(
+        "storm", "--cells", "2", "--image-mib", "16", "--link", "100mbit",
+        "--run-id", rid, "--workdir", str(workdir),
+    )  # fmt: skip
+    wait_for_line(proc, "storm (celld)")
+    proc.kill()  # no finally runs: the namespaces and their processes stay
+    proc.wait()
+    assert net.leftovers(rid)
+    done = subprocess.run(
+        [sys.executable, "-m", "simulations.testbed", "cleanup", "--run-id", rid],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"run {rid}: removed" in done.stdout
+    assert_nothing_left(rid, workdir)
+
+
+def test_the_cluster_lines_are_the_ones_the_daemon_parses(tmp_path: Path) -> None:
+    key = tmp_path / "cluster.key"
+    key.write_text(secrets.token_hex(32) + "\n")
+    text = cluster_lines(key, "10.77.0.12", ["10.77.0.10", "10.77.0.11"], "rack-2")
+    config = from_dict(tomllib.loads(text))
+    assert config.cluster is not None
+    assert config.cluster.listen == Listen("10.77.0.12", 7946)
+    assert config.cluster.seeds == (Listen("10.77.0.10", 7946), Listen("10.77.0.11", 7946))
+    assert config.cluster.zone == "rack-2"
+    assert config.peer.upload_slots == 8
+    assert len(load_cluster_key(config)) == 32  # type: ignore[arg-type]
+
+
+def test_tbf_settings_scale_with_the_rate() -> None:
+    assert net.parse_rate("200mbit") == 200_000_000
+    assert net.parse_rate("10gbit") == 10**10
+    with pytest.raises(ValueError):
+        net.parse_rate("200 Mbps")
+    # 64 KiB at least (one GSO segment), 4 ms of the rate above that.
+    assert net.tbf_args(200_000_000)[4] == str(100_000)
+    assert net.tbf_args(10**8 // 8)[4] == str(64 * 1024)
+    assert net.tbf_args(10**10)[4] == str(5_000_000)
