@@ -43,8 +43,13 @@ from protocol.pieces import PieceTable, piece_count, piece_size_for
 
 log = logging.getLogger(__name__)
 
-STALL_TIMEOUT = 10.0  # seconds without a new piece before a peer download is given up
+# seconds without a new piece before a peer download is given up: longer than it takes
+# membership to declare a provider dead in a small cluster (where no K confirmations
+# shorten the suspicion), after which the lease moves and the registries go on
+STALL_TIMEOUT = 30.0
 LOCATE_TIMEOUT = 3.0  # > placement's lookup_give_up: the lookup always answers first
+TABLE_WAIT = 5.0  # seconds a downloader waits for the lease holder's first verified piece
+TABLE_RETRY = 0.05
 
 
 @dataclass(eq=False)
@@ -212,7 +217,10 @@ class Peering:
 
     async def table(self, result: pl.LookupResult) -> tuple[TableReply, str] | None:
         """The piece table, from a complete provider if there is one, else from the
-        lease holder or another downloader (a partial table, refreshed as it grows)."""
+        lease holder or another downloader (a partial table, refreshed as it grows).
+        A lease holder that has not verified its first piece yet says 404: it is asked
+        again until TABLE_WAIT has passed, since the registries are what the lease
+        spares."""
         ranked = sorted(
             result.providers,
             key=lambda p: (not p.complete, p.member != result.lease_holder, p.load),
@@ -220,14 +228,23 @@ class Peering:
         names = [p.member for p in ranked]
         if result.lease_holder and result.lease_holder not in names:
             names.append(result.lease_holder)
-        for member in names:
-            addr = self.addr(member)
-            if addr is None or member == self.name:
-                continue
-            try:
-                return await self.client.table(addr, result.digest), member
-            except PeerError as exc:
-                log.info("no piece table of %s from %s: %s", result.digest, member, exc)
+        names = [n for n in names if n != self.name]
+        deadline = trio.current_time() + TABLE_WAIT
+        while names:
+            for member in list(names):
+                addr = self.addr(member)
+                if addr is None:
+                    names.remove(member)
+                    continue
+                try:
+                    return await self.client.table(addr, result.digest), member
+                except PeerError as exc:
+                    if exc.status != 404 or member not in self.gossip.live_ids():
+                        log.info("no piece table of %s from %s: %s", result.digest, member, exc)
+                        names.remove(member)
+            if trio.current_time() > deadline:
+                break
+            await trio.sleep(TABLE_RETRY)
         return None
 
     def start(self, t: Transfer, result: pl.LookupResult) -> None:
@@ -250,6 +267,16 @@ class Peering:
         t = Transfer(digest, writer, size, piece_size_for(size), None, registry=True)
         self.start(t, result)
         return t
+
+    async def registry_piece(self, t: Transfer, index: int, ok: bool) -> None:
+        """A piece of a peer transfer read from the registries (the lease came to this
+        cell): written (ok), or to be planned again (not ok)."""
+        if ok:
+            t.held |= 1 << index
+            t.last_progress = time.monotonic()
+            await self._advance(t)
+        self._do(self.cell.registry_piece(t.digest, index, ok, self.clock()))
+        t.notify()
 
     def registry_pieces(self, t: Transfer, table: PieceTable, held: int) -> None:
         """The lease holder's stream verified (blake3) and wrote more pieces."""

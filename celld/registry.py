@@ -131,10 +131,13 @@ class ManifestHead(NamedTuple):
 class BlobResponse:
     """A blob body being received; read it with `aiter_bytes`, inside `open_blob`."""
 
-    def __init__(self, chunks: AsyncIterator[bytes], length: str | None, where: str) -> None:
+    def __init__(
+        self, chunks: AsyncIterator[bytes], length: str | None, where: str, offset: int = 0
+    ) -> None:
         self._chunks = chunks
         self._where = where
         self.size: int | None = int(length) if length and length.isdigit() else None
+        self.offset = offset  # where the body begins in the blob (a 206's range)
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         """The body as it arrives, as each network read gave it."""
@@ -143,6 +146,15 @@ class BlobResponse:
                 yield chunk
         except httpx.TransportError as exc:
             raise Unavailable(f"{self._where}: transfer failed: {_describe(exc)}") from exc
+
+
+def _offset(status: int, content_range: str | None) -> int:
+    """Where a response body begins in the blob: a 206's `bytes START-END/SIZE`."""
+    if status != 206 or not content_range:
+        return 0
+    unit, _, spec = content_range.partition(" ")
+    first = spec.partition("-")[0]
+    return int(first) if unit == "bytes" and first.isdigit() else 0
 
 
 def _describe(exc: BaseException) -> str:
@@ -271,36 +283,61 @@ class RegistryClient:
 
     @asynccontextmanager
     async def open_blob(
-        self, name: str, digest: str, *, while_waiting: Callable[[], None] | None = None
+        self,
+        name: str,
+        digest: str,
+        *,
+        while_waiting: Callable[[], None] | None = None,
+        start: int = 0,
     ) -> AsyncIterator[BlobResponse]:
         """The blob's body as it arrives; follows the redirects registries send to storage.
 
         `while_waiting` runs once before the response arrives: with the lean
         client, while the registry thinks, so the caller's preparations (a
-        temp file) are off the time to first byte.
+        temp file) are off the time to first byte. `start`: from that byte on
+        (Range; `BlobResponse.offset` says where the body really begins, 0 when
+        the registry ignored the range).
         """
         name, digest = parse_name(name), str(parse_digest(str(digest)))
         path = f"/v2/{name}/blobs/{digest}"
         scopes = (_scope(name, "pull"),)
+        ranged = [(b"range", f"bytes={start}-".encode())] if start else []
         if self._pool is not None:
-            lean = await self._lean_get(path, scopes, while_waiting)
+            lean = await self._lean_get(path, scopes, while_waiting, ranged)
             if lean is not None:
                 try:
-                    yield BlobResponse(lean.chunks(), lean.header(b"content-length"), self._where)
+                    yield BlobResponse(
+                        lean.chunks(),
+                        lean.header(b"content-length"),
+                        self._where,
+                        _offset(lean.status, lean.header(b"content-range")),
+                    )
                 finally:
                     await lean.aclose()
                 return
         elif while_waiting is not None:
             while_waiting()
         async with self._stream(
-            "GET", self._url(path), scopes=scopes, follow_redirects=True
+            "GET",
+            self._url(path),
+            scopes=scopes,
+            headers={k.decode(): v.decode() for k, v in ranged},
+            ok=(200, 206),
+            follow_redirects=True,
         ) as response:
             yield BlobResponse(
-                response.aiter_bytes(), response.headers.get("content-length"), self._where
+                response.aiter_bytes(),
+                response.headers.get("content-length"),
+                self._where,
+                _offset(response.status_code, response.headers.get("content-range")),
             )
 
     async def _lean_get(
-        self, path: str, scopes: tuple[str, ...], while_waiting: Callable[[], None] | None
+        self,
+        path: str,
+        scopes: tuple[str, ...],
+        while_waiting: Callable[[], None] | None,
+        extra: list[tuple[bytes, bytes]] | None = None,
     ) -> LeanResponse | None:
         """A 200 through the lean client, or None on a 401: httpx's path answers
         challenges (it has the token flow), then later GETs carry the token here.
@@ -314,7 +351,7 @@ class RegistryClient:
             response = await self._pool.get(
                 self._lean_origin,
                 self._lean_prefix + path.encode("ascii"),
-                _LEAN_HEADERS,
+                [*_LEAN_HEADERS, *extra] if extra else _LEAN_HEADERS,
                 self._pool_timeouts,
                 authorization=sent.encode("latin-1") if sent is not None else None,
                 while_waiting=while_waiting,
@@ -323,7 +360,7 @@ class RegistryClient:
             raise RegistryError(f"{where}: too many redirects") from exc
         except httpx.TransportError as exc:
             raise Unavailable(f"{where}: {_describe(exc)}") from exc
-        if response.status == 200:
+        if response.status == 200 or (extra and response.status == 206):
             return response
         try:
             body = await response.read(MAX_SMALL_BODY)

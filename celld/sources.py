@@ -48,6 +48,7 @@ from celld.registry import (
 from celld.store import BlobEntry, BlobWriter, DigestMismatch, Store
 from protocol.errors import OCIError, oci_error
 from protocol.manifest import MAX_MANIFEST_BYTES, UPSTREAM_ACCEPT, parse_manifest
+from protocol.pieces import piece_span
 from protocol.placement import LeaseStatus
 from protocol.reference import Digest
 
@@ -352,7 +353,7 @@ class Sources:
     async def _run_fetch(self, fetch: Fetch, chain: list[Source], peers: bool = False) -> None:
         misses = Misses()
         try:
-            if peers and self.peering is not None and await self._from_peers(fetch, misses):
+            if peers and self.peering is not None and await self._from_peers(fetch, misses, chain):
                 return
             for source in chain:
                 try:
@@ -377,7 +378,7 @@ class Sources:
             self._fetches.pop(fetch.digest, None)
             fetch.notify()
 
-    async def _from_peers(self, fetch: Fetch, misses: Misses) -> bool:
+    async def _from_peers(self, fetch: Fetch, misses: Misses, chain: list[Source]) -> bool:
         """Takes the blob from other cells when they have it (or are fetching it under
         the lease); False: go to the registries (this cell holds the lease, or nobody
         answered). Waiters follow the verified prefix as pieces land, as they follow a
@@ -411,11 +412,22 @@ class Sources:
             if t.size and self.store.over_limit(t.size):
                 self._evicted(await trio.to_thread.run_sync(self.store.make_room, t.size))
             peering.start(t, result)
-            await peering.follow(t, fetch)
-            if not t.complete:  # the lease came to this cell: the registries go on
-                if fetch.written:
-                    raise FetchFailed(f"the providers of {fetch.digest} went away mid-blob")
-                return False
+            stalled: PeerError | None = None
+            async with trio.open_nursery() as reads:
+                try:
+                    while True:
+                        await peering.follow(t, fetch)
+                        if t.complete:
+                            break
+                        # The lease came to this cell (its holder died, or was banned): the
+                        # pieces nobody else has are read from the registries, by range.
+                        ranges, t.upstream = t.upstream, []
+                        reads.start_soon(self._read_ranges, t, ranges, chain, misses)
+                except PeerError as exc:
+                    stalled = exc
+                    reads.cancel_scope.cancel()
+            if stalled is not None:
+                raise stalled
             if not writer.matches():
                 peering.bad_table(t)
                 raise DigestMismatch(fetch.digest, "the bytes the peers sent")
@@ -441,6 +453,56 @@ class Sources:
         finally:
             peering.finished(t, entry)
             writer.abort()
+
+    async def _read_ranges(
+        self, t: Transfer, ranges: list[tuple[int, int]], chain: list[Source], misses: Misses
+    ) -> None:
+        """Pieces `ranges` (half-open, in piece indices) of a peer transfer, from the
+        first registry of the chain that answers: each piece is checked against the
+        table where it knows the hash, written where it belongs, and fed to the swarm."""
+        assert self.peering is not None
+        for first, stop in ranges:
+            index = first
+            for source in chain:
+                try:
+                    index = await self._read_range(t, source, index, stop)
+                    self._source_ok(source)
+                    break
+                except (RegistryError, DigestMismatch) as exc:
+                    self._miss(misses, source, exc)
+            for i in range(index, stop):  # no registry had them: the swarm plans again
+                await self.peering.registry_piece(t, i, False)
+
+    async def _read_range(self, t: Transfer, source: Source, index: int, stop: int) -> int:
+        """Reads pieces index..stop-1 from one source; returns the first piece not read."""
+        assert self.peering is not None
+        start = index * t.piece_size
+        async with source.client.open_blob(source.repo, t.digest, start=start) as response:
+            skip = start - response.offset  # a registry that ignored the range
+            if skip < 0:
+                raise Unavailable(f"{source.label} answered from byte {response.offset}")
+            buf = bytearray()
+            async for chunk in response.aiter_bytes():
+                if skip:
+                    cut = min(skip, len(chunk))
+                    chunk, skip = chunk[cut:], skip - cut
+                buf += chunk
+                while index < stop:
+                    lo, n = piece_span(index, t.size, t.piece_size)
+                    if len(buf) < n:
+                        break
+                    data, buf = bytes(buf[:n]), buf[n:]
+                    ok = t.table is None or t.table.hashes[index] is None
+                    ok = ok or t.table.verify(index, data)
+                    if not ok:
+                        raise DigestMismatch(f"{t.digest} piece {index}", "other bytes")
+                    await trio.to_thread.run_sync(t.writer.write_at, lo, data)
+                    self.metrics.fetched_bytes.labels(source.kind).inc(len(data))
+                    await self.peering.registry_piece(t, index, True)
+                    index += 1
+                if index >= stop:
+                    break
+        return index
 
     async def _fetch_from(self, fetch: Fetch, source: Source) -> None:
         writers: list[BlobWriter] = []

@@ -28,6 +28,7 @@ class Cluster:
     seeds: tuple[str, ...] = ()
     zone: str = ""
     upload_slots: int | None = None
+    upload_rate: str | None = None
 
     def lines(self) -> list[str]:
         out = [f'listen = "{self.listen}"']
@@ -35,8 +36,12 @@ class Cluster:
             out.append("seeds = [" + ", ".join(f'"{s}"' for s in self.seeds) + "]")
         if self.zone:
             out.append(f'zone = "{self.zone}"')
+        if self.upload_slots is not None or self.upload_rate is not None:
+            out.append("[peer]")
         if self.upload_slots is not None:
-            out += ["[peer]", f"upload_slots = {self.upload_slots}"]
+            out.append(f"upload_slots = {self.upload_slots}")
+        if self.upload_rate is not None:
+            out.append(f'upload_rate = "{self.upload_rate}"')
         return out
 
 
