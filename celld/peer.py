@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import hashlib
+import logging
 import os
 import re
 import time
@@ -80,6 +82,8 @@ __all__ = [
     "TokenBucket",
 ]
 
+log = logging.getLogger(__name__)
+
 PACE_CHUNK = 256 * 1024  # bytes sent between token-bucket takes when upload_rate is set
 QUEUE_WAIT = (
     4.0  # a queued upload that does not start in this time is refused (swarm's request_timeout)
@@ -122,6 +126,9 @@ class Partial:
 class BlobSource(Protocol):
     def find(self, digest: str) -> Complete | Partial | None: ...
 
+    def corrupt(self, digest: str) -> None:
+        """A stored blob failed its digest when read: drop it (and withdraw it)."""
+
 
 class StoreBlobs:
     """The complete blobs of a celld.store.Store, private ones included (peers are
@@ -135,6 +142,9 @@ class StoreBlobs:
         if entry is None:
             return None
         return Complete(entry.path, entry.size, private=self.store.private_scopes(digest))
+
+    def corrupt(self, digest: str) -> None:
+        self.store.delete(digest)
 
 
 @dataclass(frozen=True)
@@ -217,9 +227,17 @@ class _Upload:
             pos += n
 
 
-def _hash_fd(fd: int, size: int, piece_size: int) -> PieceTable:
-    """The piece table of a file's first `size` bytes (runs in a worker thread)."""
+class CorruptBlob(Exception):
+    """A stored blob no longer matches its digest (the disk changed it after it was
+    verified): it must not be served, and the store should drop it."""
+
+
+def _hash_fd(fd: int, size: int, piece_size: int, digest: str) -> PieceTable:
+    """The piece table of a file's first `size` bytes (runs in a worker thread). The
+    file's sha256 is checked in the same pass: a table is the root of every piece a
+    peer will check, so it is never made from bytes that are not the blob."""
     hasher = PieceHasher(size, piece_size)
+    whole = hashlib.sha256()
     buf = memoryview(bytearray(min(max(size, 1), 4 << 20)))
     pos = 0
     while pos < size:
@@ -227,7 +245,10 @@ def _hash_fd(fd: int, size: int, piece_size: int) -> PieceTable:
         if n <= 0:
             raise OSError(f"file ends at {pos} of {size} bytes")
         hasher.feed(buf[:n])
+        whole.update(buf[:n])
         pos += n
+    if "sha256:" + whole.hexdigest() != digest:
+        raise CorruptBlob(digest)
     return hasher.finish()
 
 
@@ -455,6 +476,10 @@ class Peer:
                 table = found.table
             else:
                 table = found.table or await self._complete_table(digest, fd, layout)
+        except CorruptBlob:
+            log.error("the stored %s no longer matches its digest: not serving it", digest)
+            self.blobs.corrupt(digest)
+            return _error(404, "this cell's copy of that blob is damaged")
         finally:
             os.close(fd)
         headers = [("Content-Type", "application/octet-stream"), *layout.headers()]
@@ -480,7 +505,7 @@ class Peer:
         self._hashing[digest] = done = trio.Event()
         try:
             table = await trio.to_thread.run_sync(
-                _hash_fd, fd, layout.size, layout.piece_size, abandon_on_cancel=False
+                _hash_fd, fd, layout.size, layout.piece_size, digest, abandon_on_cancel=False
             )
             self._tables[digest] = table
             while len(self._tables) > self.max_tables:

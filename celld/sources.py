@@ -169,6 +169,7 @@ class Fetch:
     verified: bool = False  # every byte is on disk and matched the digest
     scope: str | None = None  # fetched with this app's token or credentials: private
     changed: trio.Event = field(default_factory=trio.Event)
+    transfer: Transfer | None = None  # the lease holder's pieces, served to peers as read
 
     @property
     def started(self) -> bool:
@@ -520,6 +521,10 @@ class Sources:
                 writer = writers[0]
                 await self._follow(fetch, source, writer, response)
         finally:
+            if fetch.transfer is not None and fetch.entry is None:
+                assert self.peering is not None
+                self.peering.finished(fetch.transfer, None)  # the lease goes back
+                fetch.transfer = None
             for writer in writers:
                 writer.abort()
 
@@ -530,6 +535,10 @@ class Sources:
         fetch.size = response.size
         fetch.source = source.kind
         fetch.path = writer.path
+        if self.peering is not None and response.size:
+            # this cell looked the digest up and holds the lease: peers may take the
+            # pieces it verifies while it reads on
+            fetch.transfer = self.peering.reading(fetch.digest, writer, response.size)
         fetch.notify()
         await _let_waiters_run()
         if response.size and self.store.over_limit(response.size):
@@ -601,10 +610,24 @@ class Sources:
                 await self._write(fetch, writer, data)
 
     async def _write(self, fetch: Fetch, writer: BlobWriter, data: bytes) -> None:
-        if len(data) <= INLINE_WRITE:
-            writer.write(data)
+        t = fetch.transfer
+        if t is None or t.hasher is None:
+            if len(data) <= INLINE_WRITE:
+                writer.write(data)
+            else:
+                await trio.to_thread.run_sync(writer.write, data)
         else:
-            await trio.to_thread.run_sync(writer.write, data)
+            hasher = t.hasher
+
+            def write_and_hash() -> int:
+                writer.write(data)
+                hasher.feed(data)
+                return hasher.pieces_done
+
+            done = await trio.to_thread.run_sync(write_and_hash)
+            if done != t.held.bit_length():
+                assert self.peering is not None
+                self.peering.registry_pieces(t, hasher.partial(), (1 << done) - 1)
         fetch.written = writer.written
         fetch.notify()
 
