@@ -230,6 +230,7 @@ def test_eight_cold_pulls_cost_the_registries_about_one_copy(cells, hub, central
     for blob in image.blobs:
         sent = [r for r in blob_gets(hub) + blob_gets(central) if blob.digest in r[1]]
         assert len(sent) <= 2, (blob.digest, sent)  # the lease: about once
+        print(f"{blob.digest[:19]}: {len(sent)} GET(s) from the Hub and the central registry")
     from_peers = sum(c.metric("celld_fetched_bytes_total", source="peer") for c in fleet)
     assert from_peers >= 5 * sum(len(b.data) for b in image.blobs)
     for cell in fleet:
