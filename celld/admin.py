@@ -244,15 +244,46 @@ class Admin:
                     "misses": total(m.served) - hits,
                     "bytes_served": {
                         src: total(m.served_bytes, source=src)
-                        for src in ("store", "registry", "upstream")
+                        for src in ("store", "registry", "upstream", "peer")
                     },
                 },
                 "singleflight_joins": total(m.singleflight_joins),
                 "digest_mismatches": total(m.digest_mismatches),
                 "stale_tags_served": total(m.stale_tags),
                 "evictions": total(m.evictions),
+                **self._cluster_stats(total),
             },
         )
+
+    def _cluster_stats(self, total) -> dict:
+        """Peer and gossip figures, on a cell that has peers."""
+        if self.peering is None:
+            return {}
+        m, g = self.metrics, self.peering.gossip.metrics
+        members: dict[str, int] = {}
+        for metric in g.members.collect():
+            for sample in metric.samples:
+                members[sample.labels["state"]] = int(sample.value)
+        return {
+            "peers": {
+                "received_bytes": total(m.peer_received_bytes),
+                "sent_bytes": total(m.peer_sent_bytes),
+                "bad_pieces": total(m.peer_bad_pieces),
+                "auth_failures": total(m.peer_auth_failures),
+            },
+            "gossip": {
+                "members": members,
+                "datagrams_sent": total(g.sent),
+                "datagrams_received": total(g.received),
+                "datagrams_dropped": {
+                    s.labels["reason"]: int(s.value)
+                    for metric in g.dropped.collect()
+                    for s in metric.samples
+                    if s.name.endswith("_total") and s.value
+                },
+                "probe_failures": total(g.probe_failures),
+            },
+        }
 
     def _peers(self) -> Response:
         if self.peering is None:

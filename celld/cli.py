@@ -439,7 +439,7 @@ def _stats(client: AdminClient, args: argparse.Namespace) -> int:
             "served",
             ", ".join(
                 f"{human_size(served.get(s, 0))} from {s}"
-                for s in ("store", "registry", "upstream")
+                for s in ("store", "registry", "upstream", "peer")
             ),
         ],
         ["joins", str(int(doc.get("singleflight_joins", 0)))],
@@ -448,6 +448,37 @@ def _stats(client: AdminClient, args: argparse.Namespace) -> int:
     ]
     if "evictions" in doc:
         rows.append(["evictions", str(int(doc["evictions"]))])
+    peers, gossip = doc.get("peers"), doc.get("gossip")
+    if peers is not None:
+        rows.append(
+            [
+                "peers",
+                f"{human_size(peers.get('received_bytes', 0))} received, "
+                f"{human_size(peers.get('sent_bytes', 0))} sent, "
+                f"{int(peers.get('bad_pieces', 0))} bad pieces, "
+                f"{int(peers.get('auth_failures', 0))} refused requests",
+            ]
+        )
+    if gossip is not None:
+        states = gossip.get("members", {})
+        dropped = gossip.get("datagrams_dropped", {})
+        rows.append(
+            ["members", ", ".join(f"{n} {s}" for s, n in sorted(states.items()) if n) or "0"]
+        )
+        rows.append(
+            [
+                "datagrams",
+                f"{int(gossip.get('datagrams_sent', 0))} sent, "
+                f"{int(gossip.get('datagrams_received', 0))} received, "
+                f"{sum(dropped.values())} dropped"
+                + (
+                    f" ({', '.join(f'{n} {r}' for r, n in sorted(dropped.items()))})"
+                    if dropped
+                    else ""
+                ),
+            ]
+        )
+        rows.append(["probe failures", str(int(gossip.get("probe_failures", 0)))])
     print(table(rows, right=()))
     return 0
 

@@ -8,6 +8,10 @@ cell's mirror as a runtime on that cell would.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from protocol import peerauth
 from tests.support.celld import Celld, Cluster, cluster_address
 from tests.support.images import Image, make_image, push_image
 from tests.support.registry import Registry
@@ -114,6 +119,20 @@ def test_b_pulls_from_a_and_no_registry_sends_a_blob(cells, hub, central, tmp_pa
     assert b.metric("celld_fetched_bytes_total", source="upstream") == 0
     assert b.metric("celld_fetched_bytes_total", source="registry") == 0
     assert a.metric("celld_peer_sent_bytes_total") >= size
+    stats = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "celld", "stats", "--json", "--config", str(b.config_path)],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout
+    )  # fmt: skip
+    assert stats["peers"]["received_bytes"] >= sum(len(x.data) for x in image.layers)
+    assert stats["gossip"]["members"]["alive"] == 2
+    assert stats["mirror"]["bytes_served"]["peer"] >= sum(len(x.data) for x in image.layers)
+    text = subprocess.run(
+        [sys.executable, "-m", "celld", "stats", "--config", str(b.config_path)],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    assert "received" in text and "2 alive" in text
     # and B now holds them: a second runtime on B is served from B's store
     pull(b, f"library/app@{image.digest}", tmp_path / "via-b-again")
     assert b.metric("celld_mirror_served_total", kind="blob", source="store") >= 2
@@ -142,11 +161,26 @@ def test_eviction_withdraws_and_peers_stop_asking(cells, hub, tmp_path):
     assert b.metric("celld_fetched_bytes_total", source="peer") == 0
 
 
-def test_peer_api_refuses_unsigned_requests(cells):
+def test_peer_api_refuses_unsigned_forged_and_replayed_requests(cells):
     (a,) = cells(1)
-    r = httpx.get(f"http://{a.cluster.listen}/v1/blobs/sha256:{'0' * 64}", timeout=10)
+    target = f"/v1/blobs/sha256:{'0' * 64}"
+    url = f"http://{a.cluster.listen}{target}"
+    r = httpx.get(url, timeout=10)
     assert r.status_code == 401
-    assert a.metric("celld_peer_auth_failures_total") >= 1
+    now = time.time()
+    forged = peerauth.sign(os.urandom(32), "cell-x", b"GET", target.encode(), now, os.urandom(16))
+    assert httpx.get(url, headers=_h(forged), timeout=10).status_code == 401
+    signed = peerauth.sign(KEY, "cell-x", b"GET", target.encode(), now, os.urandom(16))
+    assert httpx.get(url, headers=_h(signed), timeout=10).status_code == 404  # a real cell's
+    assert httpx.get(url, headers=_h(signed), timeout=10).status_code == 401  # the same again
+    old = peerauth.sign(KEY, "cell-x", b"GET", target.encode(), now - 300, os.urandom(16))
+    assert httpx.get(url, headers=_h(old), timeout=10).status_code == 401
+    for reason in ("missing", "bad_mac", "replayed", "stale"):
+        assert a.metric("celld_peer_auth_failures_total", reason=reason) == 1, reason
+
+
+def _h(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in headers}
 
 
 def test_kill_9_of_a_provider_mid_transfer_moves_to_the_other(cells, hub, central, tmp_path):
