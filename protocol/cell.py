@@ -1,0 +1,557 @@
+"""One cell's driver of the placement and swarm objects: the daemon's and the simulator's.
+
+Owns: the protocol objects of one running cell (its `ProviderAnnouncer`,
+`ProviderDirectory`, `Uploader`, its `Download`s and `ProviderLookup`s) and every rule
+that joins them: a download that needs providers looks the digest up at its homes; a
+lookup's result feeds the download; a granted lease is announced and the cell's other
+downloads wait for its registry read (`swarm.registry_first`); a piece stored is served
+and announced; a slot freed wakes the parked have-queries; one deadline for them all.
+Never: opens a socket, reads a clock, sleeps, hashes bytes or draws OS randomness. Time
+is `now`; randomness is the `random.Random` passed in; what the cell must do on the
+network comes back as a list of actions, in the order to carry them out. The daemon
+(celld/peering.py) and the simulator (simulations/model/celld.py) are two transports
+around this one class, so that they run the same protocol with the same parameters.
+
+How to drive it (one cell; `members` are the live ids of membership.py, self included)::
+
+    cell = Cell("cell-a", "z1", placement=PlacementConfig(), swarm=SwarmConfig(),
+                upload_slots=4, upload_queue=0, rng=random.Random(seed))
+    cell.set_members(members, now)        -> actions  (each time the live set changes)
+    cell.member_dead(name, now)           -> actions  (membership: dead or left)
+    on a placement datagram (Lookup, LookupReply, Announce, Withdraw) from `sender`:
+        cell.receive(sender, msg, now)    -> actions  (a Lookup's reply is a Send)
+    timers: sleep until cell.next_deadline() (None: nothing due), then cell.tick(now)
+
+  asking for a blob:
+    cell.lookup(digest, now)              -> actions; Located(result) comes back later
+    cell.download(digest, piece_count, now, located=result) -> actions
+        (`located`: a LookupResult the caller already has, so it is not asked twice;
+        without it the download looks the digest up itself)
+    its transfers (the transport reports what its RequestPiece / QueryHave /
+    FetchUpstream became):
+        cell.piece_arrived(peer, digest, index, ok, now, have=, complete=)  (ok: verified)
+        cell.piece_refused(peer, reply, now)         (reply.status BUSY or MISSING)
+        cell.request_failed(peer, digest, index, now)  (connection error, reset)
+        cell.have_arrived(peer, reply, now)          (the HaveReply to a QueryHave)
+        cell.registry_piece(digest, index, ok, now)  (a piece read from the registries)
+    DownloadComplete: check the blob's sha256, store it, then cell.hold(...); if the
+    check fails, cell.abandon(digest, now)
+
+  serving pieces:
+    cell.piece_request(sender, digest, index, now) -> PieceReply
+        OK: send the piece now; QUEUED: a StartUpload action starts it later;
+        BUSY / MISSING: send the reply back
+    cell.upload_done(to, digest, index, now)   -> actions (the upload ended, ok or not;
+        also for a StartUpload the transport did not carry out)
+    cell.upload_cancelled(sender, digest, index, now) -> actions (the asker cancelled)
+    cell.have_query(sender, digest, want, now) -> HaveReply now, or None: a SendHave
+        action answers it later
+
+  the store:
+    cell.hold(digest, piece_count, now)   -> actions  (a complete blob is in the store:
+        at start-up for every blob it holds, and after a download's sha256 checked out)
+    cell.drop(digest, now)                -> actions  (evicted or removed by gc)
+    cell.abandon(digest, now)             -> actions  (a download given up; the
+        transport stops its own transfers of the digest)
+
+Actions, to carry out in order: `placement.Send` (a datagram to `to`, which may be the
+cell itself: deliver that one locally), `swarm.RequestPiece`, `CancelPiece`,
+`QueryHave`, `FetchUpstream` (read those piece ranges from the registries, feed each
+piece to registry_piece), `DownloadComplete`, `BadPiece` and `PeerBanned` (to log and
+count), `StartUpload` (a queued upload starts: send the piece with its reply),
+`SendHave` (answer a parked have-query), `Located` (the answer to `lookup`), and
+`LeaseGranted` (this cell reads the blob from the registries; FetchUpstream follows).
+What the objects ask of each other (NeedProviders, registry_first, announcing progress,
+waking parked queries) is done here and never reaches the transport.
+
+Theory of operation
+-------------------
+Every input runs the objects it concerns and collects what they ask for, in the order
+they ask: an event of a download is acted on before the next one, and an event this
+class handles itself (a lookup to start, a result to feed) puts its own actions in that
+place. So the transport sees exactly the sequence the objects produced, and carrying
+actions out in order is enough; no action calls back into the cell that emitted it
+before the list is done, except the transport's own reaction to DownloadComplete
+(`hold`), which touches only the announcer and the uploader.
+
+Deadlines. `next_deadline()` is the earliest deadline of every object of the cell.
+Right after `tick(now)` a deadline can still read <= now (an object compares elapsed
+times, and floats round); it is then reported one millisecond after that tick, so a
+transport that sleeps until next_deadline() never spins.
+
+A complete download is forgotten at `hold` (the uploader and the announcer know the
+blob from then on); until then late replies for it are taken and ignored by its
+Download. Replies for a digest the cell no longer downloads are ignored.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from protocol import placement as pl
+from protocol import swarm as sw
+from protocol.pieces import bitmap_full
+
+__all__ = [
+    "Action",
+    "Cell",
+    "LeaseGranted",
+    "Located",
+    "SendHave",
+    "StartUpload",
+]
+
+MemberId = str
+Digest = str
+
+_PLACEMENT = pl.PlacementConfig()
+_SWARM = sw.SwarmConfig()
+_SPIN_GUARD = 1e-3  # seconds: how far after a tick a still-due deadline is reported
+
+
+@dataclass(frozen=True, slots=True)
+class StartUpload:
+    """A queued request may start now: send piece `reply.index` of `reply.digest` to
+    `to`, with `reply` (status OK, the current bitmap). If the transport no longer has
+    that request (the asker went away), it calls `upload_done` to give the slot back."""
+
+    to: MemberId
+    reply: sw.PieceReply
+
+
+@dataclass(frozen=True, slots=True)
+class SendHave:
+    """Send `reply` to `to`: the answer to a have-query that was parked."""
+
+    to: MemberId
+    reply: sw.HaveReply
+
+
+@dataclass(frozen=True, slots=True)
+class Located:
+    """The answer to `Cell.lookup`: who provides the digest, and the lease decision
+    (GRANTED: this cell was chosen to read it from the registries)."""
+
+    result: pl.LookupResult
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseGranted:
+    """A download of this cell holds the fetch lease (FetchUpstream follows)."""
+
+    digest: Digest
+
+
+Action = (
+    pl.Send
+    | sw.RequestPiece
+    | sw.CancelPiece
+    | sw.QueryHave
+    | sw.FetchUpstream
+    | sw.DownloadComplete
+    | sw.BadPiece
+    | sw.PeerBanned
+    | StartUpload
+    | SendHave
+    | Located
+    | LeaseGranted
+)
+
+# the events of a Download that go to the transport as they are
+_PASS_THROUGH = frozenset(
+    {
+        sw.RequestPiece,
+        sw.CancelPiece,
+        sw.QueryHave,
+        sw.FetchUpstream,
+        sw.BadPiece,
+        sw.PeerBanned,
+    }
+)
+
+
+class Cell:
+    """The placement and swarm objects of one running cell (see the module docstring)."""
+
+    __slots__ = (
+        "_reported",
+        "_ticked",
+        "announcer",
+        "directory",
+        "downloads",
+        "lookups",
+        "lookups_started",
+        "name",
+        "next_request",
+        "placement",
+        "rng",
+        "swarm",
+        "uploader",
+        "zone",
+    )
+
+    def __init__(
+        self,
+        name: MemberId,
+        zone: str,
+        *,
+        placement: pl.PlacementConfig = _PLACEMENT,
+        swarm: sw.SwarmConfig = _SWARM,
+        upload_slots: int = 4,
+        upload_queue: int = 0,
+        rng: random.Random,
+    ) -> None:
+        self.name = name
+        self.zone = zone
+        self.placement = placement
+        self.swarm = swarm
+        self.rng = rng
+        self.announcer = pl.ProviderAnnouncer(name, zone, config=placement)
+        self.directory = pl.ProviderDirectory(name, rng=rng, config=placement)
+        self.uploader = sw.Uploader(
+            name, slots=upload_slots, queue=upload_queue, have_wait=swarm.have_wait
+        )
+        self.downloads: dict[Digest, sw.Download] = {}
+        self.lookups: dict[int, pl.ProviderLookup] = {}
+        self.next_request = 0
+        self.lookups_started = 0
+        self._reported: set[int] = set()  # request ids of lookups the caller asked for
+        self._ticked = -float("inf")
+
+    # -- membership and placement datagrams ------------------------------------------
+
+    def set_members(self, live_ids: frozenset[MemberId], now: float) -> list[Action]:
+        """The live members changed (self included): the directory forgets the dead's
+        records and leases; announcements go to the homes the cell's digests gained.
+        Pass the same frozenset object to many cells to share placement's caches."""
+        self.directory.set_members(live_ids, now)
+        return list(self.announcer.set_members(live_ids, now))
+
+    def member_dead(self, name: MemberId, now: float) -> list[Action]:
+        """Membership says `name` is dead or left: stop asking it for pieces (its
+        requests in flight go back to the pool; the transport drops its connections)."""
+        out: list[Action] = []
+        for dl in list(self.downloads.values()):
+            if not dl.complete:
+                self._events(dl, dl.remove_provider(name, now), now, out)
+        return out
+
+    def receive(self, sender: MemberId, msg: pl.Message, now: float) -> list[Action]:
+        """A placement datagram from `sender` (its authenticated id)."""
+        out: list[Action] = []
+        kind = type(msg)
+        if kind is pl.Lookup:
+            out.append(pl.Send(sender, self.directory.receive_lookup(sender, msg, now)))
+        elif kind is pl.LookupReply:
+            look = self.lookups.get(msg.request_id)
+            if look is not None:
+                result = look.receive(sender, msg, now)
+                if result is not None:
+                    del self.lookups[msg.request_id]
+                    self._lookup_result(msg.request_id, result, now, out)
+        elif kind is pl.Announce:
+            self.directory.receive_announce(sender, msg, now)
+        elif kind is pl.Withdraw:
+            self.directory.receive_withdraw(sender, msg, now)
+        return out
+
+    # -- timers ----------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of the cell's objects (None: nothing scheduled); never
+        at or before the last tick's `now` (see the module docstring)."""
+        when = float("inf")
+        for dl in self.downloads.values():
+            t = dl.next_deadline()
+            if t is not None and t < when:
+                when = t
+        for look in self.lookups.values():
+            t = look.next_deadline()
+            if t is not None and t < when:
+                when = t
+        for t in (
+            self.uploader.next_deadline(),
+            self.announcer.next_deadline(),
+            self.directory.next_deadline(),
+        ):
+            if t is not None and t < when:
+                when = t
+        if when == float("inf"):
+            return None
+        if when <= self._ticked:
+            return self._ticked + _SPIN_GUARD
+        return when
+
+    def tick(self, now: float) -> list[Action]:
+        """Run every object whose deadline has come."""
+        self._ticked = now
+        out: list[Action] = []
+        t = self.directory.next_deadline()
+        if t is not None and t <= now:
+            self.directory.expire(now)
+        t = self.announcer.next_deadline()
+        if t is not None and t <= now:
+            out.extend(self.announcer.tick(now, load=self.uploader.load))
+        t = self.uploader.next_deadline()
+        if t is not None and t <= now:
+            out.extend(SendHave(to, reply) for to, reply in self.uploader.poll(now))
+        if self.lookups:
+            for rid in list(self.lookups):
+                look = self.lookups[rid]
+                t = look.next_deadline()
+                if t is not None and t <= now:
+                    out.extend(look.poll(now))
+                    if look.done:
+                        del self.lookups[rid]
+                        self._lookup_result(rid, look.result, now, out)
+        for dl in self.downloads.values():
+            t = dl.next_deadline()
+            if t is not None and t <= now:
+                self._events(dl, dl.poll(now), now, out)
+        return out
+
+    # -- asking for a blob -----------------------------------------------------------
+
+    def lookup(self, digest: Digest, now: float) -> list[Action]:
+        """Ask the digest's homes who provides it (and for the lease when nobody does);
+        the answer comes back as a Located action, also fed to the digest's download if
+        one runs."""
+        out: list[Action] = []
+        self._lookup(digest, now, out, report=True)
+        return out
+
+    def download(
+        self,
+        digest: Digest,
+        piece_count: int,
+        now: float,
+        *,
+        located: pl.LookupResult | None = None,
+    ) -> list[Action]:
+        """Start downloading `digest` (a no-op when it runs already). Its pieces are
+        served and announced as they arrive. `located`: a lookup result the caller
+        already has (from `lookup`), used instead of a lookup of its own."""
+        out: list[Action] = []
+        if digest in self.downloads:
+            return out
+        dl = sw.Download(
+            digest, piece_count, self_id=self.name, zone=self.zone, rng=self.rng, config=self.swarm
+        )
+        self.downloads[digest] = dl
+        self.uploader.add_seed(digest, piece_count, 0)
+        out.extend(
+            self.announcer.update(
+                digest, complete=False, pieces=0, piece_count=piece_count, now=now
+            )
+        )
+        events = dl.start(now)  # also spaces the download's own lookups
+        if located is None:
+            self._events(dl, events, now, out)
+        else:
+            rest = [ev for ev in events if type(ev) is not sw.NeedProviders]
+            self._events(dl, rest, now, out)
+            self._feed(dl, located, now, out)
+        return out
+
+    def piece_arrived(
+        self,
+        peer: MemberId,
+        digest: Digest,
+        index: int,
+        ok: bool,
+        now: float,
+        *,
+        have: int | None = None,
+        complete: bool = False,
+    ) -> list[Action]:
+        """Piece `index` came from `peer` with its reply's bitmap; `ok`: it verified."""
+        out: list[Action] = []
+        dl = self.downloads.get(digest)
+        if dl is not None:
+            had = dl.held >> index & 1
+            events = dl.on_piece(peer, index, ok, now, have=have, complete=complete)
+            if ok and not had and dl.held >> index & 1:
+                self._stored(dl, index, now, out)
+            self._events(dl, events, now, out)
+        return out
+
+    def registry_piece(self, digest: Digest, index: int, ok: bool, now: float) -> list[Action]:
+        """Piece `index` read from the registries (ok: it verified; not ok: the read
+        failed, and the piece is planned again)."""
+        return self.piece_arrived(sw.UPSTREAM, digest, index, ok, now)
+
+    def piece_refused(self, peer: MemberId, reply: sw.PieceReply, now: float) -> list[Action]:
+        """`peer` answered a piece request with BUSY or MISSING."""
+        out: list[Action] = []
+        dl = self.downloads.get(reply.digest)
+        if dl is not None:
+            if reply.status == sw.PieceStatus.BUSY:
+                events = dl.on_busy(peer, reply.index, now, have=reply.have)
+            else:
+                events = dl.on_missing(peer, reply.index, now, have=reply.have)
+            self._events(dl, events, now, out)
+        return out
+
+    def request_failed(
+        self, peer: MemberId, digest: Digest, index: int, now: float
+    ) -> list[Action]:
+        """The request of `index` from `peer` failed (connect error, reset, cut flow)."""
+        out: list[Action] = []
+        dl = self.downloads.get(digest)
+        if dl is not None:
+            self._events(dl, dl.on_error(peer, index, now), now, out)
+        return out
+
+    def have_arrived(self, peer: MemberId, reply: sw.HaveReply, now: float) -> list[Action]:
+        """`peer` answered a QueryHave."""
+        out: list[Action] = []
+        dl = self.downloads.get(reply.digest)
+        if dl is not None and not dl.complete:
+            self._events(dl, dl.on_have(peer, reply.have, reply.complete, now), now, out)
+        return out
+
+    # -- serving pieces --------------------------------------------------------------
+
+    def piece_request(
+        self, sender: MemberId, digest: Digest, index: int, now: float
+    ) -> sw.PieceReply:
+        """`sender` asks for a piece: OK (send it now, then upload_done), QUEUED (a
+        StartUpload follows), BUSY or MISSING (send the reply back)."""
+        return self.uploader.on_request(sender, sw.PieceRequest(digest, index), now)
+
+    def upload_done(self, to: MemberId, digest: Digest, index: int, now: float) -> list[Action]:
+        """An upload to `to` ended (sent, failed, or never started): its slot is free."""
+        out: list[Action] = []
+        for requester, req in self.uploader.on_done(to, digest, index):
+            out.append(StartUpload(requester, self.uploader.piece_reply(req.digest, req.index)))
+        out.extend(SendHave(to, reply) for to, reply in self.uploader.wake_parked())
+        return out
+
+    def upload_cancelled(
+        self, sender: MemberId, digest: Digest, index: int, now: float
+    ) -> list[Action]:
+        """`sender` no longer wants the piece (queued or being sent)."""
+        out: list[Action] = []
+        for requester, req in self.uploader.on_cancel(sender, sw.PieceCancel(digest, index)):
+            out.append(StartUpload(requester, self.uploader.piece_reply(req.digest, req.index)))
+        out.extend(SendHave(to, reply) for to, reply in self.uploader.wake_parked())
+        return out
+
+    def have_query(
+        self, sender: MemberId, digest: Digest, want: int, now: float
+    ) -> sw.HaveReply | None:
+        """The answer to send now, or None: parked, a SendHave answers it later."""
+        return self.uploader.on_have_query(sender, sw.HaveQuery(digest, want), now)
+
+    # -- the store -------------------------------------------------------------------
+
+    def hold(self, digest: Digest, piece_count: int, now: float) -> list[Action]:
+        """A complete, verified blob is in the store: serve it and announce it complete.
+        Its download, if any, is over."""
+        full = bitmap_full(piece_count)
+        self.downloads.pop(digest, None)
+        out: list[Action] = [
+            SendHave(to, reply) for to, reply in self.uploader.add_seed(digest, piece_count, full)
+        ]
+        out.extend(
+            self.announcer.update(
+                digest, complete=True, pieces=full, piece_count=piece_count, now=now
+            )
+        )
+        return out
+
+    def drop(self, digest: Digest, now: float) -> list[Action]:
+        """The blob left the store (eviction, gc): withdraw it, stop serving it."""
+        return self._forget(digest, now)
+
+    def abandon(self, digest: Digest, now: float) -> list[Action]:
+        """A download is given up (registries failed, sha256 mismatch, nobody wants it):
+        withdraw it (a lease it held is released), forget its pieces; the cell's other
+        downloads get their full budget back if it was the one reading the registries."""
+        return self._forget(digest, now)
+
+    # -- internals -------------------------------------------------------------------
+
+    def _forget(self, digest: Digest, now: float) -> list[Action]:
+        out: list[Action] = list(self.announcer.withdraw(digest, now))
+        self.uploader.remove_seed(digest)
+        if self.downloads.pop(digest, None) is not None:
+            self._registry_first(now, out)
+        return out
+
+    def _events(
+        self, dl: sw.Download, events: list[sw.Event], now: float, out: list[Action]
+    ) -> None:
+        for ev in events:
+            kind = type(ev)
+            if kind in _PASS_THROUGH:
+                out.append(ev)
+            elif kind is sw.NeedProviders:
+                self._lookup(ev.digest, now, out, report=False)
+            elif kind is sw.DownloadComplete:
+                out.append(ev)
+                self._registry_first(now, out)
+
+    def _lookup(self, digest: Digest, now: float, out: list[Action], *, report: bool) -> None:
+        self.next_request = rid = (self.next_request + 1) & 0xFFFFFFFF
+        look = pl.ProviderLookup(
+            digest, self.zone, self.announcer.homes(digest), request_id=rid, config=self.placement
+        )
+        self.lookups_started += 1
+        self.lookups[rid] = look
+        if report:
+            self._reported.add(rid)
+        out.extend(look.start(now))
+        if look.done:
+            del self.lookups[rid]
+            self._lookup_result(rid, look.result, now, out)
+
+    def _lookup_result(
+        self, rid: int, result: pl.LookupResult | None, now: float, out: list[Action]
+    ) -> None:
+        if result is None:
+            return
+        if rid in self._reported:
+            self._reported.discard(rid)
+            out.append(Located(result))
+        dl = self.downloads.get(result.digest)
+        if dl is not None and not dl.complete:
+            self._feed(dl, result, now, out)
+
+    def _feed(
+        self, dl: sw.Download, result: pl.LookupResult, now: float, out: list[Action]
+    ) -> None:
+        """A lookup's result reaches a download: its providers, and the lease."""
+        events = dl.add_providers(result.providers, now, lease_holder=result.lease_holder)
+        granted = result.lease == pl.LeaseStatus.GRANTED and not dl.lease
+        if granted:
+            events += dl.grant_lease(now)
+            out.append(LeaseGranted(dl.digest))
+            out.extend(self._announce(dl, now))
+        self._events(dl, events, now, out)
+        if granted:
+            self._registry_first(now, out)
+
+    def _registry_first(self, now: float, out: list[Action]) -> None:
+        """The cell's policy across its downloads (swarm.registry_first): while one reads
+        from a registry, the others wait, so the read has the cell's link to itself."""
+        for dl, ev in sw.registry_first(self.downloads.values(), now):
+            self._events(dl, [ev], now, out)
+
+    def _announce(self, dl: sw.Download, now: float) -> list[pl.Send]:
+        return self.announcer.update(
+            dl.digest,
+            complete=dl.complete,
+            pieces=dl.held,
+            piece_count=dl.piece_count,
+            now=now,
+            lease=dl.lease and not dl.complete,
+        )
+
+    def _stored(self, dl: sw.Download, index: int, now: float, out: list[Action]) -> None:
+        """A piece is now held: serve it, wake parked queries, announce progress (the
+        complete blob is announced by `hold`, once its sha256 checked out)."""
+        out.extend(SendHave(to, reply) for to, reply in self.uploader.piece_added(dl.digest, index))
+        if not dl.complete:
+            out.extend(self._announce(dl, now))
