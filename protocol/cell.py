@@ -24,6 +24,7 @@ How to drive it (one cell; `members` are the live ids of membership.py, self inc
 
   asking for a blob:
     cell.lookup(digest, now)              -> actions; Located(result) comes back later
+        (result.piece_count: the blob's, when a home knows a provider; else 0)
     cell.download(digest, piece_count, now, located=result) -> actions
         (`located`: a LookupResult the caller already has, so it is not asked twice;
         without it the download looks the digest up itself)
@@ -39,8 +40,8 @@ How to drive it (one cell; `members` are the live ids of membership.py, self inc
 
   serving pieces:
     cell.piece_request(sender, digest, index, now) -> PieceReply
-        OK: send the piece now; QUEUED: a StartUpload action starts it later;
-        BUSY / MISSING: send the reply back
+        OK: send the piece now, then upload_done; QUEUED: a StartUpload action
+        starts it later; BUSY / MISSING: send the reply back
     cell.upload_done(to, digest, index, now)   -> actions (the upload ended, ok or not;
         also for a StartUpload the transport did not carry out)
     cell.upload_cancelled(sender, digest, index, now) -> actions (the asker cancelled)
@@ -70,14 +71,18 @@ Every input runs the objects it concerns and collects what they ask for, in the 
 they ask: an event of a download is acted on before the next one, and an event this
 class handles itself (a lookup to start, a result to feed) puts its own actions in that
 place. So the transport sees exactly the sequence the objects produced, and carrying
-actions out in order is enough; no action calls back into the cell that emitted it
-before the list is done, except the transport's own reaction to DownloadComplete
-(`hold`), which touches only the announcer and the uploader.
+actions out in order is enough. The transport may call back into the cell while it
+carries out a list (`hold` after DownloadComplete, `upload_done` for a StartUpload it
+drops, another input when its delivery is immediate): the rest of the list stays valid.
 
-Deadlines. `next_deadline()` is the earliest deadline of every object of the cell.
-Right after `tick(now)` a deadline can still read <= now (an object compares elapsed
-times, and floats round); it is then reported one millisecond after that tick, so a
-transport that sleeps until next_deadline() never spins.
+Deadlines. Every input notes the deadlines of the objects it touched, and
+`next_deadline()` is the earliest noted since the last tick; `tick` recomputes it over
+every object. So it is never late, costs nothing to ask (the simulator asks after every
+input of 2,600 cells), and may be early when a deadline moved later: that tick finds
+nothing due. Any input may move it earlier, so ask again after each one. Right after
+`tick(now)` a deadline can still read <= now (an object compares elapsed times, and
+floats round); it is then reported one millisecond after that tick, so a transport that
+sleeps until next_deadline() never spins.
 
 A complete download is forgotten at `hold` (the uploader and the announcer know the
 blob from then on); until then late replies for it are taken and ignored by its
@@ -107,6 +112,7 @@ Digest = str
 
 _PLACEMENT = pl.PlacementConfig()
 _SWARM = sw.SwarmConfig()
+_NEVER = float("inf")
 _SPIN_GUARD = 1e-3  # seconds: how far after a tick a still-due deadline is reported
 
 
@@ -176,7 +182,7 @@ class Cell:
 
     __slots__ = (
         "_reported",
-        "_ticked",
+        "_soonest",
         "announcer",
         "directory",
         "downloads",
@@ -217,7 +223,7 @@ class Cell:
         self.next_request = 0
         self.lookups_started = 0
         self._reported: set[int] = set()  # request ids of lookups the caller asked for
-        self._ticked = -float("inf")
+        self._soonest = _NEVER  # no object's deadline is earlier (see next_deadline)
 
     # -- membership and placement datagrams ------------------------------------------
 
@@ -226,7 +232,9 @@ class Cell:
         records and leases; announcements go to the homes the cell's digests gained.
         Pass the same frozenset object to many cells to share placement's caches."""
         self.directory.set_members(live_ids, now)
-        return list(self.announcer.set_members(live_ids, now))
+        out: list[Action] = list(self.announcer.set_members(live_ids, now))
+        self._sooner(self.announcer.next_deadline())
+        return out
 
     def member_dead(self, name: MemberId, now: float) -> list[Action]:
         """Membership says `name` is dead or left: stop asking it for pieces (its
@@ -243,6 +251,7 @@ class Cell:
         kind = type(msg)
         if kind is pl.Lookup:
             out.append(pl.Send(sender, self.directory.receive_lookup(sender, msg, now)))
+            self._sooner(self.directory.next_deadline())  # a lease granted expires
         elif kind is pl.LookupReply:
             look = self.lookups.get(msg.request_id)
             if look is not None:
@@ -252,6 +261,7 @@ class Cell:
                     self._lookup_result(msg.request_id, result, now, out)
         elif kind is pl.Announce:
             self.directory.receive_announce(sender, msg, now)
+            self._sooner(self.directory.next_deadline())
         elif kind is pl.Withdraw:
             self.directory.receive_withdraw(sender, msg, now)
         return out
@@ -259,9 +269,20 @@ class Cell:
     # -- timers ----------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        """The earliest deadline of the cell's objects (None: nothing scheduled); never
-        at or before the last tick's `now` (see the module docstring)."""
-        when = float("inf")
+        """When to call tick() next (None: nothing scheduled). Never later than the
+        earliest deadline of the cell's objects; it may be earlier (a deadline that
+        moved later since the last tick), and then that tick does nothing but find the
+        next one. Never at or before the last tick's `now` (see the module docstring)."""
+        return None if self._soonest == _NEVER else self._soonest
+
+    def _sooner(self, when: float | None) -> None:
+        """An object's deadline may have moved earlier: keep next_deadline() no later."""
+        if when is not None and when < self._soonest:
+            self._soonest = when
+
+    def _earliest(self) -> float:
+        """The earliest deadline of every object of the cell (_NEVER: none)."""
+        when = _NEVER
         for dl in self.downloads.values():
             t = dl.next_deadline()
             if t is not None and t < when:
@@ -277,15 +298,10 @@ class Cell:
         ):
             if t is not None and t < when:
                 when = t
-        if when == float("inf"):
-            return None
-        if when <= self._ticked:
-            return self._ticked + _SPIN_GUARD
         return when
 
     def tick(self, now: float) -> list[Action]:
         """Run every object whose deadline has come."""
-        self._ticked = now
         out: list[Action] = []
         t = self.directory.next_deadline()
         if t is not None and t <= now:
@@ -309,6 +325,9 @@ class Cell:
             t = dl.next_deadline()
             if t is not None and t <= now:
                 self._events(dl, dl.poll(now), now, out)
+        when = self._earliest()
+        # a deadline still due (an elapsed-time test rounded the other way) would spin
+        self._soonest = now + _SPIN_GUARD if when <= now else when
         return out
 
     # -- asking for a blob -----------------------------------------------------------
@@ -329,11 +348,13 @@ class Cell:
         *,
         located: pl.LookupResult | None = None,
     ) -> list[Action]:
-        """Start downloading `digest` (a no-op when it runs already). Its pieces are
-        served and announced as they arrive. `located`: a lookup result the caller
-        already has (from `lookup`), used instead of a lookup of its own."""
+        """Start downloading `digest` (a no-op when it runs already or the blob is
+        held). Its pieces are served and announced as they arrive. `located`: a lookup
+        result the caller already has (from `lookup`), used instead of a lookup of its
+        own; its `piece_count` is the blob's when a provider is known (0 otherwise)."""
         out: list[Action] = []
-        if digest in self.downloads:
+        full = bitmap_full(piece_count)
+        if digest in self.downloads or (full and self.uploader.have(digest) == full):
             return out
         dl = sw.Download(
             digest, piece_count, self_id=self.name, zone=self.zone, rng=self.rng, config=self.swarm
@@ -345,6 +366,7 @@ class Cell:
                 digest, complete=False, pieces=0, piece_count=piece_count, now=now
             )
         )
+        self._sooner(self.announcer.next_deadline())
         events = dl.start(now)  # also spaces the download's own lookups
         if located is None:
             self._events(dl, events, now, out)
@@ -422,27 +444,34 @@ class Cell:
 
     def upload_done(self, to: MemberId, digest: Digest, index: int, now: float) -> list[Action]:
         """An upload to `to` ended (sent, failed, or never started): its slot is free."""
-        out: list[Action] = []
-        for requester, req in self.uploader.on_done(to, digest, index):
-            out.append(StartUpload(requester, self.uploader.piece_reply(req.digest, req.index)))
-        out.extend(SendHave(to, reply) for to, reply in self.uploader.wake_parked())
-        return out
+        return self._slot_freed(self.uploader.on_done(to, digest, index))
 
     def upload_cancelled(
         self, sender: MemberId, digest: Digest, index: int, now: float
     ) -> list[Action]:
         """`sender` no longer wants the piece (queued or being sent)."""
-        out: list[Action] = []
-        for requester, req in self.uploader.on_cancel(sender, sw.PieceCancel(digest, index)):
-            out.append(StartUpload(requester, self.uploader.piece_reply(req.digest, req.index)))
-        out.extend(SendHave(to, reply) for to, reply in self.uploader.wake_parked())
+        return self._slot_freed(self.uploader.on_cancel(sender, sw.PieceCancel(digest, index)))
+
+    def _slot_freed(self, started: list[tuple[MemberId, sw.PieceRequest]]) -> list[Action]:
+        """Queued uploads that start now, then parked have-queries the cell can serve."""
+        up = self.uploader
+        out: list[Action] = [
+            StartUpload(requester, up.piece_reply(req.digest, req.index))
+            for requester, req in started
+        ]
+        woken = up.wake_parked()
+        if woken:
+            out.extend(SendHave(to, reply) for to, reply in woken)
         return out
 
     def have_query(
         self, sender: MemberId, digest: Digest, want: int, now: float
     ) -> sw.HaveReply | None:
         """The answer to send now, or None: parked, a SendHave answers it later."""
-        return self.uploader.on_have_query(sender, sw.HaveQuery(digest, want), now)
+        reply = self.uploader.on_have_query(sender, sw.HaveQuery(digest, want), now)
+        if reply is None:
+            self._sooner(self.uploader.next_deadline())
+        return reply
 
     # -- the store -------------------------------------------------------------------
 
@@ -459,6 +488,7 @@ class Cell:
                 digest, complete=True, pieces=full, piece_count=piece_count, now=now
             )
         )
+        self._sooner(self.announcer.next_deadline())
         return out
 
     def drop(self, digest: Digest, now: float) -> list[Action]:
@@ -492,6 +522,7 @@ class Cell:
             elif kind is sw.DownloadComplete:
                 out.append(ev)
                 self._registry_first(now, out)
+        self._sooner(dl.next_deadline())
 
     def _lookup(self, digest: Digest, now: float, out: list[Action], *, report: bool) -> None:
         self.next_request = rid = (self.next_request + 1) & 0xFFFFFFFF
@@ -506,6 +537,8 @@ class Cell:
         if look.done:
             del self.lookups[rid]
             self._lookup_result(rid, look.result, now, out)
+        else:
+            self._sooner(look.next_deadline())
 
     def _lookup_result(
         self, rid: int, result: pl.LookupResult | None, now: float, out: list[Action]
@@ -552,6 +585,8 @@ class Cell:
     def _stored(self, dl: sw.Download, index: int, now: float, out: list[Action]) -> None:
         """A piece is now held: serve it, wake parked queries, announce progress (the
         complete blob is announced by `hold`, once its sha256 checked out)."""
-        out.extend(SendHave(to, reply) for to, reply in self.uploader.piece_added(dl.digest, index))
+        woken = self.uploader.piece_added(dl.digest, index)
+        if woken:
+            out.extend(SendHave(to, reply) for to, reply in woken)
         if not dl.complete:
             out.extend(self._announce(dl, now))

@@ -97,6 +97,7 @@ class CelldPuller:
         self.pcount = {d: piece_count(self.size[d], self.psize[d]) for d in self.digests}
         self.cells: list[pc.Cell | None] = [None] * world.n_cells
         self.views: list[frozenset[str] | None] = [None] * world.n_cells
+        self.live_view = world.members.live_view
         self.due = [float("inf")] * world.n_cells
         self.requests: dict[Key, Any] = {}  # "sent" | "queued" | Flow
         self.registry_queue: dict[tuple[int, str], deque[int]] = {}
@@ -130,21 +131,26 @@ class CelldPuller:
                 upload_queue=self.upload_queue,
                 rng=w.rng(f"celld/cell/{node}"),
             )
-        view = self.w.members.live_view(node)
+        view = self.live_view(node)
         if view is not self.views[node]:
             self.views[node] = view
             self._act(node, c.set_members(view, self.w.engine.now))
         return c
 
     def _live_cell(self, node: int) -> pc.Cell | None:
-        """The cell's driver if it exists and runs (replies to a dead cell are lost)."""
-        if self.cells[node] is None or not self.w.is_live(node):
+        """The cell's driver if it exists and runs (replies to a dead cell are lost), its
+        view of the members current. The hot path: one call per input of a cell."""
+        c = self.cells[node]
+        if c is None or not self.w.is_live(node):
             return None
-        return self._cell(node)
+        view = self.live_view(node)
+        if view is not self.views[node]:
+            self.views[node] = view
+            self._act(node, c.set_members(view, self.w.engine.now))
+        return c
 
     def _arm(self, node: int, c: pc.Cell) -> None:
-        """Queue one event at the cell's next deadline, unless one is queued sooner. A
-        deadline that moved later only makes the queued event fire early, harmlessly."""
+        """Queue one event at the cell's next deadline, unless one is queued sooner."""
         when = c.next_deadline()
         if when is not None and when < self.due[node]:
             self.due[node] = when

@@ -108,6 +108,7 @@ def test_a_complete_holder_is_found_and_every_piece_comes_from_it() -> None:
     providers = home.directory.providers(D, net.now)
     assert providers["a"].complete and providers["b"].complete
     assert D not in net.cells["b"].downloads  # over once held
+    assert net.cells["a"].download(D, N, net.now) == []  # held: nothing to fetch
 
 
 def test_the_first_asker_of_an_unheld_digest_gets_the_lease() -> None:
