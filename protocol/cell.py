@@ -24,7 +24,9 @@ How to drive it (one cell; `members` are the live ids of membership.py, self inc
 
   asking for a blob:
     cell.lookup(digest, now)              -> actions; Located(result) comes back later
-        (result.piece_count: the blob's, when a home knows a provider; else 0)
+        (result.piece_count: the blob's, when a home knows a provider; else 0. A
+        GRANTED result is the fetch lease: start the download with it at once, since
+        the homes keep a lease only lease_ttl without the holder's announcement)
     cell.download(digest, piece_count, now, located=result) -> actions
         (`located`: a LookupResult the caller already has, so it is not asked twice;
         without it the download looks the digest up itself)
@@ -272,7 +274,8 @@ class Cell:
         """When to call tick() next (None: nothing scheduled). Never later than the
         earliest deadline of the cell's objects; it may be earlier (a deadline that
         moved later since the last tick), and then that tick does nothing but find the
-        next one. Never at or before the last tick's `now` (see the module docstring)."""
+        next one. Right after tick(now) it is later than `now` (see the module
+        docstring), so a transport that sleeps until it does not spin."""
         return None if self._soonest == _NEVER else self._soonest
 
     def _sooner(self, when: float | None) -> None:
