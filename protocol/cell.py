@@ -24,7 +24,9 @@ How to drive it (one cell; `members` are the live ids of membership.py, self inc
 
   asking for a blob:
     cell.lookup(digest, now)              -> actions; Located(result) comes back later
-        (result.piece_count: the blob's, when a home knows a provider; else 0)
+        (result.piece_count: the blob's, when a home knows a provider; else 0. A
+        GRANTED result is the fetch lease: start the download with it at once, since
+        the homes keep a lease only lease_ttl without the holder's announcement)
     cell.download(digest, piece_count, now, located=result) -> actions
         (`located`: a LookupResult the caller already has, so it is not asked twice;
         without it the download looks the digest up itself)
@@ -272,7 +274,8 @@ class Cell:
         """When to call tick() next (None: nothing scheduled). Never later than the
         earliest deadline of the cell's objects; it may be earlier (a deadline that
         moved later since the last tick), and then that tick does nothing but find the
-        next one. Never at or before the last tick's `now` (see the module docstring)."""
+        next one. Right after tick(now) it is later than `now` (see the module
+        docstring), so a transport that sleeps until it does not spin."""
         return None if self._soonest == _NEVER else self._soonest
 
     def _sooner(self, when: float | None) -> None:
@@ -444,20 +447,24 @@ class Cell:
 
     def upload_done(self, to: MemberId, digest: Digest, index: int, now: float) -> list[Action]:
         """An upload to `to` ended (sent, failed, or never started): its slot is free."""
-        out: list[Action] = []
-        for requester, req in self.uploader.on_done(to, digest, index):
-            out.append(StartUpload(requester, self.uploader.piece_reply(req.digest, req.index)))
-        out.extend(SendHave(to, reply) for to, reply in self.uploader.wake_parked())
-        return out
+        return self._slot_freed(self.uploader.on_done(to, digest, index))
 
     def upload_cancelled(
         self, sender: MemberId, digest: Digest, index: int, now: float
     ) -> list[Action]:
         """`sender` no longer wants the piece (queued or being sent)."""
-        out: list[Action] = []
-        for requester, req in self.uploader.on_cancel(sender, sw.PieceCancel(digest, index)):
-            out.append(StartUpload(requester, self.uploader.piece_reply(req.digest, req.index)))
-        out.extend(SendHave(to, reply) for to, reply in self.uploader.wake_parked())
+        return self._slot_freed(self.uploader.on_cancel(sender, sw.PieceCancel(digest, index)))
+
+    def _slot_freed(self, started: list[tuple[MemberId, sw.PieceRequest]]) -> list[Action]:
+        """Queued uploads that start now, then parked have-queries the cell can serve."""
+        up = self.uploader
+        out: list[Action] = [
+            StartUpload(requester, up.piece_reply(req.digest, req.index))
+            for requester, req in started
+        ]
+        woken = up.wake_parked()
+        if woken:
+            out.extend(SendHave(to, reply) for to, reply in woken)
         return out
 
     def have_query(
@@ -581,6 +588,8 @@ class Cell:
     def _stored(self, dl: sw.Download, index: int, now: float, out: list[Action]) -> None:
         """A piece is now held: serve it, wake parked queries, announce progress (the
         complete blob is announced by `hold`, once its sha256 checked out)."""
-        out.extend(SendHave(to, reply) for to, reply in self.uploader.piece_added(dl.digest, index))
+        woken = self.uploader.piece_added(dl.digest, index)
+        if woken:
+            out.extend(SendHave(to, reply) for to, reply in woken)
         if not dl.complete:
             out.extend(self._announce(dl, now))

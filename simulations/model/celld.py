@@ -1,19 +1,21 @@
-"""celld's strategy in the simulator: each cell runs the real placement and swarm objects.
+"""celld's strategy in the simulator: a transport around each cell's `protocol.cell.Cell`.
 
-Owns: what the daemon's sources.py, gossip.py and peer.py do around the protocol, as
-the simulator models it: datagrams for placement (lookups, announcements,
-lease grants) through `World.send_msg`; a piece request as one latency to the peer; an
-accepted piece as one flow from the peer (its reply, carrying the peer's bitmap, comes
-with the piece); the lease holder's read from a registry as back-to-back piece flows on
-one stream; the timers of every protocol object of a cell folded into one event.
-Never: chooses a piece, a peer, a home or a lease holder itself. Those are
-`protocol.swarm.Download`, `protocol.swarm.Uploader`, `protocol.placement.*`.
+Owns: what the daemon's gossip.py and peering.py do around the protocol, as the
+simulator models it: placement datagrams (lookups, announcements, lease grants) through
+`World.send_msg`; a piece request as one latency to the peer; an accepted piece as one
+flow from the peer (its reply, carrying the peer's bitmap, comes with the piece); the
+lease holder's read from a registry as back-to-back piece flows on one stream; one timer
+event a cell at its `Cell.next_deadline()`.
+Never: chooses a piece, a peer, a home or a lease holder, nor decides what a cell does
+next. That is `protocol.cell.Cell`, the driver the daemon runs too; this module only
+carries its actions over the simulated network and reports back what became of them.
 
 Modelling choices, each a simplification to know about:
 - A peer's piece request and the busy/missing replies are HTTP in the daemon, modelled
   as one network latency each way (no bytes on the wire model, no loss: TCP).
 - Pieces are not corrupted and no bytes are hashed: `ok=True` for every piece that
-  arrives whole; a flow cut by a crash or a partition is a connection error.
+  arrives whole; a flow cut by a crash or a partition is a connection error. A complete
+  blob is held (`Cell.hold`) as soon as its last piece arrives.
 - A request to a crashed or unreachable cell fails after `connect_timeout` seconds.
 - Placement datagrams (lookups, replies, announcements) are sealed and opened by
   wire.py like the membership ones: real bytes, real MAC, real size.
@@ -26,6 +28,7 @@ from collections import deque
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
+from protocol import cell as pc
 from protocol import placement as pl
 from protocol import swarm as sw
 from protocol.pieces import DEFAULT_POLICY, PiecePolicy, piece_count, piece_size_for
@@ -70,44 +73,6 @@ def swarm_settings(
     return pl.PlacementConfig(**p_args), sw.SwarmConfig(**s_args), own
 
 
-class _Cell:
-    """The protocol objects of one running cell."""
-
-    __slots__ = (
-        "announcer",
-        "directory",
-        "downloads",
-        "lookups",
-        "name",
-        "next_request",
-        "node",
-        "rng",
-        "uploader",
-        "view",
-        "zone",
-    )
-
-    def __init__(self, puller: CelldPuller, node: int) -> None:
-        w = puller.w
-        self.node = node
-        self.name = w.names[node]
-        self.zone = w.zone_name(node)
-        self.rng = w.rng(f"celld/cell/{node}")
-        cfg = puller.placement
-        self.announcer = pl.ProviderAnnouncer(self.name, self.zone, config=cfg)
-        self.directory = pl.ProviderDirectory(self.name, rng=self.rng, config=cfg)
-        self.uploader = sw.Uploader(
-            self.name,
-            slots=puller.upload_slots,
-            queue=puller.upload_queue,
-            have_wait=puller.swarm.have_wait,
-        )
-        self.downloads: dict[str, sw.Download] = {}
-        self.lookups: dict[int, pl.ProviderLookup] = {}
-        self.next_request = 0
-        self.view: frozenset[str] | None = None
-
-
 class CelldPuller:
     """Pulls an image the way celld does, for every cell of a world."""
 
@@ -130,11 +95,14 @@ class CelldPuller:
         self.size = {d: sc.layers[i] for i, d in enumerate(self.digests)}
         self.psize = {d: piece_size_for(self.size[d], policy) for d in self.digests}
         self.pcount = {d: piece_count(self.size[d], self.psize[d]) for d in self.digests}
-        self.cells: list[_Cell | None] = [None] * world.n_cells
+        self.cells: list[pc.Cell | None] = [None] * world.n_cells
+        self.views: list[frozenset[str] | None] = [None] * world.n_cells
+        self.live_view = world.members.live_view
         self.due = [float("inf")] * world.n_cells
         self.requests: dict[Key, Any] = {}  # "sent" | "queued" | Flow
         self.registry_queue: dict[tuple[int, str], deque[int]] = {}
         self.registry_busy: set[tuple[int, str]] = set()
+        self.lookups_of_gone = 0  # lookups started by cells that crashed or left
         self.stats = {
             "pieces_from_peers": 0,
             "pieces_from_registry": 0,
@@ -143,106 +111,86 @@ class CelldPuller:
             "cancelled": 0,
             "connect_errors": 0,
             "leases": 0,
-            "lookups": 0,
         }
 
-    # -- helpers -----------------------------------------------------------------------
+    # -- the cells' drivers ------------------------------------------------------------
 
-    def _cell(self, node: int) -> _Cell | None:
+    def _cell(self, node: int) -> pc.Cell | None:
+        """The live cell's driver, created on first use, its view of the members current."""
         c = self.cells[node]
-        if c is None and self.w.is_live(node):
-            c = self.cells[node] = _Cell(self, node)
+        if c is None:
+            w = self.w
+            if not w.is_live(node):
+                return None
+            c = self.cells[node] = pc.Cell(
+                w.names[node],
+                w.zone_name(node),
+                placement=self.placement,
+                swarm=self.swarm,
+                upload_slots=self.upload_slots,
+                upload_queue=self.upload_queue,
+                rng=w.rng(f"celld/cell/{node}"),
+            )
+        view = self.live_view(node)
+        if view is not self.views[node]:
+            self.views[node] = view
+            self._act(node, c.set_members(view, self.w.engine.now))
         return c
 
-    def _sync_view(self, c: _Cell) -> None:
-        """Give the cell's placement objects its current view of the live members."""
-        view = self.w.members.live_view(c.node)
-        if view is c.view:
-            return
-        c.view = view
-        now = self.w.engine.now
-        c.directory.set_members(view, now)
-        self._send(c, c.announcer.set_members(view, now))
+    def _live_cell(self, node: int) -> pc.Cell | None:
+        """The cell's driver if it exists and runs (replies to a dead cell are lost), its
+        view of the members current. The hot path: one call per input of a cell."""
+        c = self.cells[node]
+        if c is None or not self.w.is_live(node):
+            return None
+        view = self.live_view(node)
+        if view is not self.views[node]:
+            self.views[node] = view
+            self._act(node, c.set_members(view, self.w.engine.now))
+        return c
 
-    def _send(self, c: _Cell, sends: list[pl.Send]) -> None:
-        w = self.w
-        node_of = w.node_of_name
-        for s in sends:
-            dst = node_of.get(s.to)
-            if dst is not None:
-                w.send_msg(c.node, dst, s.message)
-
-    def _arm(self, c: _Cell) -> None:
-        """Queue one event at the earliest deadline of the cell's protocol objects."""
-        when = float("inf")
-        for dl in c.downloads.values():
-            t = dl.next_deadline()
-            if t is not None and t < when:
-                when = t
-        for look in c.lookups.values():
-            t = look.next_deadline()
-            if t is not None and t < when:
-                when = t
-        for t in (
-            c.uploader.next_deadline(),
-            c.announcer.next_deadline(),
-            c.directory.next_deadline(),
-        ):
-            if t is not None and t < when:
-                when = t
-        if when < self.due[c.node]:
-            self.due[c.node] = when
-            self.w.engine.call_at(when, self._timer, (c.node, when))
-
-    def _arm_at(self, c: _Cell, when: float | None) -> None:
-        """Queue the cell's event earlier if one object it just touched is due sooner.
-        Enough after a call into one object: the others' deadlines did not move, and a
-        deadline that moved later only makes the queued event fire early, harmlessly."""
-        if when is not None and when < self.due[c.node]:
-            self.due[c.node] = when
-            self.w.engine.call_at(when, self._timer, (c.node, when))
+    def _arm(self, node: int, c: pc.Cell) -> None:
+        """Queue one event at the cell's next deadline, unless one is queued sooner."""
+        when = c.next_deadline()
+        if when is not None and when < self.due[node]:
+            self.due[node] = when
+            self.w.engine.call_at(when, self._timer, (node, when))
 
     def _timer(self, arg: tuple[int, float]) -> None:
         node, due = arg
         if self.due[node] != due:
             return
         self.due[node] = float("inf")
-        c = self.cells[node]
-        if c is None or not self.w.is_live(node):
+        c = self._live_cell(node)
+        if c is None:
             return
-        now = self.w.engine.now
-        self._sync_view(c)
-        t = c.directory.next_deadline()
-        if t is not None and t <= now:
-            c.directory.expire(now)
-        t = c.announcer.next_deadline()
-        if t is not None and t <= now:
-            self._send(c, c.announcer.tick(now, load=c.uploader.load))
-        t = c.uploader.next_deadline()
-        if t is not None and t <= now:
-            for to, reply in c.uploader.poll(now):
-                self._have_reply(c, to, reply)
-        if c.lookups:
-            for rid in list(c.lookups):
-                look = c.lookups[rid]
-                t = look.next_deadline()
-                if t is not None and t <= now:
-                    self._send(c, look.poll(now))
-                    if look.done:
-                        del c.lookups[rid]
-                        self._lookup_result(c, look.result)
-        for dl in c.downloads.values():
-            t = dl.next_deadline()
-            if t is not None and t <= now:
-                self._events(c, dl, dl.poll(now))
-        # a deadline that stayed due would spin: re-arm strictly later
-        self._arm_after(c, now)
+        self._act(node, c.tick(self.w.engine.now))
+        self._arm(node, c)
 
-    def _arm_after(self, c: _Cell, now: float) -> None:
-        self._arm(c)
-        if self.due[c.node] <= now:
-            self.due[c.node] = now + 1e-3
-            self.w.engine.call_at(now + 1e-3, self._timer, (c.node, now + 1e-3))
+    def _act(self, node: int, actions: list[pc.Action]) -> None:
+        """Carry out a cell's actions, in order."""
+        w = self.w
+        for a in actions:
+            kind = type(a)
+            if kind is pl.Send:
+                dst = w.node_of_name.get(a.to)
+                if dst is not None:
+                    w.send_msg(node, dst, a.message)
+            elif kind is sw.RequestPiece:
+                self._request_piece(node, a.peer, a.digest, a.index)
+            elif kind is sw.CancelPiece:
+                self._cancel_piece(node, a.peer, a.digest, a.index)
+            elif kind is sw.QueryHave:
+                self._query_have(node, a.peer, a.digest, a.want)
+            elif kind is pc.SendHave:
+                self._have_reply(node, a.to, a.reply)
+            elif kind is pc.StartUpload:
+                self._start_queued(node, a.to, a.reply)
+            elif kind is sw.FetchUpstream:
+                self._fetch_registry(node, a.digest, a.ranges)
+            elif kind is sw.DownloadComplete:
+                self._complete(node, a.digest)
+            # LeaseGranted, BadPiece, PeerBanned: nothing to carry out here
 
     # -- the world's calls -------------------------------------------------------------
 
@@ -251,21 +199,17 @@ class CelldPuller:
         if c is None:
             return
         now = self.w.engine.now
-        self._sync_view(c)
         for digest in self.digests:
-            n = self.pcount[digest]
-            dl = sw.Download(digest, n, self_id=c.name, zone=c.zone, rng=c.rng, config=self.swarm)
-            c.downloads[digest] = dl
-            c.uploader.add_seed(digest, n, 0)
-            self._send(
-                c, c.announcer.update(digest, complete=False, pieces=0, piece_count=n, now=now)
-            )
-            self._events(c, dl, dl.start(now))
-        self._arm(c)
+            self._act(node, c.download(digest, self.pcount[digest], now))
+        self._arm(node, c)
 
     def on_crash(self, node: int) -> None:
         """The cell stops: its state is gone (a restart begins with an empty store)."""
+        c = self.cells[node]
+        if c is not None:
+            self.lookups_of_gone += c.lookups_started
         self.cells[node] = None
+        self.views[node] = None
         self.due[node] = float("inf")
         for key in [k for k in self.registry_queue if k[0] == node]:
             del self.registry_queue[key]
@@ -273,132 +217,43 @@ class CelldPuller:
 
     def member_changed(self, observer: int, member: int, state: str) -> None:
         """Membership told `observer` that `member` is dead: stop asking it for pieces."""
-        if state != "dead":
+        if state != "dead" or self.cells[observer] is None:
             return
-        c = self.cells[observer]
+        c = self._cell(observer)
         if c is None:
             return
-        now = self.w.engine.now
-        name = self.w.names[member]
-        for dl in list(c.downloads.values()):
-            if not dl.complete:
-                self._events(c, dl, dl.remove_provider(name, now))
-        self._arm(c)
+        self._act(observer, c.member_dead(self.w.names[member], self.w.engine.now))
+        self._arm(observer, c)
 
     def receive(self, node: int, sender: str, msg: Any) -> None:
         """A placement datagram from `sender` (its authenticated name) arrived at `node`."""
         c = self._cell(node)
         if c is None:
             return
-        now = self.w.engine.now
-        self._sync_view(c)
-        kind = type(msg)
-        if kind is pl.Lookup:
-            reply = c.directory.receive_lookup(sender, msg, now)
-            if reply.lease == pl.LeaseStatus.GRANTED and reply.lease_holder == sender:
+        actions = c.receive(sender, msg, self.w.engine.now)
+        if type(msg) is pl.Lookup:
+            reply = actions[0]
+            if (
+                isinstance(reply, pl.Send)
+                and isinstance(reply.message, pl.LookupReply)
+                and reply.message.lease == pl.LeaseStatus.GRANTED
+                and reply.message.lease_holder == sender
+            ):
                 self.stats["leases"] += 1
-            src = self.w.node_of_name.get(sender)
-            if src is not None:
-                self.w.send_msg(node, src, reply)
-        elif kind is pl.LookupReply:
-            look = c.lookups.get(msg.request_id)
-            if look is not None:
-                result = look.receive(sender, msg, now)
-                if result is not None:
-                    del c.lookups[msg.request_id]
-                    self._lookup_result(c, result)
-        elif kind is pl.Announce:
-            c.directory.receive_announce(sender, msg, now)
-        elif kind is pl.Withdraw:
-            c.directory.receive_withdraw(sender, msg, now)
-        self._arm(c)
+        self._act(node, actions)
+        self._arm(node, c)
 
     def summary(self) -> dict[str, int]:
-        return dict(sorted(self.stats.items()))
+        lookups = self.lookups_of_gone + sum(c.lookups_started for c in self.cells if c is not None)
+        return dict(sorted({**self.stats, "lookups": lookups}.items()))
 
-    # -- download events ---------------------------------------------------------------
-
-    def _events(self, c: _Cell, dl: sw.Download, events: list[sw.Event]) -> None:
-        for ev in events:
-            kind = type(ev)
-            if kind is sw.RequestPiece:
-                self._request_piece(c, ev.peer, ev.digest, ev.index)
-            elif kind is sw.CancelPiece:
-                self._cancel_piece(c, ev.peer, ev.digest, ev.index)
-            elif kind is sw.QueryHave:
-                self._query_have(c, ev.peer, ev.digest, ev.want)
-            elif kind is sw.NeedProviders:
-                self._lookup(c, ev.digest)
-            elif kind is sw.FetchUpstream:
-                self._fetch_registry(c, ev.digest, ev.ranges)
-            elif kind is sw.DownloadComplete:
-                self._complete(c, dl)
-
-    def _lookup(self, c: _Cell, digest: str) -> None:
-        now = self.w.engine.now
-        self._sync_view(c)
-        c.next_request = (c.next_request + 1) & 0xFFFFFFFF
-        look = pl.ProviderLookup(
-            digest,
-            c.zone,
-            c.announcer.homes(digest),
-            request_id=c.next_request,
-            config=self.placement,
-        )
-        self.stats["lookups"] += 1
-        c.lookups[c.next_request] = look
-        self._send(c, look.start(now))
-        if look.done:
-            del c.lookups[c.next_request]
-            self._lookup_result(c, look.result)
-        else:
-            self._arm_at(c, look.next_deadline())
-
-    def _lookup_result(self, c: _Cell, result: pl.LookupResult | None) -> None:
-        if result is None:
-            return
-        dl = c.downloads.get(result.digest)
-        if dl is None or dl.complete:
-            return
-        now = self.w.engine.now
-        events = dl.add_providers(result.providers, now, lease_holder=result.lease_holder)
-        granted = result.lease == pl.LeaseStatus.GRANTED and not dl.lease
-        if granted:
-            events += dl.grant_lease(now)
-            self._send(c, self._announce(c, dl, now))
-        self._events(c, dl, events)
-        if granted:
-            self._registry_first(c)
-
-    def _registry_first(self, c: _Cell) -> None:
-        """The cell's policy across its downloads (swarm.registry_first): while one reads
-        from a registry, the others wait, so the read has the cell's link to itself."""
-        for dl, ev in sw.registry_first(c.downloads.values(), self.w.engine.now):
-            self._events(c, dl, [ev])
-            self._arm_at(c, dl.next_deadline())
-
-    def _announce(self, c: _Cell, dl: sw.Download, now: float) -> list[pl.Send]:
-        return c.announcer.update(
-            dl.digest,
-            complete=dl.complete,
-            pieces=dl.held,
-            piece_count=dl.piece_count,
-            now=now,
-            lease=dl.lease and not dl.complete,
-        )
-
-    def _complete(self, c: _Cell, dl: sw.Download) -> None:
-        now = self.w.engine.now
-        self._send(c, self._announce(c, dl, now))
-        self.w.layer_complete(c.node, self.layer_of[dl.digest])
-        self._registry_first(c)
-
-    def _stored(self, c: _Cell, dl: sw.Download, index: int) -> None:
-        """A piece is now held: serve it, wake parked queries, announce progress."""
-        for to, reply in c.uploader.piece_added(dl.digest, index):
-            self._have_reply(c, to, reply)
-        if not dl.complete:
-            self._send(c, self._announce(c, dl, self.w.engine.now))
+    def _complete(self, node: int, digest: str) -> None:
+        """A download's last piece arrived: the cell holds the blob (nothing to hash in
+        the simulator) and announces it complete."""
+        c = self.cells[node]
+        if c is not None:
+            self._act(node, c.hold(digest, self.pcount[digest], self.w.engine.now))
+        self.w.layer_complete(node, self.layer_of[digest])
 
     # -- pieces between cells ----------------------------------------------------------
 
@@ -406,13 +261,13 @@ class CelldPuller:
         ps = self.psize[digest]
         return min(ps, self.size[digest] - index * ps)
 
-    def _request_piece(self, c: _Cell, peer: str, digest: str, index: int) -> None:
+    def _request_piece(self, d: int, peer: str, digest: str, index: int) -> None:
         w = self.w
         p = w.node_of_name[peer]
-        key = (p, c.node, digest, index)
+        key = (p, d, digest, index)
         self.requests[key] = "sent"
-        if w.net.reachable(c.node, p):
-            w.engine.call_at(w.engine.now + w.net.latency(c.node, p), self._request_arrives, key)
+        if w.net.reachable(d, p):
+            w.engine.call_at(w.engine.now + w.net.latency(d, p), self._request_arrives, key)
         else:
             w.engine.call_at(w.engine.now + self.connect_timeout, self._connect_failed, key)
 
@@ -422,23 +277,22 @@ class CelldPuller:
         del self.requests[key]
         self.stats["connect_errors"] += 1
         p, d, digest, index = key
-        c = self.cells[d]
-        dl = c.downloads.get(digest) if c is not None else None
-        if dl is not None:
-            self._events(c, dl, dl.on_error(self.w.names[p], index, self.w.engine.now))
-            self._arm_at(c, dl.next_deadline())
+        c = self._live_cell(d)
+        if c is not None:
+            self._act(d, c.request_failed(self.w.names[p], digest, index, self.w.engine.now))
+            self._arm(d, c)
 
     def _request_arrives(self, key: Key) -> None:
         if self.requests.get(key) != "sent":
             return  # cancelled on the way
         w = self.w
         p, d, digest, index = key
-        up = self.cells[p]
-        if up is None or not w.is_live(p) or not w.net.reachable(p, d):
+        up = self._live_cell(p)
+        if up is None or not w.net.reachable(p, d):
             w.engine.call_at(w.engine.now + self.connect_timeout, self._connect_failed, key)
             return
         now = w.engine.now
-        reply = up.uploader.on_request(w.names[d], sw.PieceRequest(digest, index), now)
+        reply = up.piece_request(w.names[d], digest, index, now)
         status = reply.status
         if status == sw.PieceStatus.OK:
             self._upload(key, reply)
@@ -451,19 +305,11 @@ class CelldPuller:
 
     def _refused(self, arg: tuple[Key, sw.PieceReply]) -> None:
         key, reply = arg
-        p, d, digest, index = key
-        c = self.cells[d]
-        dl = c.downloads.get(digest) if c is not None else None
-        if dl is None or not self.w.is_live(d):
-            return
-        now = self.w.engine.now
-        peer = self.w.names[p]
-        if reply.status == sw.PieceStatus.BUSY:
-            events = dl.on_busy(peer, index, now, have=reply.have)
-        else:
-            events = dl.on_missing(peer, index, now, have=reply.have)
-        self._events(c, dl, events)
-        self._arm_at(c, dl.next_deadline())
+        p, d, _, _ = key
+        c = self._live_cell(d)
+        if c is not None:
+            self._act(d, c.piece_refused(self.w.names[p], reply, self.w.engine.now))
+            self._arm(d, c)
 
     def _upload(self, key: Key, reply: sw.PieceReply) -> None:
         p, d, digest, index = key
@@ -480,102 +326,87 @@ class CelldPuller:
         w.account(flow, ok)
         if self.requests.get(key) is flow:
             del self.requests[key]
-        self._free_slot(p, d, digest, index)
-        c = self.cells[d]
-        dl = c.downloads.get(digest) if c is not None else None
-        if dl is None or not w.is_live(d):
+        up = self._live_cell(p)
+        if up is not None:
+            self._act(p, up.upload_done(w.names[d], digest, index, w.engine.now))
+        c = self._live_cell(d)
+        if c is None:
             return
         now = w.engine.now
         peer = w.names[p]
         if ok:
             self.stats["pieces_from_peers"] += 1
-            had = dl.held >> index & 1
-            events = dl.on_piece(peer, index, True, now, have=reply.have, complete=reply.complete)
-            if not had and dl.held >> index & 1:
-                self._stored(c, dl, index)
+            actions = c.piece_arrived(
+                peer, digest, index, True, now, have=reply.have, complete=reply.complete
+            )
         else:
-            events = dl.on_error(peer, index, now)
-        self._events(c, dl, events)
-        self._arm_at(c, dl.next_deadline())
+            actions = c.request_failed(peer, digest, index, now)
+        self._act(d, actions)
+        self._arm(d, c)
 
-    def _free_slot(self, p: int, d: int, digest: str, index: int) -> None:
-        up = self.cells[p]
-        if up is None or not self.w.is_live(p):
-            return
-        for requester, req in up.uploader.on_done(self.w.names[d], digest, index):
-            self._start_queued(up, requester, req)
-        self._wake_parked(up)
-
-    def _wake_parked(self, up: _Cell) -> None:
-        """A slot is free: parked have-queries that the cell can now serve are answered."""
-        for to, reply in up.uploader.wake_parked():
-            self._have_reply(up, to, reply)
-
-    def _start_queued(self, up: _Cell, requester: str, req: sw.PieceRequest) -> None:
+    def _start_queued(self, p: int, requester: str, reply: sw.PieceReply) -> None:
         w = self.w
-        key = (up.node, w.node_of_name[requester], req.digest, req.index)
+        key = (p, w.node_of_name[requester], reply.digest, reply.index)
         if self.requests.get(key) == "queued":
-            self._upload(key, up.uploader.piece_reply(req.digest, req.index))
-        else:  # cancelled meanwhile: give the slot back
-            for who, r in up.uploader.on_done(requester, req.digest, req.index):
-                self._start_queued(up, who, r)
+            self._upload(key, reply)
+            return
+        up = self.cells[p]
+        if up is not None:  # cancelled meanwhile: give the slot back
+            self._act(p, up.upload_done(requester, reply.digest, reply.index, w.engine.now))
 
-    def _cancel_piece(self, c: _Cell, peer: str, digest: str, index: int) -> None:
+    def _cancel_piece(self, d: int, peer: str, digest: str, index: int) -> None:
         w = self.w
         p = w.node_of_name[peer]
-        key = (p, c.node, digest, index)
+        key = (p, d, digest, index)
         state = self.requests.pop(key, None)
         if state is None:
             return
         self.stats["cancelled"] += 1
-        up = self.cells[p]
         if isinstance(state, Flow):
             w.net.flows.abort(state)
             w.account(state, False)
-        if state != "sent" and up is not None and w.is_live(p):
-            for requester, req in up.uploader.on_cancel(c.name, sw.PieceCancel(digest, index)):
-                self._start_queued(up, requester, req)
-            self._wake_parked(up)
+        if state != "sent":
+            up = self._live_cell(p)
+            if up is not None:
+                self._act(p, up.upload_cancelled(w.names[d], digest, index, w.engine.now))
 
     # -- have queries ------------------------------------------------------------------
 
-    def _query_have(self, c: _Cell, peer: str, digest: str, want: int) -> None:
+    def _query_have(self, d: int, peer: str, digest: str, want: int) -> None:
         w = self.w
         p = w.node_of_name[peer]
-        if w.net.reachable(c.node, p):
+        if w.net.reachable(d, p):
             w.engine.call_at(
-                w.engine.now + w.net.latency(c.node, p),
+                w.engine.now + w.net.latency(d, p),
                 self._query_arrives,
-                (p, c.name, sw.HaveQuery(digest, want)),
+                (p, w.names[d], digest, want),
             )
 
-    def _query_arrives(self, arg: tuple[int, str, sw.HaveQuery]) -> None:
-        p, requester, query = arg
-        up = self.cells[p]
-        if up is None or not self.w.is_live(p):
+    def _query_arrives(self, arg: tuple[int, str, str, int]) -> None:
+        p, requester, digest, want = arg
+        up = self._live_cell(p)
+        if up is None:
             return
-        reply = up.uploader.on_have_query(requester, query, self.w.engine.now)
+        reply = up.have_query(requester, digest, want, self.w.engine.now)
         if reply is not None:
-            self._have_reply(up, requester, reply)
+            self._have_reply(p, requester, reply)
         else:
-            self._arm_at(up, up.uploader.next_deadline())
+            self._arm(p, up)
 
-    def _have_reply(self, up: _Cell, to: str, reply: sw.HaveReply) -> None:
+    def _have_reply(self, p: int, to: str, reply: sw.HaveReply) -> None:
         w = self.w
         d = w.node_of_name[to]
-        if w.net.reachable(up.node, d):
+        if w.net.reachable(p, d):
             w.engine.call_at(
-                w.engine.now + w.net.latency(up.node, d), self._have_arrives, (d, up.name, reply)
+                w.engine.now + w.net.latency(p, d), self._have_arrives, (d, w.names[p], reply)
             )
 
     def _have_arrives(self, arg: tuple[int, str, sw.HaveReply]) -> None:
         d, responder, reply = arg
-        c = self.cells[d]
-        dl = c.downloads.get(reply.digest) if c is not None else None
-        if dl is None or dl.complete or not self.w.is_live(d):
-            return
-        self._events(c, dl, dl.on_have(responder, reply.have, reply.complete, self.w.engine.now))
-        self._arm_at(c, dl.next_deadline())
+        c = self._live_cell(d)
+        if c is not None:
+            self._act(d, c.have_arrived(responder, reply, self.w.engine.now))
+            self._arm(d, c)
 
     # -- the lease holder reads from a registry ----------------------------------------
 
@@ -584,18 +415,18 @@ class CelldPuller:
         w = self.w
         return w.central if w.sc.central.has_image else w.upstream
 
-    def _fetch_registry(self, c: _Cell, digest: str, ranges: tuple[tuple[int, int], ...]) -> None:
+    def _fetch_registry(self, node: int, digest: str, ranges: tuple[tuple[int, int], ...]) -> None:
         w = self.w
-        key = (c.node, digest)
+        key = (node, digest)
         queue = self.registry_queue.setdefault(key, deque())
         for start, stop in ranges:
             queue.extend(range(start, stop))
         if key not in self.registry_busy:
             self.registry_busy.add(key)
             origin = self._origin()
-            delay = w.net.latency(c.node, origin) + w.net.latency(origin, c.node)
+            delay = w.net.latency(node, origin) + w.net.latency(origin, node)
             if origin == w.upstream:  # the central registry said 404 first
-                delay += w.net.latency(c.node, w.central) + w.net.latency(w.central, c.node)
+                delay += w.net.latency(node, w.central) + w.net.latency(w.central, node)
             w.engine.call_at(w.engine.now + delay, self._registry_next, key)
 
     def _registry_next(self, key: tuple[int, str]) -> None:
@@ -614,20 +445,13 @@ class CelldPuller:
         key, index = flow.tag
         node, digest = key
         w.account(flow, ok)
-        c = self.cells[node]
-        dl = c.downloads.get(digest) if c is not None else None
-        if dl is None or not w.is_live(node):
+        c = self._live_cell(node)
+        if c is None:
             return
-        now = w.engine.now
         if ok:
             self.stats["pieces_from_registry"] += 1
-            had = dl.held >> index & 1
-            events = dl.on_piece(sw.UPSTREAM, index, True, now)
-            if not had and dl.held >> index & 1:
-                self._stored(c, dl, index)
-            self._registry_next(key)
+            self._registry_next(key)  # the stream goes on while the cell takes the piece
         else:
-            events = dl.on_piece(sw.UPSTREAM, index, False, now)
             self.registry_busy.discard(key)
-        self._events(c, dl, events)
-        self._arm_at(c, dl.next_deadline())
+        self._act(node, c.registry_piece(digest, index, ok, w.engine.now))
+        self._arm(node, c)
