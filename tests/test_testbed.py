@@ -107,13 +107,14 @@ def test_storm_through_celld_and_the_pull_through_cache(tmp_path: Path) -> None:
         # A cell's link cannot beat its rate: nobody finishes under the physical limit.
         assert storm["p50_s"] >= storm["limit_s"]
     image = celld["image_bytes"]
-    # Standalone cells: each takes every blob from the Hub (nothing staged at central).
-    assert celld["hub_log"]["bytes"] == 3 * image
-    assert celld["central_log"]["bytes"] == 0
-    assert celld["hub_wire_bytes"] >= 3 * image
+    # Cells share: the Hub sends about one copy (the fetch lease), the peers the rest.
+    assert celld["hub_log"]["bytes"] + celld["central_log"]["bytes"] <= 1.05 * image
+    assert celld["hub_wire_bytes"] >= image
     # celld's own count agrees with what skopeo stored (manifests included), to the byte.
     stored = sum(c["bytes"] for c in celld["per_cell"].values())
-    assert celld["celld_fetched_bytes"] == {"upstream": stored}
+    fetched = celld["celld_fetched_bytes"]
+    assert sum(fetched.values()) == stored
+    assert fetched["peer"] >= 2 * image
     # The pull-through cache sends each cell a copy over the central's link.
     assert proxy["central_log"]["bytes"] == 3 * image
     assert proxy["central_wire_bytes"] >= 3 * image

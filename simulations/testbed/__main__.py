@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument(
         "--cluster",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="write [cluster] and [peer] into every cell's config (issue 11)",
+        default=True,
+        help="cells share: [cluster] and [peer] in every cell's config (--no-cluster: alone)",
     )
     s.add_argument("--racks", type=int, default=1, help="zones the cells are spread over")
     s.add_argument("--kill", type=int, default=0, help="kill -9 this many cells mid-storm")
