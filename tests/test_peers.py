@@ -312,3 +312,46 @@ def test_a_cell_that_finds_its_own_copy_damaged_drops_it(cells, hub, tmp_path):
     assert "no longer matches its digest" in a.log()
     wait_until(lambda: not path.exists(), 10, "A drops its damaged copy")
     assert "Traceback" not in b.log() + a.log()
+
+
+def test_a_private_blob_from_a_peer_stays_private_to_its_app(
+    tmp_path, token_hub, central, key_file, containerd
+):
+    secret = make_image((3 * MiB, 20_000))
+    token_hub.push("acme/secret", "1", secret)
+    ((user, password),) = token_hub.users.items()
+    addrs = [cluster_address(i) for i in range(2)]
+    a, b = (
+        Celld(
+            tmp_path / name,
+            name=name,
+            key_file=key_file,
+            cluster=Cluster(addrs[i], (addrs[1 - i],)),
+            upstreams={"docker.io": token_hub.url},
+            registries=[central.url],
+        ).start()
+        for i, name in enumerate(("cell-a", "cell-b"))
+    )
+    try:
+        staged = a.stage("acme/secret:1", "secret-app", username=user, password=password)
+        token = staged[-1]["token"]
+        assert staged[-1]["private"] and token
+        wait_until(lambda: b.peers()["cell-a"]["blobs_announced"] >= 1, 10, "B hears of A's")
+        token_hub.stop()  # and the central holds it under the app's path only
+        ref = f"docker.io/acme/secret@{secret.digest}"
+        containerd.write_hosts("docker.io", b.url)
+
+        anonymous = containerd.view(containerd.namespace + "-anon").pull(ref, timeout=60)
+        assert not anonymous.ok and "401" in anonymous.output, anonymous.output
+        mine = containerd.view(containerd.namespace + "-mine")
+        mine.pull(ref, user=f"app:{token}").check()
+        for blob in secret.blobs:
+            assert mine.content_bytes(blob.digest) == blob.data
+        assert b.metric("celld_fetched_bytes_total", source="peer") >= len(secret.layers[0].data)
+        # in B's store now, and still only for the app's token
+        again = containerd.view(containerd.namespace + "-again").pull(ref, timeout=60)
+        assert not again.ok and "401" in again.output, again.output
+        assert containerd.view(containerd.namespace + "-again").content_digests() == set()
+    finally:
+        a.stop()
+        b.stop()
