@@ -191,6 +191,11 @@ def main() -> None:
                     time.sleep(0.5)
                     rates[name].append(runs[name]())
             rss = {name: peak_rss_mib(cell.proc.pid) for name, cell in cells.items()}
+            # Each cell took every byte from the source it stands for.
+            for name, kind in (("celld<-registry", "upstream"), ("celld<-nginx", "registry")):
+                fetched = cells[name].metric("celld_fetched_bytes_total", source=kind)
+                if fetched != 2 * args.rounds * size:
+                    raise RuntimeError(f"{name} fetched {fetched:.0f} bytes from its {kind}")
         finally:
             for cell in cells.values():
                 cell.stop()
