@@ -19,6 +19,7 @@ Never: request bodies, proxies, HTTP/2, cookies.
 from __future__ import annotations
 
 import functools
+import os
 import select
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +36,11 @@ MAX_HEADER_BYTES = 64 * 1024  # a registry's response head; more is not a regist
 MAX_IDLE_PER_ORIGIN = 8
 MAX_REDIRECTS = 5
 RECEIVE_SIZE = 256 * 1024
+# A blob body is read as one chunk of whatever the socket holds, up to this:
+# when the reader falls behind, the kernel's buffer fills and the next chunk
+# is large, so per-chunk costs (a worker thread's round trip) shrink exactly
+# when they would slow the transfer.
+BODY_RECEIVE_MAX = 4 << 20
 # A response head is read in small pieces: a large read would copy a quarter MiB
 # of body (twice more into h11's buffer) before the head is even parsed.
 HEAD_RECEIVE_SIZE = 16 * 1024
@@ -108,8 +114,74 @@ class _Connection:
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise httpx.ReadError(f"reading the response: {_reason(exc)}") from exc
 
+    async def receive_body(self, remaining: int, buffers: _Buffers, timeout: float) -> bytes:
+        """Up to `remaining` body bytes: on a plain socket, all it holds, read into
+        `buffers` after one checkpoint (so other tasks run between chunks however
+        fast the sender is); b"" at its end."""
+        if type(self.stream) is not trio.SocketStream:
+            return await self.receive(min(RECEIVE_SIZE, remaining), timeout)
+        fd = self.sock.fileno()
+        try:
+            with trio.fail_after(timeout):
+                await trio.lowlevel.checkpoint()
+                space = buffers.space(remaining)
+                while True:
+                    try:
+                        return buffers.filled(os.readv(fd, [space]))
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(fd)
+        except trio.TooSlowError as exc:
+            raise httpx.ReadTimeout("no data from the server in time") from exc
+        except OSError as exc:
+            raise httpx.ReadError(f"reading the response: {_reason(exc)}") from exc
+
     async def close(self) -> None:
         await trio.aclose_forcefully(self.stream)
+
+
+class _Buffers:
+    """The memory one body is received into, reused rather than allocated per
+    read: a fresh multi-MiB buffer costs a page fault every 4 KiB, more than
+    the copy into it.
+
+    Chunks are memoryviews of a buffer, handed out in order; the reader may
+    keep them as long as it likes. A buffer is filled again only once no view
+    of it is left, which Python itself tells: a bytearray with views cannot be
+    resized (BufferError). Memory: what the reader holds, plus one buffer.
+    """
+
+    MIN_SPACE = 256 << 10  # less room than this left: the next buffer
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._all: list[bytearray] = []
+        self._current: bytearray | None = None
+        self._used = 0
+
+    def space(self, remaining: int) -> memoryview:
+        """Where the next read goes (at most `remaining` bytes)."""
+        if self._current is None or self._size - self._used < min(self.MIN_SPACE, remaining):
+            self._current, self._used = self._free(), 0
+        return memoryview(self._current)[self._used : min(self._size, self._used + remaining)]
+
+    def filled(self, n: int) -> memoryview:
+        """The `n` bytes the last read put into `space`, as a chunk."""
+        assert self._current is not None
+        chunk = memoryview(self._current)[self._used : self._used + n]
+        self._used += n
+        return chunk
+
+    def _free(self) -> bytearray:
+        for buf in self._all:
+            try:
+                buf.pop()  # the spare byte: raises while views of `buf` exist
+            except BufferError:
+                continue
+            buf.append(0)
+            return buf
+        buf = bytearray(self._size + 1)  # one spare byte, for the test above
+        self._all.append(buf)
+        return buf
 
 
 class Response:
@@ -159,8 +231,9 @@ class Response:
         if pending:
             remaining -= len(pending)
             yield pending
+        buffers = _Buffers(min(BODY_RECEIVE_MAX, remaining))
         while remaining:
-            data = await self._conn.receive(min(RECEIVE_SIZE, remaining), self._read)
+            data = await self._conn.receive_body(remaining, buffers, self._read)
             if not data:
                 raise httpx.RemoteProtocolError(
                     f"connection closed {remaining} bytes short of the Content-Length"

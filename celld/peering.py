@@ -39,7 +39,7 @@ from celld.store import BlobEntry, BlobWriter, Store
 from protocol import placement as pl
 from protocol import swarm as sw
 from protocol.cell import Action, Cell, LeaseGranted, Located, SendHave, StartUpload
-from protocol.pieces import PieceHasher, PieceTable, piece_count, piece_size_for
+from protocol.pieces import PieceTable, piece_count, piece_size_for
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,6 @@ class Transfer:
     private: frozenset[str] = frozenset()  # app scopes the blob is private to at its source
     last_progress: float = field(default_factory=time.monotonic)
     hashing: trio.Lock = field(default_factory=trio.Lock)  # one prefix advance at a time
-    hasher: PieceHasher | None = None  # the lease holder's blake3 of pieces as they stream
 
     @property
     def count(self) -> int:
@@ -279,7 +278,6 @@ class Peering:
         if result is None or size <= 0:
             return None
         t = Transfer(digest, writer, size, piece_size_for(size), None, registry=True)
-        t.hasher = PieceHasher(size, t.piece_size)
         self.start(t, result)
         return t
 

@@ -48,15 +48,15 @@ from celld.registry import (
 from celld.store import BlobEntry, BlobWriter, DigestMismatch, Store
 from protocol.errors import OCIError, oci_error
 from protocol.manifest import MAX_MANIFEST_BYTES, UPSTREAM_ACCEPT, parse_manifest
-from protocol.pieces import piece_span
+from protocol.pieces import PieceHasher, PieceTable, piece_span
 from protocol.placement import LeaseStatus
 from protocol.reference import Digest
 
 log = logging.getLogger(__name__)
 
-WRITE_BATCH = 1 << 20  # bytes handed to the writer thread at once
-FIRST_WRITE = 16 << 10  # the first write is small, for time to first byte
 INLINE_WRITE = 64 << 10  # writes up to this size stay on the event loop
+MAX_QUEUED = 8 << 20  # received bytes waiting for the writer thread, at most
+PARALLEL_HASH = 1 << 20  # batches this large hash sha256 in a thread of its own
 
 
 def central_repo(ns: str, name: str) -> str:
@@ -169,6 +169,10 @@ class Fetch:
     verified: bool = False  # every byte is on disk and matched the digest
     scope: str | None = None  # fetched with this app's token or credentials: private
     changed: trio.Event = field(default_factory=trio.Event)
+    # blake3 of each piece, as the bytes stream in (None until the size is known);
+    # the first `pieces_done` pieces are hashed and on disk (within `written`).
+    pieces: PieceHasher | None = None
+    pieces_done: int = 0
     transfer: Transfer | None = None  # the lease holder's pieces, served to peers as read
 
     @property
@@ -188,6 +192,15 @@ class Fetch:
             await self.changed.wait()
         if self.error is not None and not self.started:
             raise self.error
+
+    def piece_table(self) -> PieceTable | None:
+        """The hashes of the pieces a peer may take now (the others None), or
+        None before the size is known."""
+        if self.pieces is None:
+            return None
+        table = self.pieces.partial()
+        hashes = table.hashes[: self.pieces_done] + (None,) * (table.count - self.pieces_done)
+        return PieceTable(table.blob_size, table.piece_size, hashes)
 
     def sendable(self, end: int) -> int:
         """How far a waiter may send: never the last byte before verification."""
@@ -533,6 +546,8 @@ class Sources:
     ) -> None:
         """Streams one source's response into `writer`, waiters following, then commits."""
         fetch.size = response.size
+        if response.size is not None:
+            fetch.pieces = writer.expect(response.size)
         fetch.source = source.kind
         fetch.path = writer.path
         if self.peering is not None and response.size:
@@ -578,57 +593,51 @@ class Sources:
     async def _copy(self, fetch: Fetch, writer: BlobWriter, chunks: AsyncIterator[bytes]) -> None:
         """Moves bytes to disk as they arrive, hashing as it goes.
 
-        The first bytes are written at once, on the event loop (a few KiB cost
-        microseconds), so waiters get them without delay; after that, batches
-        grow to WRITE_BATCH and go to a worker thread while this task receives
-        the next one: hashing and writing overlap the network instead of
-        taking turns with it, and never stall the loop. At most two batches
-        wait behind the one being written.
+        This task receives; `_drain` hashes and writes, in a worker thread once
+        chunks are large, so hashing and writing overlap the network instead of
+        taking turns with it, and never stall the loop. What arrives while the
+        writer is busy queues up (at most MAX_QUEUED bytes, then receiving
+        waits) and goes to it in one call: the busier the writer, the fewer
+        thread round trips per MiB. The first chunk goes alone, at once, so
+        waiters get the first bytes without delay.
         """
-        send, receive = trio.open_memory_channel[bytes](1)
+        queue = _Queue()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._drain, fetch, writer, receive)
-            async with send:
-                batch: list[bytes] = []
-                batched = received = 0
+            nursery.start_soon(self._drain, fetch, writer, queue)
+            try:
                 async for chunk in chunks:
-                    batch.append(chunk)
-                    batched += len(chunk)
-                    if batched >= min(WRITE_BATCH, max(FIRST_WRITE, received)):
-                        received += batched
-                        await send.send(b"".join(batch))
-                        batch.clear()
-                        batched = 0
-                if batch:
-                    await send.send(b"".join(batch))
+                    await queue.put(chunk)
+            finally:
+                queue.close()
 
-    async def _drain(
-        self, fetch: Fetch, writer: BlobWriter, batches: trio.MemoryReceiveChannel[bytes]
-    ) -> None:
-        async with batches:
-            async for data in batches:
-                await self._write(fetch, writer, data)
+    async def _drain(self, fetch: Fetch, writer: BlobWriter, queue: _Queue) -> None:
+        while batch := await queue.take():
+            await self._write(fetch, writer, batch)
 
-    async def _write(self, fetch: Fetch, writer: BlobWriter, data: bytes) -> None:
-        t = fetch.transfer
-        if t is None or t.hasher is None:
-            if len(data) <= INLINE_WRITE:
-                writer.write(data)
-            else:
-                await trio.to_thread.run_sync(writer.write, data)
+    async def _write(self, fetch: Fetch, writer: BlobWriter, batch: list[bytes]) -> None:
+        """Hashes and writes one batch: small ones on the loop; large ones in two
+        worker threads at once, sha256 in one, blake3 and the write in the other
+        (each is about as slow as the other two together)."""
+        size = sum(map(len, batch))
+        if size <= INLINE_WRITE:
+            writer.write_chunks(batch)
+        elif size < PARALLEL_HASH:
+            await trio.to_thread.run_sync(writer.write_chunks, batch)
         else:
-            hasher = t.hasher
-
-            def write_and_hash() -> int:
-                writer.write(data)
-                hasher.feed(data)
-                return hasher.pieces_done
-
-            done = await trio.to_thread.run_sync(write_and_hash)
-            if done != t.held.bit_length():
-                assert self.peering is not None
-                self.peering.registry_pieces(t, hasher.partial(), (1 << done) - 1)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, writer.hash_chunks, batch)
+                await trio.to_thread.run_sync(
+                    functools.partial(writer.write_chunks, batch, sha256=False)
+                )
         fetch.written = writer.written
+        if writer.pieces is not None:
+            done = fetch.pieces_done = writer.pieces.pieces_done
+            t = fetch.transfer
+            if t is not None and done != t.held.bit_length():
+                assert self.peering is not None
+                table = fetch.piece_table()
+                assert table is not None
+                self.peering.registry_pieces(t, table, (1 << done) - 1)
         fetch.notify()
 
     # -- manifests ---------------------------------------------------------
@@ -795,6 +804,40 @@ class Sources:
             log.warning("serving last known %s:%s -> %s (no source answered)", name, tag, stale)
             return await self._stored_manifest(entry)
         raise misses.error(unknown)
+
+
+class _Queue:
+    """Chunks from the receiving task to the writing one: `take` returns all that
+    waits (an empty list once closed and drained); `put` waits while MAX_QUEUED
+    bytes already do."""
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._closed = False
+        self._changed = trio.Event()
+
+    def _notify(self) -> None:
+        event, self._changed = self._changed, trio.Event()
+        event.set()
+
+    async def put(self, chunk: bytes) -> None:
+        while self._size >= MAX_QUEUED:
+            await self._changed.wait()
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+        self._notify()
+
+    def close(self) -> None:
+        self._closed = True
+        self._notify()
+
+    async def take(self) -> list[bytes]:
+        while not self._chunks and not self._closed:
+            await self._changed.wait()
+        chunks, self._chunks, self._size = self._chunks, [], 0
+        self._notify()
+        return chunks
 
 
 async def _let_waiters_run() -> None:

@@ -60,11 +60,15 @@ from types import TracebackType
 
 import sqlite_utils
 
+from protocol.pieces import PieceHasher, PieceTable
+
 _DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
 _ALGO_RE = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*")
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
 _SHARD_RE = re.compile(r"[0-9a-f]{2}")
 _HASH_CHUNK = 1 << 20
+_IOV_MAX = 1024  # Linux's limit on one writev's buffers
+_WRITE_GROUP = 1 << 20  # bytes hashed and written while in the CPU's cache
 _SCHEMA_VERSION = 1
 _UNREADABLE_DB = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
@@ -197,6 +201,16 @@ class BlobWriter:
         self.source = source
         self.private_scope: str | None = None
         self.written = 0
+        # blake3 per piece, once the blob's size is known (`expect`): the table a
+        # cell serves to peers, built from the same pass over the bytes as sha256.
+        self.pieces: PieceHasher | None = None
+
+    def expect(self, size: int) -> PieceHasher:
+        """The blob will be `size` bytes: hash its pieces as they are written."""
+        if self.written or self.pieces is not None:
+            raise ValueError(f"writer for {self.digest} already started")
+        self.pieces = PieceHasher(size)
+        return self.pieces
 
     @property
     def closed(self) -> bool:
@@ -204,17 +218,53 @@ class BlobWriter:
 
     def write(self, data: bytes) -> None:
         """Append ``data`` and hash it. On a full disk: abort, then raise :class:`StoreFull`."""
+        self.write_chunks([data])
+
+    def write_chunks(self, chunks: list[bytes], *, sha256: bool = True) -> None:
+        """Hash, then append, ``chunks`` in order. Large chunks release the GIL
+        while hashed and written, so a worker thread runs this.
+
+        The bytes go through in groups of about _WRITE_GROUP, each hashed (sha256,
+        blake3 per piece) and written while it is still in the CPU's cache: a
+        pass each over a whole 8 MiB batch would read it from memory every time.
+        ``sha256=False``: the caller runs :meth:`hash_chunks` on the same chunks
+        in another thread at the same time (the two touch disjoint state); the
+        blob's pieces are still hashed before they are written."""
         fd = self._require_open()
-        view = memoryview(data)
+        group: list[memoryview] = []
+        grouped = 0
         try:
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            for chunk in chunks:
+                view = memoryview(chunk)
+                for start in range(0, len(view), _WRITE_GROUP):
+                    part = view[start : start + _WRITE_GROUP]
+                    if sha256:
+                        self._hash.update(part)
+                    if self.pieces is not None:
+                        self.pieces.feed(part)
+                    group.append(part)
+                    grouped += len(part)
+                    if grouped >= _WRITE_GROUP:
+                        self._writev(fd, group)
+                        group, grouped = [], 0
+            self._writev(fd, group)
         except OSError as exc:
             self.abort()
             raise _full_disk(exc, f"writing {self.digest}") from exc
-        self._hash.update(data)
-        self.written += len(data)
+
+    def hash_chunks(self, chunks: list[bytes]) -> None:
+        """The sha256 half of ``write_chunks(chunks, sha256=False)``."""
+        for chunk in chunks:
+            self._hash.update(chunk)
+
+    def _writev(self, fd: int, views: list[memoryview]) -> None:
+        while views:
+            n = os.write(fd, views[0]) if len(views) == 1 else os.writev(fd, views[:_IOV_MAX])
+            self.written += n
+            while views and n >= len(views[0]):
+                n -= len(views.pop(0))
+            if n:
+                views[0] = views[0][n:]
 
     def write_at(self, offset: int, data: bytes) -> None:
         """Put ``data`` at ``offset``, unhashed: pieces from peers land in any order.
@@ -269,7 +319,10 @@ class BlobWriter:
         self._fd = None
         try:
             os.close(fd)
-            return self._store._publish(self._hex, self.path, self.written, self)
+            entry = self._store._publish(self._hex, self.path, self.written, self)
+            if self.pieces is not None and self.pieces.blob_size == self.written:
+                self._store._tables[self.digest] = self.pieces.finish()
+            return entry
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
@@ -337,6 +390,7 @@ class Store:
         self._pinned: dict[str, set[str]] = {}  # digest -> apps whose pin needs it
         self._private: dict[str, frozenset[str]] = {}  # digest -> app scopes
         self._in_use: collections.Counter[str] = collections.Counter()
+        self._tables: dict[str, PieceTable] = {}  # digest -> its pieces' blake3 (a cache)
         self.max_bytes: int | None = None
         self._seq = itertools.count()
         self._lock_fd: int | None = None
@@ -603,6 +657,30 @@ class Store:
         # waiting for the lock that a commit may hold during an fsync.
         return sorted(self._entries.copy().values(), key=lambda e: e.digest)
 
+    def piece_table(self, digest: str) -> PieceTable | None:
+        """The blake3 table of a stored blob's pieces (what the peer API serves), or
+        None if it is not stored. Kept from the fetch that wrote the blob; a blob
+        stored before this process started is hashed once, here: call it from a
+        worker thread."""
+        table = self._tables.get(digest)
+        if table is not None:
+            return table
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None  # deleted since the lookup
+        hasher = PieceHasher(entry.size)
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            while chunk := f.read(hasher.piece_size):
+                hasher.feed(chunk)
+        table = hasher.finish()
+        if digest in self._entries:
+            self._tables[digest] = table
+        return table
+
     # ---- writing --------------------------------------------------------------------------
 
     def new_writer(
@@ -727,6 +805,7 @@ class Store:
         hex_ = parse_digest(digest)
         with self._lock:
             entry = self._entries.pop(digest, None)
+            self._tables.pop(digest, None)
             with self._access_lock:
                 self._pending_access.pop(digest, None)
             if entry is not None:

@@ -1,0 +1,221 @@
+"""A cell's intake: how fast celld fetches, verifies and stores an uncached blob.
+
+The goal (issue 11): at least 1 GiB/s on loopback, so celld is not what limits
+a 10 Gbit/s link. Every contender runs in the same process tree at the same
+time, interleaved over rounds (the machine is shared and noisy, so only
+figures measured side by side mean anything), for a blob of --size-mib:
+
+- direct: curl GETs the blob from docker-registry, to /dev/null. The reference,
+  and the ceiling on this machine: the registry's sending and a reader doing
+  nothing with the bytes.
+- nginx: curl GETs the same file from nginx (sendfile): the "fast peer", what a
+  cell serving a whole blob from its store could send at best.
+- celld<-registry: a real `celld serve` whose upstream is the registry takes in
+  the blob: bytes fetched, sha256 verified, blake3 per piece computed (the
+  PieceTable the cell can serve to peers), written to the store, committed.
+- celld<-nginx: the same from a second `celld serve` whose central registry is
+  nginx serving the blob's file at the registry path: the stand-in for a peer
+  sending a whole blob (the peer API is not in the daemon yet).
+
+How the intake is triggered and timed: a HEAD of the uncached blob through the
+cell's mirror. It answers once the fetch has its head, and the fetch goes on in
+the daemon with no client to send to, so what is timed is the intake alone.
+The bench polls the cell's data dir every millisecond: "intake" is the time
+until the temp file holds every byte (the fetch path writes a batch only after
+hashing it, so a full file is a hashed one: verification follows at once),
+"committed" until the blob is in `blobs/` (after the fsync and the rename, so
+it includes the disk). A GET of another uncached blob through the mirror
+(curl, as a runtime would) is timed too: intake plus sending every byte to
+the client, the figure a pull sees.
+
+Prints MiB/s (medians over rounds), the ratio of each to the direct GET and to
+nginx, and each cell's peak RSS. Run:
+python -m simulations.bench.intake [--size-mib 1024] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from simulations.bench.serve import Nginx, curl_many, peak_rss_mib
+from tests.support.celld import Celld
+from tests.support.registry import Registry
+
+REPO = "library/bench"
+NGINX_REPO = "docker.io/library/bench"  # celld.sources.central_repo("docker.io", REPO)
+SEED_CHUNK = 16 << 20
+INTAKES = ["celld<-registry", "celld<-nginx"]
+CONTENDERS = ["direct", "nginx", *INTAKES, *(f"{name} GET" for name in INTAKES)]
+
+
+def registry_file(registry: Registry, digest: str) -> Path:
+    """Where docker-registry's filesystem driver keeps a blob's bytes."""
+    hex_ = digest.removeprefix("sha256:")
+    return registry.root / "data/docker/registry/v2/blobs/sha256" / hex_[:2] / hex_ / "data"
+
+
+def seed_blob(registry: Registry, repo: str, size: int) -> str:
+    """Puts `size` random bytes in the registry's storage as a blob of `repo`, as a
+    push would leave them (the data file and the repository's layer link), and
+    returns its digest. A push of a GiB through the registry's upload API takes
+    minutes on a busy 2-core machine; the bench times reads, not pushes."""
+    storage = registry.root / "data/docker/registry/v2"
+    storage.mkdir(parents=True, exist_ok=True)
+    part = storage / "seed.part"
+    digest = hashlib.sha256()
+    with part.open("wb") as f:
+        for offset in range(0, size, SEED_CHUNK):
+            data = os.urandom(min(SEED_CHUNK, size - offset))
+            digest.update(data)
+            f.write(data)
+    name = "sha256:" + digest.hexdigest()
+    final = registry_file(registry, name)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    part.rename(final)
+    link = storage / "repositories" / repo / "_layers/sha256" / digest.hexdigest() / "link"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.write_text(name)
+    return name
+
+
+def intake(cell: Celld, digest: str, size: int, timeout: float = 600.0) -> tuple[float, float]:
+    """(seconds until every byte is in the temp file, until committed) of the
+    fetch a HEAD through the mirror starts."""
+    hex_ = digest.removeprefix("sha256:")
+    final = cell.data_dir / "blobs" / "sha256" / hex_[:2] / hex_
+    tmp = cell.data_dir / "tmp"
+    conn = http.client.HTTPConnection("127.0.0.1", cell.port, timeout=30)
+    started = time.perf_counter()
+    conn.request("HEAD", f"/v2/{REPO}/blobs/{digest}")
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    if response.status != 200:
+        raise RuntimeError(f"HEAD through {cell.url}: {response.status}")
+    full = None
+    deadline = started + timeout
+    while time.perf_counter() < deadline:
+        now = time.perf_counter()
+        if final.exists():
+            return (full or now) - started, now - started
+        if full is None:
+            for entry in os.scandir(tmp):
+                if entry.name.startswith(hex_):
+                    try:
+                        if entry.stat().st_size == size:
+                            full = now
+                    except FileNotFoundError:
+                        pass  # renamed into place just now
+        time.sleep(0.001)
+    raise TimeoutError(f"{digest} not committed in {cell.url} after {timeout}s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    size = args.size_mib * 2**20
+    mib = size / 2**20
+
+    with tempfile.TemporaryDirectory(prefix="celld-intake-") as tmp_name:
+        tmp = Path(tmp_name)
+        tmp.chmod(0o755)  # nginx's worker runs as nobody
+        registry = Registry(tmp / "registry").start()
+        nginx = Nginx(tmp / "nginx")
+        cells: dict[str, Celld] = {}
+        try:
+            # Two blobs a round, each uncached in both cells: one taken in on
+            # a HEAD, one pulled with a GET.
+            rounds = [
+                (seed_blob(registry, REPO, size), seed_blob(registry, REPO, size))
+                for _ in range(args.rounds)
+            ]
+            os.sync()  # the pushes' dirty pages, written back now rather than while timed
+            nginx.start(
+                {
+                    f"v2/{NGINX_REPO}/blobs/{digest}": registry_file(registry, digest)
+                    for pair in rounds
+                    for digest in pair
+                },
+                registry.url,
+            )
+            cells["celld<-registry"] = Celld(
+                tmp / "cell-registry", upstreams={"docker.io": registry.url}
+            ).start()
+            cells["celld<-nginx"] = Celld(
+                tmp / "cell-nginx",
+                upstreams={"docker.io": registry.url},
+                registries=[f"http://127.0.0.1:{nginx.port}"],
+            ).start()
+
+            rates: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+            committed: dict[str, list[float]] = {name: [] for name in INTAKES}
+            for i, (head_digest, get_digest) in enumerate(rounds):
+                direct = f"{registry.url}/v2/{REPO}/blobs/{head_digest}"
+                # One untimed read of each blob first: the registry's (and the
+                # page cache's) first read is slower, and whoever went first
+                # would pay for it.
+                curl_many(direct, 1, 1)
+                curl_many(f"{registry.url}/v2/{REPO}/blobs/{get_digest}", 1, 1)
+                runs = {
+                    "direct": lambda url=direct: curl_many(url, 1, 1) / 2**20,
+                    "nginx": lambda d=head_digest: (
+                        curl_many(f"http://127.0.0.1:{nginx.port}/v2/{NGINX_REPO}/blobs/{d}", 1, 1)
+                        / 2**20
+                    ),
+                }
+                for name in INTAKES:
+
+                    def run_intake(cell=cells[name], name=name, d=head_digest) -> float:
+                        full, done = intake(cell, d, size)
+                        committed[name].append(mib / done)
+                        return mib / full
+
+                    def run_get(cell=cells[name], d=get_digest) -> float:
+                        rate = curl_many(f"{cell.url}/v2/{REPO}/blobs/{d}", 1, 1) / 2**20
+                        cell.blob_stored(d, timeout=120)  # its commit is not the next one's noise
+                        return rate
+
+                    runs[name] = run_intake
+                    runs[f"{name} GET"] = run_get
+                first = i % len(CONTENDERS)
+                for name in CONTENDERS[first:] + CONTENDERS[:first]:
+                    time.sleep(0.5)
+                    rates[name].append(runs[name]())
+            rss = {name: peak_rss_mib(cell.proc.pid) for name, cell in cells.items()}
+            # Each cell took every byte from the source it stands for.
+            for name, kind in (("celld<-registry", "upstream"), ("celld<-nginx", "registry")):
+                fetched = cells[name].metric("celld_fetched_bytes_total", source=kind)
+                if fetched != 2 * args.rounds * size:
+                    raise RuntimeError(f"{name} fetched {fetched:.0f} bytes from its {kind}")
+        finally:
+            for cell in cells.values():
+                cell.stop()
+            nginx.stop()
+            registry.stop()
+
+    med = {name: statistics.median(values) for name, values in rates.items()}
+    print(f"intake of an uncached {args.size_mib} MiB blob, median of {args.rounds} rounds:")
+    print(f"{'':<24} {'MiB/s':>8} {'/direct':>8} {'/nginx':>8}")
+    for name in CONTENDERS:
+        rate = med[name]
+        print(f"{name:<24} {rate:>8.0f} {rate / med['direct']:>8.2f} {rate / med['nginx']:>8.2f}")
+    for name in INTAKES:
+        done = statistics.median(committed[name])
+        print(
+            f"{name + ' committed':<24} {done:>8.0f} {done / med['direct']:>8.2f} {done / med['nginx']:>8.2f}"
+        )
+    for name, peak in rss.items():
+        print(f"{name} peak RSS: {peak:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The intake benchmark still runs end to end and prints every figure the README quotes.
+
+Not a timing test: a small blob, one round, and only the shape of the report is
+checked, so a change that breaks a contender (the registry, nginx as a peer,
+celld's intake on a HEAD or a GET) is caught here rather than at the next run.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NUMBER = r"[0-9]+(?:\.[0-9]+)?"
+CONTENDERS = [
+    "direct",
+    "nginx",
+    "celld<-registry",
+    "celld<-nginx",
+    "celld<-registry GET",
+    "celld<-nginx GET",
+    "celld<-registry committed",
+    "celld<-nginx committed",
+]
+
+
+def test_intake_bench_reports_every_contender():
+    out = subprocess.run(
+        [sys.executable, "-m", "simulations.bench.intake", "--size-mib", "8", "--rounds", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    report = out.stdout
+    assert "intake of an uncached 8 MiB blob, median of 1 rounds:" in report, report
+    for name in CONTENDERS:
+        line = rf"^{re.escape(name)} +{NUMBER} +{NUMBER} +{NUMBER}$"
+        assert re.search(line, report, re.M), (name, report)
+    for name in ("celld<-registry", "celld<-nginx"):
+        assert re.search(rf"^{re.escape(name)} peak RSS: {NUMBER} MiB$", report, re.M), report
