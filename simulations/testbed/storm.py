@@ -196,6 +196,20 @@ class NsCelld(Celld):
         )
         return {source: int(float(value)) for source, value in found}
 
+    def settled_fetched_by_source(self, limit: float = 15.0) -> dict[str, int]:
+        """fetched_by_source once it stops growing: a blob is counted when it is
+        committed (fsync, rename), which may be just after the runtime had its last
+        verified byte and the pull ended."""
+        last = self.fetched_by_source()
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            now = self.fetched_by_source()
+            if now == last:
+                break
+            last = now
+        return last
+
     def wait_ready(self) -> None:
         ports = (self.port, self.metrics_port)
         wait_ready(self.netns, self.proc, self.log_path, ports, timeout=60)  # type: ignore[arg-type]
@@ -450,7 +464,7 @@ class Storm:
         if mode == "celld":
             for role, cell in self.cellds.items():
                 if role not in phase.killed:
-                    for source, n in cell.fetched_by_source().items():
+                    for source, n in cell.settled_fetched_by_source().items():
                         phase.fetched[source] = phase.fetched.get(source, 0) + n
                 stop_process(cell.proc)
         return phase
