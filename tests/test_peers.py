@@ -355,3 +355,23 @@ def test_a_private_blob_from_a_peer_stays_private_to_its_app(
     finally:
         a.stop()
         b.stop()
+
+
+def test_eviction_to_make_room_withdraws(cells, hub, tmp_path):
+    first, second = make_image((3 * MiB,)), make_image((3 * MiB,))
+    push_image(hub.url, "library/first", "1", first)
+    push_image(hub.url, "library/second", "1", second)
+    a, b = cells(2, max_bytes="5MiB")
+    pull(a, f"library/first@{first.digest}", tmp_path / "first-a")
+    pull(a, f"library/second@{second.digest}", tmp_path / "second-a")  # evicts the first
+    wait_until(lambda: a.metric("celld_store_evictions_total") >= 1, 10, "A evicts")
+    layer = first.layers[0]
+    assert not a.blob_stored(layer.digest, timeout=0)
+    hub_before = len([r for r in blob_gets(hub) if layer.digest in r[1]])
+    got = pull(b, f"library/first@{first.digest}", tmp_path / "first-b")
+    assert layer.digest in got
+    # B was not sent to A for what A evicted: the Hub served it again
+    assert len([r for r in blob_gets(hub) if layer.digest in r[1]]) == hub_before + 1
+    # A was never asked for what it evicted (its config and manifest it still serves)
+    assert a.metric("celld_peer_requests_total", endpoint="table", outcome="error_404") == 0
+    assert "Traceback" not in b.log()
