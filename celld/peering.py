@@ -191,7 +191,12 @@ class Peering:
         """What the peer server may send of `digest` (celld.peer.BlobSource)."""
         entry = self.store.lookup(digest)
         if entry is not None:
-            return Complete(entry.path, entry.size, private=self.store.private_scopes(digest))
+            return Complete(
+                entry.path,
+                entry.size,
+                table=self.store.piece_table(digest),  # hashed as it was fetched, if known
+                private=self.store.private_scopes(digest),
+            )
         t = self.transfers.get(digest)
         if t is None or t.table is None or not t.held:
             return None

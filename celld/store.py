@@ -658,28 +658,13 @@ class Store:
         return sorted(self._entries.copy().values(), key=lambda e: e.digest)
 
     def piece_table(self, digest: str) -> PieceTable | None:
-        """The blake3 table of a stored blob's pieces (what the peer API serves), or
-        None if it is not stored. Kept from the fetch that wrote the blob; a blob
-        stored before this process started is hashed once, here: call it from a
-        worker thread."""
-        table = self._tables.get(digest)
-        if table is not None:
-            return table
-        entry = self._entries.get(digest)
-        if entry is None:
+        """The blake3 table of a stored blob's pieces, kept from the fetch that wrote it
+        (what the peer API serves); None when it is not known (not stored, or stored
+        before this process started: the peer API then hashes the file, checking the
+        blob's digest in the same pass, see celld.peer)."""
+        if digest not in self._entries:
             return None
-        try:
-            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None  # deleted since the lookup
-        hasher = PieceHasher(entry.size)
-        with os.fdopen(fd, "rb", buffering=0) as f:
-            while chunk := f.read(hasher.piece_size):
-                hasher.feed(chunk)
-        table = hasher.finish()
-        if digest in self._entries:
-            self._tables[digest] = table
-        return table
+        return self._tables.get(digest)
 
     # ---- writing --------------------------------------------------------------------------
 

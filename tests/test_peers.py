@@ -304,8 +304,12 @@ def test_a_cell_that_finds_its_own_copy_damaged_drops_it(cells, hub, tmp_path):
     layer = image.layers[0]
     path = a.data_dir / "blobs" / "sha256" / layer.digest[7:9] / layer.digest[7:]
     data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # damaged before any peer asked for its table
+    data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
+    a.stop()  # the rot is found after a restart: no table kept from the fetch
+    a.start()
+    wait_until(lambda: b.peers()["cell-0"]["state"] == "alive", 15, "A is back")
+    wait_until(lambda: b.peers()["cell-0"]["blobs_announced"] >= 3, 10, "A re-announces")
 
     got = pull(b, ref, tmp_path / "via-b")  # A refuses to serve it; the Hub does
     assert hashlib.sha256(got[layer.digest].read_bytes()).hexdigest() == layer.digest[7:]
