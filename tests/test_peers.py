@@ -25,21 +25,17 @@ from tests.support.celld import Celld, Cluster, cluster_address
 from tests.support.images import Image, make_image, push_image
 from tests.support.registry import Registry
 from tests.support.skopeo import skopeo_copy, stored_blobs, write_registries_conf
+from tests.test_cluster import KEY, key_file, wait_until  # noqa: F401
 
-KEY = bytes(range(32))
 MiB = 1 << 20
 
 
 @pytest.fixture
-def key_file(tmp_path: Path) -> Path:
-    path = tmp_path / "cluster.key"
-    path.write_text(KEY.hex() + "\n")
-    return path
-
-
-@pytest.fixture
 def cells(
-    tmp_path: Path, key_file: Path, hub: Registry, central: Registry
+    tmp_path: Path,
+    key_file: Path,  # noqa: F811 (the fixture, from test_cluster)
+    hub: Registry,
+    central: Registry,
 ) -> Iterator[Callable[..., list[Celld]]]:
     started: list[Celld] = []
 
@@ -75,14 +71,6 @@ def cells(
     yield start
     for cell in started:
         cell.stop()
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.05)
 
 
 def pull(cell: Celld, ref: str, dest: Path) -> dict[str, Path]:
@@ -319,7 +307,11 @@ def test_a_cell_that_finds_its_own_copy_damaged_drops_it(cells, hub, tmp_path):
 
 
 def test_a_private_blob_from_a_peer_stays_private_to_its_app(
-    tmp_path, token_hub, central, key_file, containerd
+    tmp_path,
+    token_hub,
+    central,
+    key_file,  # noqa: F811
+    containerd,
 ):
     secret = make_image((3 * MiB, 20_000))
     token_hub.push("acme/secret", "1", secret)
