@@ -150,36 +150,40 @@ class _Buffers:
     resized (BufferError). Memory: what the reader holds, plus one buffer.
     """
 
-    MIN_SPACE = 256 << 10  # less room than this left: the next buffer
+    MIN_SPACE = 64 << 10  # less room than this left: the next buffer
+    # The first buffer is small: a new bytearray is zeroed, and 4 MiB of page
+    # faults on the event loop would delay the waiters' first bytes.
+    FIRST_SIZE = 64 << 10  # and its chunks small enough to be written on the loop at once
 
     def __init__(self, size: int) -> None:
         self._size = size
         self._all: list[bytearray] = []
-        self._current: bytearray | None = None
+        self._current = bytearray(0)
         self._used = 0
 
     def space(self, remaining: int) -> memoryview:
         """Where the next read goes (at most `remaining` bytes)."""
-        if self._current is None or self._size - self._used < min(self.MIN_SPACE, remaining):
+        if len(self._current) - 1 - self._used < min(self.MIN_SPACE, remaining):
             self._current, self._used = self._free(), 0
-        return memoryview(self._current)[self._used : min(self._size, self._used + remaining)]
+        end = min(len(self._current) - 1, self._used + remaining)
+        return memoryview(self._current)[self._used : end]
 
     def filled(self, n: int) -> memoryview:
         """The `n` bytes the last read put into `space`, as a chunk."""
-        assert self._current is not None
         chunk = memoryview(self._current)[self._used : self._used + n]
         self._used += n
         return chunk
 
     def _free(self) -> bytearray:
-        for buf in self._all:
+        for buf in self._all[1:]:  # the small first one is not worth reusing
             try:
                 buf.pop()  # the spare byte: raises while views of `buf` exist
             except BufferError:
                 continue
             buf.append(0)
             return buf
-        buf = bytearray(self._size + 1)  # one spare byte, for the test above
+        size = self._size if self._all else min(self.FIRST_SIZE, self._size)
+        buf = bytearray(size + 1)  # one spare byte, for the test above
         self._all.append(buf)
         return buf
 
