@@ -602,13 +602,20 @@ class Sources:
         waiters get the first bytes without delay.
         """
         queue = _Queue()
+        failed: Exception | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._drain, fetch, writer, queue)
             try:
                 async for chunk in chunks:
                     await queue.put(chunk)
+            except Exception as exc:
+                # The source broke off: what it sent before is still the blob's
+                # beginning, so it is written (waiters get it) before the fetch fails.
+                failed = exc
             finally:
                 queue.close()
+        if failed is not None:
+            raise failed
 
     async def _drain(self, fetch: Fetch, writer: BlobWriter, queue: _Queue) -> None:
         while batch := await queue.take():
