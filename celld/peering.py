@@ -69,7 +69,6 @@ class Transfer:
     changed: trio.Event = field(default_factory=trio.Event)
     complete: bool = False  # every piece held (DownloadComplete)
     upstream: list[tuple[int, int]] = field(default_factory=list)  # FetchUpstream ranges
-    bad_tables: set[str] = field(default_factory=set)
     table_from: str = ""
     private: frozenset[str] = frozenset()  # app scopes the blob is private to at its source
     last_progress: float = field(default_factory=time.monotonic)
@@ -485,7 +484,6 @@ class Peering:
         if isinstance(merged, PieceTable):
             t.table = merged
         else:
-            t.bad_tables.add(peer)
             raise PeerError(f"{peer}'s piece table disagrees with {t.table_from}'s")
 
     async def _advance(self, t: Transfer) -> None:
