@@ -446,6 +446,8 @@ class Peering:
             except PeerError as exc:
                 log.info("piece %d of %s from %s: %s", index, t.digest, peer, exc)
                 outcome = ("error", None)
+            except ValueError:  # a late copy: the writer was committed or aborted meanwhile
+                return
             except OSError as exc:  # the temp file (full disk): the transfer is over
                 log.error("writing %s: %s", t.digest, exc)
                 return
