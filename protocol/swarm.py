@@ -64,6 +64,16 @@ Each peer takes at most `max_inflight_per_peer` requests, the download at most
 more flows share the same bandwidth, so each piece takes longer to become available
 to relay, and in the simulated Kraken storm 8 in flight cost 3 s at the median.
 
+The runtime's next pieces first. The runtime is streamed the blob's verified prefix in
+order as it grows, so the lowest piece not held holds up its next byte: with rarest
+first alone, piece 0 of a blob from one complete peer comes at a random point of the
+transfer, and so does the runtime's first byte. Before drawing the rarest, the download
+asks for the `stream_ahead` lowest pieces not held (lowest first) when a ready peer has
+them and no request for them is out; the rest of the budget goes to the rarest, which
+keeps the swarm's pieces spread (every cell asking only for its next piece would make
+the pieces just fetched from the registries the ones everybody waits on). One (the
+default) keeps one request of the two on the runtime's stream; 0 is rarest first only.
+
 Endgame. When every piece still wanted is requested, the idle capacity asks a second
 peer for pieces in flight (up to `endgame_copies` requests a piece); the first copy to
 arrive cancels the others.
@@ -150,6 +160,7 @@ class SwarmConfig:
     max_failures: int = 3
     lookup_interval: float = 1.0
     inflight_while_fetching: int = 0  # budget of a cell's other downloads, see registry_first
+    stream_ahead: int = 1  # the runtime's next pieces, asked for before the rarest
 
 
 # ---------------------------------------------------------------------------------------
@@ -814,9 +825,14 @@ class Download:
                         cand |= askable
             if not cand:
                 return
-            rare = self._rarest(cand)
-            index = nth_set_bit(rare, int(random() * rare.bit_count()))
-            bit = 1 << index
+            urgent = cand & self._stream_window()
+            if urgent:
+                bit = urgent & -urgent  # the runtime reads in order: the lowest first
+                index = bit.bit_length() - 1
+            else:
+                rare = self._rarest(cand)
+                index = nth_set_bit(rare, int(random() * rare.bit_count()))
+                bit = 1 << index
             # Same zone first, then the fewest of our requests in flight; one rng draw
             # among the ties (this loop runs once a piece: keep it lean).
             best_key = 1 << 30
@@ -832,6 +848,20 @@ class Download:
                     holders.append(p)
             best = holders[int(random() * len(holders))] if len(holders) > 1 else holders[0]
             self._request(best, index, now, out)
+
+    def _stream_window(self) -> int:
+        """The `stream_ahead` lowest pieces not held: what the runtime, streamed the
+        blob's verified prefix in order, waits for next (the first of them holds up its
+        next byte)."""
+        window = 0
+        wanted = self._wanted
+        for _ in range(self.config.stream_ahead):
+            low = wanted & -wanted
+            if not low:
+                break
+            window |= low
+            wanted ^= low
+        return window
 
     def _query(self, now: float, out: list[Event], free: int) -> None:
         cfg = self.config

@@ -196,6 +196,34 @@ def test_kill_9_of_a_provider_mid_transfer_moves_to_the_other(cells, hub, centra
     wait_until(lambda: b.peers()["cell-0"]["state"] == "dead", 15, "B declares A dead")
 
 
+def test_the_runtime_gets_its_first_byte_from_the_first_piece_not_the_last(
+    cells, hub, central, tmp_path
+):
+    """From one complete provider every piece is as rare as the next; rarest first alone
+    would take piece 0 at a random point of the transfer and hold the runtime's stream
+    until then. The runtime's next piece goes first, so its first byte comes with the
+    first piece B receives (B asks A for one piece at a time: max_inflight_per_peer)."""
+    image = make_image((48 * MiB,))
+    push_image(hub.url, "library/stream", "1", image)
+    a, b = cells(2, upload_rate="12MiB")  # 12 pieces of 4 MiB, about 4 s from A
+    pull(a, f"library/stream@{image.digest}", tmp_path / "via-a")
+    layer = image.layers[0]
+    url = f"{b.url}/v2/library/stream/blobs/{layer.digest}?ns=docker.io"
+    digest = hashlib.sha256()
+    with httpx.stream("GET", url, timeout=60) as r:
+        assert r.status_code == 200
+        chunks = r.iter_raw()
+        first = next(chunks)
+        received_at_first_byte = b.metric("celld_peer_received_bytes_total")
+        digest.update(first)
+        for chunk in chunks:
+            digest.update(chunk)
+    assert digest.hexdigest() == layer.digest[7:]
+    # the first piece, and at most the next one begun: not the 12 pieces' random share
+    assert received_at_first_byte < 2 * 4 * MiB, received_at_first_byte
+    assert b.metric("celld_fetched_bytes_total", source="upstream") == 0
+
+
 def test_the_lease_moves_when_the_only_provider_dies(cells, hub, central, tmp_path):
     image = make_image((24 * MiB,))
     push_image(hub.url, "library/solo", "1", image)

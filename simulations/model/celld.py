@@ -336,6 +336,8 @@ class CelldPuller:
         peer = w.names[p]
         if ok:
             self.stats["pieces_from_peers"] += 1
+            if index == 0:
+                w.layer_first_byte(d, self.layer_of[digest])
             actions = c.piece_arrived(
                 peer, digest, index, True, now, have=reply.have, complete=reply.complete
             )
@@ -450,6 +452,8 @@ class CelldPuller:
             return
         if ok:
             self.stats["pieces_from_registry"] += 1
+            if index == 0:
+                w.layer_first_byte(node, self.layer_of[digest])
             self._registry_next(key)  # the stream goes on while the cell takes the piece
         else:
             self.registry_busy.discard(key)

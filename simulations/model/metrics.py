@@ -66,6 +66,7 @@ class Metrics:
         self.image_size = image_size
         self.pull_started: dict[int, float] = {}
         self.pull_done: dict[int, float] = {}
+        self.first_byte: dict[tuple[int, int], float] = {}  # (cell, layer) -> time
         self.from_upstream = 0.0
         self.from_central = 0.0
         self.from_peers = 0.0
@@ -92,6 +93,11 @@ class Metrics:
             "incomplete": len(self.pull_started) - len(durations),
             "completion_s": summary(durations),
             "times_s": [r(x) for x in durations],
+            # when the runtime could be streamed a layer's first byte, from the pull's
+            # start (strategies that stream report it; the others leave it empty)
+            "layer_first_byte_s": summary(
+                [t - self.pull_started[c] for (c, _), t in self.first_byte.items()]
+            ),
         }
 
     def bytes_summary(self) -> dict[str, float]:

@@ -228,6 +228,8 @@ class World:
             return
         self.metrics.pull_started[cell] = self.engine.now
         self._layers_done[cell] = 0
+        for layer in range(len(self.sc.layers)):  # a restarted cell streams anew
+            self.metrics.first_byte.pop((cell, layer), None)
         self.puller.start(cell)
 
     # -- what strategies report ------------------------------------------------------
@@ -240,6 +242,11 @@ class World:
             self.metrics.pull_done[cell] = self.engine.now
             return True
         return False
+
+    def layer_first_byte(self, cell: int, layer: int) -> None:
+        """The first piece of a layer is held: its runtime's stream can start."""
+        if cell in self.metrics.pull_started:
+            self.metrics.first_byte.setdefault((cell, layer), self.engine.now)
 
     def account(self, flow: Flow, ok: bool) -> None:
         """Count the bytes a flow moved (all of them, or as far as it got)."""

@@ -91,7 +91,7 @@ def test_a_download_starts_by_asking_the_homes() -> None:
 
 
 def test_the_rarest_piece_is_asked_for_first() -> None:
-    dl = download(4, max_inflight_per_peer=1, max_inflight=8)
+    dl = download(4, max_inflight_per_peer=1, max_inflight=8, stream_ahead=0)
     events = dl.add_providers([info("a", 0b1111), info("b", 0b1110), info("c", 0b1100)], 0.0)
     requests = asked(events)
     assert requests[:2] == [("a", 0), ("b", 1)]  # held by one peer, then by two
@@ -101,15 +101,61 @@ def test_the_rarest_piece_is_asked_for_first() -> None:
 
 def test_ties_are_broken_at_random_by_the_rng_passed_in() -> None:
     firsts = {
-        asked(download(64, seed, max_inflight=1).add_providers([info("a", complete=True)], 0))[0][1]
+        asked(
+            download(64, seed, max_inflight=1, stream_ahead=0).add_providers(
+                [info("a", complete=True)], 0
+            )
+        )[0][1]
         for seed in range(20)
     }
     assert len(firsts) > 8
     same = [
-        asked(download(64, 7, max_inflight=1).add_providers([info("a", complete=True)], 0))
+        asked(
+            download(64, 7, max_inflight=1, stream_ahead=0).add_providers(
+                [info("a", complete=True)], 0
+            )
+        )
         for _ in range(2)
     ]
     assert same[0] == same[1]
+
+
+def test_the_runtimes_next_piece_goes_first_and_the_rest_of_the_budget_to_the_rarest() -> None:
+    # pieces 0-7 are held by a and b, 8-15 by c too: 8-15 are the more common
+    dl = download(16, max_inflight_per_peer=1, max_inflight=2)
+    half = sum(1 << i for i in range(8, 16))
+    providers = [info("a", complete=True), info("b", complete=True), info("c", half)]
+    requests = asked(dl.add_providers(providers, 0.0))
+    assert requests[0][1] == 0  # what the runtime waits for, though no rarer than 1-7
+    assert 1 <= requests[1][1] < 8  # the other request: one of the rarest
+    peer, index = requests[1]
+    assert asked(dl.on_piece(peer, index, True, 0.1))[0][1] != 1  # 0 is still in flight
+    assert asked(dl.on_piece(requests[0][0], 0, True, 0.2)) == [(requests[0][0], 1)]
+
+
+def prefix_lags(stream_ahead: int, seed: int) -> int:
+    """Download 32 pieces from one complete peer, answering requests in order; count the
+    arrivals after which the runtime could have been streamed (the held prefix) less than
+    half the pieces received."""
+    dl = download(32, seed, max_inflight_per_peer=2, max_inflight=2, stream_ahead=stream_ahead)
+    pending = asked(dl.add_providers([info("a", complete=True)], 0.0))
+    arrived = lags = 0
+    while pending:
+        peer, index = pending.pop(0)
+        arrived += 1
+        pending += asked(dl.on_piece(peer, index, True, arrived * 0.01))
+        prefix = ((dl.held + 1) & ~dl.held).bit_length() - 1
+        lags += prefix < arrived // 2
+    assert dl.complete
+    return lags
+
+
+@pytest.mark.parametrize("stream_ahead", [1, 2])
+def test_the_runtime_is_streamed_as_the_pieces_arrive_not_at_the_end(stream_ahead: int) -> None:
+    """From one complete peer every piece is as rare as the next: with rarest first alone
+    piece 0 comes at a random point, and with it the runtime's first byte."""
+    assert all(prefix_lags(stream_ahead, seed) == 0 for seed in range(10))
+    assert any(prefix_lags(0, seed) for seed in range(10))  # what stream_ahead buys
 
 
 def test_requests_in_flight_are_bounded_per_peer_and_per_download() -> None:
@@ -308,7 +354,8 @@ def test_the_download_is_not_woken_for_a_back_off_while_its_budget_is_spent() ->
     assert asked(dl.on_busy(peer2, index2, 0.01)) == []
     wake = dl.next_deadline()
     assert wake is not None and 0.04 < wake < 0.16
-    assert [p for p, _ in asked(dl.poll(wake))] == [peer]
+    # the peer whose (jittered) back-off ended first is asked again
+    assert len(asked(dl.poll(wake))) == 1
 
 
 def test_a_starving_download_asks_the_homes_again_at_most_every_lookup_interval() -> None:
