@@ -32,6 +32,7 @@ client verifies every piece against its table; the blob's sha256 is the caller's
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import hashlib
 import logging
@@ -362,7 +363,13 @@ class Peer:
         # The uploader must know what this cell holds (a source may have gained pieces
         # the cell's downloads did not report yet); parked askers that want them wake.
         self.wake(self.uploader.add_seed(digest, layout.count, layout.have))
-        return found, layout
+        return found, self._shown(digest, layout)
+
+    def _shown(self, digest: str, layout: _Layout) -> _Layout:
+        """What askers are told this cell holds: a lease holder hides the pieces it has
+        sent once, so they go on from the cells that got them (Uploader.shown)."""
+        shown = self.uploader.shown(digest, layout.have)
+        return layout if shown == layout.have else dataclasses.replace(layout, have=shown)
 
     def _open_found(self, digest: str) -> tuple[int, Complete | Partial, _Layout] | None:
         """Finds and opens a blob; a download's temp file may be renamed into the store
@@ -532,7 +539,7 @@ class Peer:
         slot = (cell, digest, index)
         try:
             # the bitmap may have grown while the upload waited for its slot
-            layout = _Layout.of(self.blobs.find(digest) or hit[1])
+            layout = self._shown(digest, _Layout.of(self.blobs.find(digest) or hit[1]))
             offset, length = piece_span(index, layout.size, layout.piece_size)
             headers = [("Content-Type", "application/octet-stream"), *layout.headers()]
             headers.append(("Celld-Piece", str(index)))

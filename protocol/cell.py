@@ -483,6 +483,7 @@ class Cell:
         Its download, if any, is over."""
         full = bitmap_full(piece_count)
         self.downloads.pop(digest, None)
+        self.uploader.set_origin(digest, False)  # complete: every piece to anyone
         out: list[Action] = [
             SendHave(to, reply) for to, reply in self.uploader.add_seed(digest, piece_count, full)
         ]
@@ -563,6 +564,7 @@ class Cell:
         granted = result.lease == pl.LeaseStatus.GRANTED and not dl.lease
         if granted:
             events += dl.grant_lease(now)
+            self.uploader.set_origin(dl.digest, True)
             out.append(LeaseGranted(dl.digest))
             out.extend(self._announce(dl, now))
         self._events(dl, events, now, out)

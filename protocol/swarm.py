@@ -944,12 +944,14 @@ def registry_first(downloads: Iterable[Download], now: float) -> list[tuple[Down
 
 
 class _Seed:
-    __slots__ = ("complete", "have", "parked", "piece_count", "satisfied")
+    __slots__ = ("complete", "have", "origin", "parked", "piece_count", "satisfied", "spread")
 
     def __init__(self, piece_count: int, have: int) -> None:
         self.piece_count = piece_count
         self.have = have
         self.complete = have == bitmap_full(piece_count)
+        self.origin = False  # the cell reads this blob from the registries (the lease)
+        self.spread = 0  # an origin's pieces it has begun uploading once
         self.parked: dict[MemberId, tuple[int, float]] = {}  # requester -> (want, until)
         # parked requesters that want a piece held now, waiting for a free upload slot
         self.satisfied: dict[MemberId, None] = {}
@@ -991,6 +993,29 @@ class Uploader:
         seed = self._seeds.get(digest)
         return seed.have if seed is not None else 0
 
+    def set_origin(self, digest: Digest, origin: bool) -> None:
+        """The cell holds the fetch lease of `digest` and reads it from the registries
+        (True), or no longer (False): see `shown`."""
+        seed = self._seeds.get(digest)
+        if seed is not None:
+            seed.origin = origin
+            seed.spread = 0
+
+    def shown(self, digest: Digest, have: int) -> int:
+        """The pieces of `have` this cell tells askers it holds. An origin (the lease
+        holder, still reading from the registries) is the only source of the pieces it
+        just read, and its upload link the narrowest pipe of the whole storm: every new
+        piece must leave it at least once. Sending the newest piece to each asker in
+        turn spends that link on copies the askers could take from each other. So, like
+        BitTorrent's super-seeding (BEP 16), an origin shows only the pieces it has not
+        begun uploading yet (all of them once every held piece went out once): a piece
+        it sent goes on from the cell that got it."""
+        seed = self._seeds.get(digest)
+        if seed is None or not seed.origin:
+            return have
+        fresh = have & ~seed.spread
+        return fresh if fresh else have
+
     def add_seed(
         self, digest: Digest, piece_count: int, have: int = 0
     ) -> list[tuple[MemberId, HaveReply]]:
@@ -1023,7 +1048,7 @@ class Uploader:
         for r, (want, _) in seed.parked.items():
             if want & bit and r not in seed.satisfied:
                 if len(out) < free:
-                    out.append((r, HaveReply(digest, seed.have, seed.complete)))
+                    out.append((r, HaveReply(digest, self._shown(seed), seed.complete)))
                 else:
                     seed.satisfied[r] = None
         for r, _ in out:
@@ -1051,7 +1076,7 @@ class Uploader:
     ) -> tuple[MemberId, HaveReply]:
         seed.parked.pop(requester, None)
         seed.satisfied.pop(requester, None)
-        return requester, HaveReply(digest, seed.have, seed.complete)
+        return requester, HaveReply(digest, self._shown(seed), seed.complete)
 
     def on_have_query(self, sender: MemberId, q: HaveQuery, now: float) -> HaveReply | None:
         """The answer now, or None when parked (it comes from piece_added or poll)."""
@@ -1061,7 +1086,7 @@ class Uploader:
         if seed.have & q.want or seed.complete or len(seed.parked) >= self.max_parked:
             seed.parked.pop(sender, None)
             seed.satisfied.pop(sender, None)
-            return HaveReply(q.digest, seed.have, seed.complete)
+            return HaveReply(q.digest, self._shown(seed), seed.complete)
         until = now + self.have_wait
         seed.parked[sender] = (q.want, until)
         heapq.heappush(self._parked_deadlines, (until, q.digest, sender))
@@ -1099,9 +1124,10 @@ class Uploader:
         """OK: start sending now. QUEUED: on_done will start it. BUSY/MISSING: sent back
         at once, with this cell's bitmap."""
         seed = self._seeds.get(req.digest)
-        if seed is None or req.index < 0 or not (seed.have >> req.index) & 1:
-            have, complete = (seed.have, seed.complete) if seed is not None else (0, False)
-            return PieceReply(req.digest, req.index, PieceStatus.MISSING, have, complete)
+        shown = self._shown(seed) if seed is not None else 0
+        if seed is None or req.index < 0 or not (shown >> req.index) & 1:
+            complete = seed.complete if seed is not None else False
+            return PieceReply(req.digest, req.index, PieceStatus.MISSING, shown, complete)
         key = (sender, req.digest, req.index)
         if len(self._active) < self.slots:
             self._active.add(key)
@@ -1112,7 +1138,10 @@ class Uploader:
         else:
             self.busy_replies += 1
             status = PieceStatus.BUSY
-        return PieceReply(req.digest, req.index, status, seed.have, seed.complete)
+        if status is not PieceStatus.BUSY and seed.origin:
+            seed.spread |= 1 << req.index
+            shown = self._shown(seed)
+        return PieceReply(req.digest, req.index, status, shown, seed.complete)
 
     def on_done(
         self, requester: MemberId, digest: Digest, index: int
@@ -1141,5 +1170,12 @@ class Uploader:
     def piece_reply(self, digest: Digest, index: int) -> PieceReply:
         """The OK reply that goes with a piece (carries the current bitmap)."""
         seed = self._seeds.get(digest)
-        have, complete = (seed.have, seed.complete) if seed is not None else (0, False)
+        have, complete = (self._shown(seed), seed.complete) if seed is not None else (0, False)
         return PieceReply(digest, index, PieceStatus.OK, have, complete)
+
+    @staticmethod
+    def _shown(seed: _Seed) -> int:
+        if not seed.origin:
+            return seed.have
+        fresh = seed.have & ~seed.spread
+        return fresh if fresh else seed.have

@@ -411,6 +411,41 @@ def test_completion_is_reported_once() -> None:
 # -- the uploader ----------------------------------------------------------------------------
 
 
+def test_an_origin_shows_each_piece_until_it_has_sent_it_once() -> None:
+    """The lease holder's upload link carries every new piece at least once: a piece
+    it sent goes on from the cell that got it (super-seeding, BEP 16)."""
+    up = Uploader("origin", slots=8)
+    up.add_seed(D, 4, have=0b0011)
+    up.set_origin(D, True)
+    first = up.on_request("a", PieceRequest(D, 0), 0.0)
+    assert first.status == PieceStatus.OK and first.have == 0b0010
+    again = up.on_request("b", PieceRequest(D, 0), 0.0)  # b is told to take 0 from a
+    assert again.status == PieceStatus.MISSING and again.have == 0b0010
+    assert up.on_request("b", PieceRequest(D, 1), 0.0).status == PieceStatus.OK
+    # every held piece went out once: nothing is hidden any more
+    assert up.on_request("c", PieceRequest(D, 0), 0.0).status == PieceStatus.OK
+    up.piece_added(D, 2)  # a new piece from the registry is shown first
+    assert up.on_have_query("d", HaveQuery(D, 0b1111), 0.0) == HaveReply(D, 0b0100, False)
+    assert up.piece_reply(D, 2).have == 0b0100
+    up.set_origin(D, False)  # the read is over: everything to anyone
+    assert up.on_request("d", PieceRequest(D, 0), 0.0).have == 0b0111
+
+
+def test_a_cell_is_an_origin_while_it_holds_the_lease_and_not_once_the_blob_is_held() -> None:
+    from protocol.cell import Cell
+
+    cell = Cell("me", "z1", rng=random.Random(0))
+    cell.set_members(frozenset({"me"}), 0.0)
+    granted = LookupResult(D, (), LeaseStatus.GRANTED, "me", 4, ("me",))
+    cell.download(D, 4, 0.0, located=granted)
+    cell.registry_piece(D, 0, True, 0.1)
+    cell.registry_piece(D, 1, True, 0.2)
+    assert cell.piece_request("a", D, 0, 0.3).status == PieceStatus.OK
+    assert cell.piece_request("b", D, 0, 0.3).status == PieceStatus.MISSING
+    cell.hold(D, 4, 1.0)
+    assert cell.piece_request("b", D, 0, 1.1).status == PieceStatus.OK
+
+
 def test_upload_slots_are_fixed_and_the_next_asker_is_told_busy() -> None:
     up = Uploader("u", slots=2)
     up.add_seed(D, 4, have=0b1111)
