@@ -68,11 +68,15 @@ The runtime's next pieces first. The runtime is streamed the blob's verified pre
 order as it grows, so the lowest piece not held holds up its next byte: with rarest
 first alone, piece 0 of a blob from one complete peer comes at a random point of the
 transfer, and so does the runtime's first byte. Before drawing the rarest, the download
-asks for the `stream_ahead` lowest pieces not held (lowest first) when a ready peer has
-them and no request for them is out; the rest of the budget goes to the rarest, which
-keeps the swarm's pieces spread (every cell asking only for its next piece would make
-the pieces just fetched from the registries the ones everybody waits on). One (the
-default) keeps one request of the two on the runtime's stream; 0 is rarest first only.
+asks for the `stream_ahead` lowest pieces not held (lowest first) when a ready complete
+peer has them and no request for them is out; the rest of the budget goes to the
+rarest. Only from complete peers: a piece a complete peer holds is never scarce, so
+taking it in order costs the swarm nothing, while a piece only downloading cells hold is
+rarest first's to place (every cell asking for its next piece would make the pieces
+just read from the registries the ones everybody waits on: in the simulated Kraken storm,
+in-order from any peer cost 0.4 s at p99, and in a storm the pieces enter in order
+anyway, from the lease holder's registry read). One (the default) keeps one request of
+the two on the runtime's stream; 0 is rarest first only.
 
 Endgame. When every piece still wanted is requested, the idle capacity asks a second
 peer for pieces in flight (up to `endgame_copies` requests a piece); the first copy to
@@ -815,6 +819,7 @@ class Download:
                 return
             ready: list[_Peer] = []
             cand = 0
+            seeded = 0  # what complete peers among them can give
             for p in peers:
                 if p.busy_until <= now and len(p.inflight) < cap:
                     askable = p.have & want
@@ -823,9 +828,11 @@ class Download:
                     if askable:
                         ready.append(p)
                         cand |= askable
+                        if p.complete:
+                            seeded |= askable
             if not cand:
                 return
-            urgent = cand & self._stream_window()
+            urgent = seeded & self._stream_window() if seeded else 0
             if urgent:
                 bit = urgent & -urgent  # the runtime reads in order: the lowest first
                 index = bit.bit_length() - 1
