@@ -198,6 +198,45 @@ def test_cleanup_removes_what_a_killed_storm_left(tmp_path: Path) -> None:
     assert_nothing_left(rid, workdir)
 
 
+def tmpfs_mounts(rid: str) -> list[str]:
+    lines = Path("/proc/mounts").read_text().splitlines()
+    return [line.split()[1] for line in lines if line.startswith(f"ctb-{rid} ")]
+
+
+@pytest.mark.parametrize("ending", ["completes", "killed"])
+def test_the_default_work_dir_is_a_tmpfs_that_goes_with_the_run(
+    tmp_path: Path, ending: str
+) -> None:
+    """Without --workdir the cells' stores and the runtimes' copies go on a tmpfs of the
+    run's own (they would share one disk here), removed when the run ends, or by
+    `cleanup` when it was killed."""
+    rid = rid_for(tmp_path)
+    proc = start_testbed(
+        "storm", "--cells", "2", "--image-mib", "16", "--link", "100mbit",
+        "--modes", "celld", "--run-id", rid,
+    )  # fmt: skip
+    out = wait_for_line(proc, "storm (celld)")
+    assert "work dir on a tmpfs" in out
+    (workdir,) = tmpfs_mounts(rid)
+    assert workdir in out
+    if ending == "completes":
+        out = finish(proc)
+        assert proc.returncode == 0, out
+        assert "2/2 cells completed with the right digest" in out
+    else:
+        proc.kill()
+        proc.wait()
+        assert tmpfs_mounts(rid) == [workdir]
+        done = subprocess.run(
+            [sys.executable, "-m", "simulations.testbed", "cleanup", "--run-id", rid],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0 and "1 tmpfs" in done.stdout, done.stdout + done.stderr
+    assert tmpfs_mounts(rid) == []
+    assert not Path(workdir).exists()
+    assert_nothing_left(rid, Path(workdir))
+
+
 def test_the_cluster_lines_are_the_ones_the_daemon_parses(tmp_path: Path) -> None:
     key = tmp_path / "cluster.key"
     key.write_text(secrets.token_hex(32) + "\n")

@@ -8,6 +8,8 @@ why, never a traceback), 130 interrupted (after cleaning up).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -51,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--keep", action="store_true", help="keep the temp work dir")
     s.add_argument("--json", type=Path, dest="json_out", help="write the figures as JSON")
     s.add_argument("--timeout", type=float, default=1800, help="one cell's pull (s)")
+    s.add_argument(
+        "--tmpfs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the work dir on a tmpfs when it fits in memory (the cells share no disk)",
+    )
     c = sub.add_parser("cleanup", help="remove what runs left behind")
     c.add_argument("--run-id", help="only this run")
     c.add_argument("--all", action="store_true", help="also runs whose owner still lives")
@@ -86,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         keep=args.keep,
         json_out=args.json_out,
         timeout=args.timeout,
+        tmpfs=args.tmpfs,
     )
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
@@ -110,7 +119,16 @@ def cleanup(run_id: str | None, everything: bool) -> int:
             print(f"run {rid}: its storm still runs (pid in {net.OWNERS / rid}); --all removes it")
             continue
         removed = net.remove_run(rid)
-        print(f"run {rid}: removed {len(removed)} namespaces and links")
+        mounts = [
+            line.split()[1]
+            for line in Path("/proc/mounts").read_text().splitlines()
+            if line.startswith(f"ctb-{rid} ")
+        ]
+        for mount in mounts:  # a killed run's tmpfs work dir, and the dir under it
+            subprocess.run(["umount", mount], check=False)
+            with contextlib.suppress(OSError):
+                os.rmdir(mount)
+        print(f"run {rid}: removed {len(removed)} namespaces and links, {len(mounts)} tmpfs")
     if not ids:
         print("nothing to clean up")
     return 0
