@@ -21,9 +21,7 @@ from __future__ import annotations
 import functools
 import os
 import select
-import socket
 import ssl
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -46,13 +44,6 @@ BODY_RECEIVE_MAX = 4 << 20
 # A response head is read in small pieces: a large read would copy a quarter MiB
 # of body (twice more into h11's buffer) before the head is even parsed.
 HEAD_RECEIVE_SIZE = 16 * 1024
-# Past its first buffer a body is read by a worker thread (`_fill`) in reads of
-# FILL_READ bytes; it hands over a chunk once its buffer is full or FILL_LINGER
-# seconds after the chunk's first byte, and checks for cancellation every
-# FILL_TICK while the socket is silent.
-FILL_READ = 1 << 20
-FILL_LINGER = 0.005
-FILL_TICK = 0.05
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
@@ -124,27 +115,21 @@ class _Connection:
             raise httpx.ReadError(f"reading the response: {_reason(exc)}") from exc
 
     async def receive_body(self, remaining: int, buffers: _Buffers, timeout: float) -> bytes:
-        """Up to `remaining` body bytes, b"" at its end. On a plain socket they
-        are read into `buffers`: the small first buffer on the loop, after one
-        checkpoint, so the first bytes reach waiters at once; later ones by a
-        worker thread that fills a large chunk (`_fill`), so the event loop and
-        the GIL are not spent on each of the many small reads a fast sender
-        makes, and other tasks run however fast the sender is."""
+        """Up to `remaining` body bytes: on a plain socket, all it holds, read into
+        `buffers` after one checkpoint (so other tasks run between chunks however
+        fast the sender is); b"" at its end."""
         if type(self.stream) is not trio.SocketStream:
             return await self.receive(min(RECEIVE_SIZE, remaining), timeout)
         fd = self.sock.fileno()
         try:
-            space = buffers.space(remaining)
-            if buffers.first:
-                with trio.fail_after(timeout):
-                    await trio.lowlevel.checkpoint()
-                    while True:
-                        try:
-                            return buffers.filled(os.readv(fd, [space]))
-                        except BlockingIOError:
-                            await trio.lowlevel.wait_readable(fd)
-            fill = functools.partial(_fill, self.sock, space, timeout)
-            return buffers.filled(await trio.to_thread.run_sync(fill))
+            with trio.fail_after(timeout):
+                await trio.lowlevel.checkpoint()
+                space = buffers.space(remaining)
+                while True:
+                    try:
+                        return buffers.filled(os.readv(fd, [space]))
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(fd)
         except trio.TooSlowError as exc:
             raise httpx.ReadTimeout("no data from the server in time") from exc
         except OSError as exc:
@@ -201,58 +186,6 @@ class _Buffers:
         buf = bytearray(size + 1)  # one spare byte, for the test above
         self._all.append(buf)
         return buf
-
-    @property
-    def first(self) -> bool:
-        """Is the last `space` in the small first buffer?"""
-        return len(self._all) == 1
-
-
-def _fill(sock: trio.socket.SocketType, space: memoryview, timeout: float) -> int:
-    """Reads a non-blocking socket into `space`, in a worker thread, until it is
-    full, the peer closed, or FILL_LINGER seconds passed since the first byte
-    (a slow source's bytes still reach waiters within a few milliseconds).
-    Once a byte is in, the socket only wakes the thread with FILL_READ bytes
-    to read (SO_RCVLOWAT): a few large reads rather than many small ones.
-    Returns the count (0: the peer closed). Raises trio.TooSlowError after
-    `timeout` seconds without a byte, and trio.Cancelled (every FILL_TICK at
-    most) once the calling task is cancelled."""
-    fd = sock.fileno()
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    got = lowat = 0
-    started = first = time.monotonic()
-    try:
-        while got < len(space):
-            want = min(FILL_READ, len(space) - got) if got else 1
-            if want != lowat:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
-                lowat = want
-            wait = FILL_LINGER - (time.monotonic() - first) if got else FILL_TICK
-            ready = wait > 0 and poller.poll(max(1, round(wait * 1000)))
-            if not ready and not got:
-                trio.from_thread.check_cancelled()
-                if time.monotonic() - started >= timeout:
-                    raise trio.TooSlowError
-                continue
-            try:
-                n = os.readv(fd, [space[got:]])
-            except BlockingIOError:
-                n = -1  # nothing after all
-            except OSError:
-                if not got:
-                    raise
-                return got  # the bytes before a reset are the body's; the next read fails
-            if not n or (not ready and got):
-                return got + max(n, 0)  # the end, or the linger is over: what there is
-            if n > 0:
-                if not got:
-                    first = time.monotonic()
-                got += n
-        return got
-    finally:
-        if lowat > 1:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
 
 class Response:

@@ -54,8 +54,9 @@ from protocol.reference import Digest
 
 log = logging.getLogger(__name__)
 
-INLINE_WRITE = 64 << 10  # writes (and sha256 updates) up to this size stay on the event loop
-MAX_QUEUED = 8 << 20  # received bytes waiting for each stage's worker thread, at most
+INLINE_WRITE = 64 << 10  # writes up to this size stay on the event loop
+MAX_QUEUED = 8 << 20  # received bytes waiting for the writer thread, at most
+PARALLEL_HASH = 1 << 20  # batches this large hash sha256 in a thread of its own
 
 
 def central_repo(ns: str, name: str) -> str:
@@ -592,33 +593,27 @@ class Sources:
     async def _copy(self, fetch: Fetch, writer: BlobWriter, chunks: AsyncIterator[bytes]) -> None:
         """Moves bytes to disk as they arrive, hashing as it goes.
 
-        Three stages run at once, each at its own pace: this task receives;
-        `_drain` computes blake3 per piece and writes (waiters follow what it
-        wrote); `_digest` feeds the whole blob's sha256, which only the commit
-        needs, so it may lag behind the writes. Large batches go to worker
-        threads (both hashes and the write release the GIL), so on two cores
-        sha256 runs on one while the rest runs on the other, with no barrier
-        between them. What arrives while a stage is busy queues up (at most
-        MAX_QUEUED bytes each, then receiving waits) and goes to it in one call.
-        The first chunk goes alone, at once, so waiters get the first bytes
-        without delay.
+        This task receives; `_drain` hashes and writes, in a worker thread once
+        chunks are large, so hashing and writing overlap the network instead of
+        taking turns with it, and never stall the loop. What arrives while the
+        writer is busy queues up (at most MAX_QUEUED bytes, then receiving
+        waits) and goes to it in one call: the busier the writer, the fewer
+        thread round trips per MiB. The first chunk goes alone, at once, so
+        waiters get the first bytes without delay.
         """
-        disk, digest = _Queue(), _Queue()
+        queue = _Queue()
         failed: Exception | None = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._drain, fetch, writer, disk)
-            nursery.start_soon(_digest, writer, digest)
+            nursery.start_soon(self._drain, fetch, writer, queue)
             try:
                 async for chunk in chunks:
-                    await disk.put(chunk)
-                    await digest.put(chunk)
+                    await queue.put(chunk)
             except Exception as exc:
                 # The source broke off: what it sent before is still the blob's
                 # beginning, so it is written (waiters get it) before the fetch fails.
                 failed = exc
             finally:
-                disk.close()
-                digest.close()
+                queue.close()
         if failed is not None:
             raise failed
 
@@ -627,9 +622,20 @@ class Sources:
             await self._write(fetch, writer, batch)
 
     async def _write(self, fetch: Fetch, writer: BlobWriter, batch: list[bytes]) -> None:
-        """Hashes each piece (blake3) and writes one batch: a small one on the
-        loop, a large one in a worker thread; then tells waiters and peers."""
-        await _run_stage(functools.partial(writer.write_chunks, batch, sha256=False), batch)
+        """Hashes and writes one batch: small ones on the loop; large ones in two
+        worker threads at once, sha256 in one, blake3 and the write in the other
+        (each is about as slow as the other two together)."""
+        size = sum(map(len, batch))
+        if size <= INLINE_WRITE:
+            writer.write_chunks(batch)
+        elif size < PARALLEL_HASH:
+            await trio.to_thread.run_sync(writer.write_chunks, batch)
+        else:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, writer.hash_chunks, batch)
+                await trio.to_thread.run_sync(
+                    functools.partial(writer.write_chunks, batch, sha256=False)
+                )
         fetch.written = writer.written
         if writer.pieces is not None:
             done = fetch.pieces_done = writer.pieces.pieces_done
@@ -839,21 +845,6 @@ class _Queue:
         chunks, self._chunks, self._size = self._chunks, [], 0
         self._notify()
         return chunks
-
-
-async def _digest(writer: BlobWriter, queue: _Queue) -> None:
-    """The sha256 stage of `Sources._copy`."""
-    while batch := await queue.take():
-        await _run_stage(functools.partial(writer.hash_chunks, batch), batch)
-
-
-async def _run_stage(work: Callable[[], None], batch: list[bytes]) -> None:
-    """One stage's work on a batch: on the loop when the batch is small (a thread's
-    round trip would cost more), else in a worker thread."""
-    if sum(map(len, batch)) <= INLINE_WRITE:
-        work()
-    else:
-        await trio.to_thread.run_sync(work)
 
 
 async def _let_waiters_run() -> None:

@@ -22,10 +22,9 @@ cell's mirror. It answers once the fetch has its head, and the fetch goes on in
 the daemon with no client to send to, so what is timed is the intake alone.
 The bench polls the cell's data dir every millisecond: "intake" is the time
 until the temp file holds every byte (the fetch path writes a batch only after
-its pieces' blake3; the whole blob's sha256 runs beside the writes and trails
-them by at most the bytes queued for it, celld.sources.MAX_QUEUED plus a
-batch, milliseconds of hashing), "committed" until the blob is in `blobs/`
-(after the sha256, the fsync and the rename, so it includes the disk). A GET of another uncached blob through the mirror
+hashing it, so a full file is a hashed one: verification follows at once),
+"committed" until the blob is in `blobs/` (after the fsync and the rename, so
+it includes the disk). A GET of another uncached blob through the mirror
 (curl, as a runtime would) is timed too: intake plus sending every byte to
 the client, the figure a pull sees.
 
