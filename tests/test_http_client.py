@@ -20,6 +20,7 @@ from celld.daemon import _blob_pool
 from celld.http_client import Origin, Pool, Response, Timeouts, _Request
 
 TIMEOUTS = Timeouts(connect=2.0, read=5.0)
+TRICKLE = 3 << 20  # /trickle's body: half of it, then nothing until the client had that half
 
 
 class _Server(ThreadingHTTPServer):
@@ -31,6 +32,7 @@ class _Server(ThreadingHTTPServer):
         self.seen: list[tuple[str, str | None]] = []  # (path, Authorization)
         self.close_after_each = False
         self.redirect_to: str | None = None
+        self.resume = threading.Event()  # /trickle sends its second half once set
 
     @property
     def url(self) -> str:
@@ -64,6 +66,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Location", self.server.redirect_to + "/data")
             self.send_header("Content-Length", "0")
             self.end_headers()
+            return
+        if self.path == "/trickle":
+            half = TRICKLE // 2
+            self.send_response(200)
+            self.send_header("Content-Length", str(TRICKLE))
+            self.end_headers()
+            self.wfile.write(b"a" * half)
+            self.wfile.flush()
+            if self.server.resume.wait(10):
+                self.wfile.write(b"b" * half)
             return
         body = self.path.encode() * 1000
         self.send_response(200)
@@ -127,6 +139,24 @@ async def test_a_head_larger_than_one_read_and_its_body_arrive_whole(server: _Se
     for _ in range(2):
         status, body = await _get(pool, server.url + "/big-head")
         assert (status, body) == (200, b"/big-head" * 1000)
+    assert server.connections == 1
+    await pool.aclose()
+
+
+async def test_a_source_that_pauses_still_has_its_bytes_delivered(server: _Server) -> None:
+    """The bytes a source sent before it went quiet reach the caller without
+    waiting for a receive buffer to fill, and the connection then serves the
+    next GET (its small head is read at once)."""
+    pool = Pool()
+    response = await _open(pool, server.url + "/trickle")
+    body = bytearray()
+    async for chunk in response.chunks():
+        body += chunk
+        if len(body) >= TRICKLE // 2:
+            server.resume.set()  # the second half comes only after the first arrived
+    await response.aclose()
+    assert body == b"a" * (TRICKLE // 2) + b"b" * (TRICKLE // 2)
+    assert await _get(pool, server.url + "/v2/next") == (200, b"/v2/next" * 1000)
     assert server.connections == 1
     await pool.aclose()
 
