@@ -33,7 +33,7 @@ from typing import Protocol
 import h11
 import trio
 
-from celld.receive import receive_head
+from celld.receive import receive_head, send_all_now
 from protocol.errors import OCIError, oci_error
 from protocol.heads import FIELD_VALUE, TOKEN, parse_plain_request, write_head
 
@@ -137,8 +137,7 @@ class _SocketOutput:
         self.sent = 0
 
     async def send_bytes(self, data: bytes) -> None:
-        with trio.fail_after(SEND_STALL_TIMEOUT):
-            await self.stream.send_all(data)
+        await send_all_now(self.stream, data, SEND_STALL_TIMEOUT)
         self.sent += len(data)
 
     async def sendfile(self, fd: int, offset: int, count: int) -> None:

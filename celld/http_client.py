@@ -29,7 +29,7 @@ import h11
 import httpx
 import trio
 
-from celld.receive import receive_head
+from celld.receive import receive_head, send_all_now
 from protocol.heads import FIELD_VALUE, TARGET, PlainHead, parse_plain_head, write_head
 
 MAX_HEADER_BYTES = 64 * 1024  # a registry's response head; more is not a registry
@@ -400,8 +400,7 @@ class Pool:
         while_waiting: _Once,
     ) -> _Head:
         try:
-            with trio.fail_after(read):
-                await conn.stream.send_all(request.data)
+            await send_all_now(conn.stream, request.data, read)
         except trio.TooSlowError as exc:
             raise httpx.WriteTimeout("sending the request timed out") from exc
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
