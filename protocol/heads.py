@@ -46,6 +46,27 @@ _NO_BODY = frozenset({204, 304})
 _NOT_PLAIN_REQUEST = frozenset({b"content-length", b"transfer-encoding", b"upgrade", b"expect"})
 
 
+# Every name, and every value, checked in one pass of the regex engine: joined
+# by LF, which neither pattern takes, so a field of its own LF fails the count.
+_NAMES = re.compile(TOKEN.pattern + rb"(?:\n" + TOKEN.pattern + rb")*")
+_VALUES = re.compile(FIELD_VALUE.pattern + rb"(?:\n" + FIELD_VALUE.pattern + rb")*")
+
+
+def plain_fields(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Is every name a token and every value visible ASCII (blanks only inside)?"""
+    if not headers:
+        return True
+    names = b"\n".join([name for name, _ in headers])
+    values = b"\n".join([value for _, value in headers])
+    lfs = len(headers) - 1
+    return (
+        names.count(b"\n") == lfs
+        and values.count(b"\n") == lfs
+        and _NAMES.fullmatch(names) is not None
+        and _VALUES.fullmatch(values) is not None
+    )
+
+
 def write_head(start_line: bytes, fields: list[tuple[bytes, bytes]]) -> bytes:
     """A head as h11 writes it: the start line, each field as given, a blank line.
     The caller has checked every name and value against the patterns above."""
