@@ -114,7 +114,7 @@ class Mirror:
         # cold CPU tens of microseconds, on a miss's time to first byte.
         self._answered = {
             kind: metrics.requests.labels(kind, "ok")
-            for kind in ("base", "token", "manifest", "blob", "other")
+            for kind in ("base", "token", "manifest", "blob")
         }
 
     # -- private content ---------------------------------------------------

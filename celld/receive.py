@@ -11,9 +11,10 @@ body is read with `receive_some`, so a fast sender can never keep the other
 tasks from running.
 
 `send_all_now` is the same for writing (a request to a registry, a response
-head to a runtime, any bytes the server sends): one write(2) when the socket takes it all, with
-no cancel scope or conflict detector around it (tens of microseconds of a cold
-CPU each, before the bytes are out), then trio's checkpoint as `send_all` has.
+head to a runtime, any bytes the server sends): one write(2) when the socket
+takes it all, with no cancel scope or conflict detector around it (tens of
+microseconds of a cold CPU each, before the bytes are out), then trio's
+checkpoint, as `send_all` has.
 """
 
 from __future__ import annotations
