@@ -33,9 +33,9 @@ from typing import Protocol
 import h11
 import trio
 
-from celld.receive import receive_head
+from celld.receive import receive_head, send_all_now
 from protocol.errors import OCIError, oci_error
-from protocol.heads import FIELD_VALUE, TOKEN, parse_plain_request, write_head
+from protocol.heads import parse_plain_request, plain_fields, write_head
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,7 @@ class _SocketOutput:
         self.sent = 0
 
     async def send_bytes(self, data: bytes) -> None:
-        with trio.fail_after(SEND_STALL_TIMEOUT):
-            await self.stream.send_all(data)
+        await send_all_now(self.stream, data, SEND_STALL_TIMEOUT)
         self.sent += len(data)
 
     async def sendfile(self, fd: int, offset: int, count: int) -> None:
@@ -413,12 +412,10 @@ def _plain_head(status: int, headers: list[tuple[bytes, bytes]]) -> bytes | None
     """The head h11 writes for a response with a Content-Length, or None where h11
     might write another (no length, framing or connection headers of ours,
     anything it could refuse): then h11 writes it."""
-    if status < 200 or status in (204, 304):
+    if status < 200 or status in (204, 304) or not plain_fields(headers):
         return None
     lengths = 0
     for name, value in headers:
-        if not (TOKEN.fullmatch(name) and FIELD_VALUE.fullmatch(value)):
-            return None
         lower = name.lower()
         if lower in _FRAMING:
             return None

@@ -29,8 +29,15 @@ import h11
 import httpx
 import trio
 
-from celld.receive import receive_head
-from protocol.heads import FIELD_VALUE, TARGET, PlainHead, parse_plain_head, write_head
+from celld.receive import receive_head, send_all_now
+from protocol.heads import (
+    FIELD_VALUE,
+    TARGET,
+    PlainHead,
+    parse_plain_head,
+    plain_fields,
+    write_head,
+)
 
 MAX_HEADER_BYTES = 64 * 1024  # a registry's response head; more is not a registry
 MAX_IDLE_PER_ORIGIN = 8
@@ -400,8 +407,7 @@ class Pool:
         while_waiting: _Once,
     ) -> _Head:
         try:
-            with trio.fail_after(read):
-                await conn.stream.send_all(request.data)
+            await send_all_now(conn.stream, request.data, read)
         except trio.TooSlowError as exc:
             raise httpx.WriteTimeout("sending the request timed out") from exc
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -427,9 +433,11 @@ class _Request:
     def __init__(self, target: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         if not TARGET.fullmatch(target):
             raise httpx.LocalProtocolError(f"illegal request target {target[:100]!r}")
-        for name, value in headers:
-            if not FIELD_VALUE.fullmatch(value):
-                raise httpx.LocalProtocolError(f"illegal value in header {name.decode()!r}")
+        if not plain_fields(headers):
+            for name, value in headers:
+                if not FIELD_VALUE.fullmatch(value):
+                    raise httpx.LocalProtocolError(f"illegal value in header {name.decode()!r}")
+            raise httpx.LocalProtocolError("illegal header name")
         self.target = target
         self.headers = headers
         self.data = write_head(b"GET " + target + b" HTTP/1.1", headers)

@@ -22,7 +22,7 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,6 +211,30 @@ class Fetch:
         return min(end, self.written, self.size - 1)
 
 
+@dataclass
+class _Handoff:
+    """How `Sources.blob_first`'s caller tells the fetch task it spawned what the
+    first source answered: `opened`, or `failed` (a miss: the next source's turn;
+    anything else fails the fetch), or neither (the caller was cancelled: the
+    task asks the source again)."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    opened: _Opened | None = None
+    failed: Exception | None = None
+    spawned: bool = False
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """A source's answer with its head read, and the temp file its body goes to:
+    what the caller's task hands the fetch task (`Sources.blob_first`). Closing
+    `stack` closes the response and drops the temp file unless committed."""
+
+    stack: AsyncExitStack
+    writer: BlobWriter
+    response: BlobResponse
+
+
 class Sources:
     def __init__(
         self,
@@ -349,29 +373,92 @@ class Sources:
         only (staging, with the user's credentials).
         """
         key = str(digest)
+        found = self._known(key)
+        if found is not None:
+            return found
+        if via is None:
+            self._check_ns(ns)
+        chain = [via] if via is not None else self._chain(name, ns, scope)
+        fetch = self._fetches[key] = Fetch(key, scope=via.scope if via is not None else scope)
+        self.nursery.start_soon(self._run_fetch, fetch, chain, via is None)
+        return fetch
+
+    async def blob_first(
+        self, name: str, digest: Digest | str, ns: str | None, *, scope: str | None = None
+    ) -> BlobEntry | Fetch:
+        """`blob` for a client that waits on the first byte (the mirror).
+
+        A new fetch on a cell without peers sends its first source the request
+        and reads the answer's head in the caller's task; the fetch task is
+        spawned while the source thinks and takes the answer over from there.
+        Otherwise spawning it, its first scheduler round and the waiter's
+        wake-up once the head is in all lie on the time to first byte (python -m
+        simulations.bench.serve). Whatever happens here (a miss, a cancelled
+        caller), the fetch task carries on, so joined waiters are served as by
+        `blob`.
+        """
+        key = str(digest)
+        found = self._known(key)
+        if found is not None:
+            return found
+        self._check_ns(ns)
+        chain = self._chain(name, ns, scope)
+        fetch = self._fetches[key] = Fetch(key, scope=scope)
+        if self.peering is not None or not chain:
+            self.nursery.start_soon(self._run_fetch, fetch, chain, True)
+            return fetch
+        handoff = _Handoff()
+
+        def spawn() -> None:
+            if not handoff.spawned:
+                handoff.spawned = True
+                self.nursery.start_soon(self._run_fetch, fetch, chain, False, handoff)
+
+        try:
+            handoff.opened = await self._open(fetch, chain[0], spawn)
+        except Exception as exc:  # the fetch task's to handle, as if it had met it
+            handoff.failed = exc
+        finally:  # a cancelled caller included: the fetch task retries the source
+            spawn()
+            handoff.done.set()
+        return fetch
+
+    def _known(self, key: str) -> BlobEntry | Fetch | None:
+        """The stored blob, or the fetch in flight to join."""
         entry = self.store.lookup(key)
         if entry is not None:
             return entry
         fetch = self._fetches.get(key)
         if fetch is not None:
             self.metrics.singleflight_joins.inc()
-            return fetch
-        if via is None:
-            self._check_ns(ns)
-        chain = [via] if via is not None else self._chain(name, ns, scope)
-        fetch = Fetch(key, scope=via.scope if via is not None else scope)
-        self._fetches[key] = fetch
-        self.nursery.start_soon(self._run_fetch, fetch, chain, via is None)
         return fetch
 
-    async def _run_fetch(self, fetch: Fetch, chain: list[Source], peers: bool = False) -> None:
+    async def _run_fetch(
+        self,
+        fetch: Fetch,
+        chain: list[Source],
+        peers: bool = False,
+        handoff: _Handoff | None = None,
+    ) -> None:
+        """Tries peers (when asked), then `chain` in order; `handoff`: the first
+        source's answer, opened by another task (`blob_first`)."""
         misses = Misses()
+        opened: _Opened | None = None
         try:
+            if handoff is not None:
+                await handoff.done.wait()
+                opened, failed = handoff.opened, handoff.failed
+                if isinstance(failed, (RegistryError, DigestMismatch)):
+                    self._miss(misses, chain[0], failed)
+                    chain = chain[1:]
+                elif failed is not None:
+                    raise failed
             if peers and self.peering is not None and await self._from_peers(fetch, misses, chain):
                 return
             for source in chain:
+                given, opened = opened, None
                 try:
-                    await self._fetch_from(fetch, source)
+                    await self._fetch_from(fetch, source, given)
                     self._source_ok(source)
                     return
                 except (RegistryError, DigestMismatch) as exc:
@@ -518,43 +605,68 @@ class Sources:
                     break
         return index
 
-    async def _fetch_from(self, fetch: Fetch, source: Source) -> None:
-        writers: list[BlobWriter] = []
-
-        def prepare() -> None:
-            # Runs while the source thinks: the temp file is not on the time to first byte.
-            writers.append(
-                self.store.new_writer(fetch.digest, source=source.label, private_scope=source.scope)
-            )
-
+    async def _fetch_from(
+        self, fetch: Fetch, source: Source, opened: _Opened | None = None
+    ) -> None:
+        """Fetches the blob from `source` (`opened`: its answer's head already read)."""
         try:
-            async with source.client.open_blob(
-                source.repo, fetch.digest, while_waiting=prepare
-            ) as response:
-                writer = writers[0]
-                await self._follow(fetch, source, writer, response)
+            if opened is None:
+                opened = await self._open(fetch, source)
+            async with opened.stack:
+                await self._follow(fetch, source, opened.writer, opened.response)
         finally:
             if fetch.transfer is not None and fetch.entry is None:
                 assert self.peering is not None
                 self.peering.finished(fetch.transfer, None)  # the lease goes back
                 fetch.transfer = None
+
+    async def _open(
+        self, fetch: Fetch, source: Source, while_waiting: Callable[[], None] | None = None
+    ) -> _Opened:
+        """Sends `source` the request and reads its answer's head; then the fetch
+        has started (size and temp file known, waiters told). The temp file is
+        created while the source thinks, off the time to first byte, and
+        `while_waiting` runs then too."""
+        writers: list[BlobWriter] = []
+
+        def prepare() -> None:
+            writers.append(
+                self.store.new_writer(fetch.digest, source=source.label, private_scope=source.scope)
+            )
+            if while_waiting is not None:
+                while_waiting()
+
+        stack = AsyncExitStack()
+        try:
+            response = await stack.enter_async_context(
+                source.client.open_blob(source.repo, fetch.digest, while_waiting=prepare)
+            )
+            writer = writers[0]
+            stack.callback(writer.abort)
+        except BaseException:
             for writer in writers:
                 writer.abort()
+            await stack.aclose()
+            raise
+        fetch.size = response.size
+        fetch.source = source.kind
+        fetch.path = writer.path
+        fetch.notify()
+        return _Opened(stack, writer, response)
 
     async def _follow(
         self, fetch: Fetch, source: Source, writer: BlobWriter, response: BlobResponse
     ) -> None:
-        """Streams one source's response into `writer`, waiters following, then commits."""
-        fetch.size = response.size
+        """Streams one source's response into `writer`, waiters following, then commits.
+
+        The piece hashes are set up here, after the waiters were told the fetch
+        started: no byte is written before, and they are not on the first byte."""
         if response.size is not None:
             fetch.pieces = writer.expect(response.size)
-        fetch.source = source.kind
-        fetch.path = writer.path
         if self.peering is not None and response.size:
             # this cell looked the digest up and holds the lease: peers may take the
             # pieces it verifies while it reads on
             fetch.transfer = self.peering.reading(fetch.digest, writer, response.size)
-        fetch.notify()
         await _let_waiters_run()
         if response.size and self.store.over_limit(response.size):
             evicted = await trio.to_thread.run_sync(self.store.make_room, response.size)

@@ -36,11 +36,35 @@ class PlainHead:
 
 _STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([2-5][0-9][0-9])(?: [\t\x20-\x7e]*)?")
 _REQUEST_LINE = re.compile(rb"(GET|HEAD) (" + TARGET.pattern + rb") HTTP/1\.1")
-_HEADER_LINE = re.compile(rb"(" + TOKEN.pattern + rb"):[ \t]*(.*?)[ \t]*")
+_HEADER_LINE = TOKEN.pattern + rb":[ \t]*(?:" + FIELD_VALUE.pattern + rb")?[ \t]*"
+# Every header line of a head at once: one pass of the regex engine over the
+# block, rather than two per line (a third of the parse, on a miss's first byte).
+_HEADER_BLOCK = re.compile(_HEADER_LINE + rb"(?:\r\n" + _HEADER_LINE + rb")*")
 _NO_BODY = frozenset({204, 304})
 # Request headers that make h11 do more than record a request: a body to
 # read, an upgrade or 100-continue to track.
 _NOT_PLAIN_REQUEST = frozenset({b"content-length", b"transfer-encoding", b"upgrade", b"expect"})
+
+
+# Every name, and every value, checked in one pass of the regex engine: joined
+# by LF, which neither pattern takes, so a field of its own LF fails the count.
+_NAMES = re.compile(TOKEN.pattern + rb"(?:\n" + TOKEN.pattern + rb")*")
+_VALUES = re.compile(FIELD_VALUE.pattern + rb"(?:\n" + FIELD_VALUE.pattern + rb")*")
+
+
+def plain_fields(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Is every name a token and every value visible ASCII (blanks only inside)?"""
+    if not headers:
+        return True
+    names = b"\n".join([name for name, _ in headers])
+    values = b"\n".join([value for _, value in headers])
+    lfs = len(headers) - 1
+    return (
+        names.count(b"\n") == lfs
+        and values.count(b"\n") == lfs
+        and _NAMES.fullmatch(names) is not None
+        and _VALUES.fullmatch(values) is not None
+    )
 
 
 def write_head(start_line: bytes, fields: list[tuple[bytes, bytes]]) -> bytes:
@@ -53,18 +77,24 @@ def write_head(start_line: bytes, fields: list[tuple[bytes, bytes]]) -> bytes:
     return b"".join(lines)
 
 
-def _fields(lines: list[bytes]) -> list[tuple[bytes, bytes]] | None:
-    """Header lines as (lower-case name, value), or None if any is not plain."""
+def _fields(block: bytes | None) -> list[tuple[bytes, bytes]] | None:
+    """The header lines after a start line (None: there were none) as (lower-case
+    name, value), or None if any is not plain."""
+    if block is None:
+        return []
+    if _HEADER_BLOCK.fullmatch(block) is None:
+        return None
     fields = []
-    for line in lines:
-        field = _HEADER_LINE.fullmatch(line)
-        if field is None:
-            return None
-        value = field[2]
-        if value and not FIELD_VALUE.fullmatch(value):
-            return None
-        fields.append((field[1].lower(), value))
+    for line in block.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        fields.append((name.lower(), value.strip(b" \t")))
     return fields
+
+
+def _split(head: bytes) -> tuple[bytes, bytes | None]:
+    """The start line, and the header lines after it (None: there are none)."""
+    start, crlf, block = head.partition(b"\r\n")
+    return start, block if crlf else None
 
 
 def parse_plain_head(head: bytes) -> PlainHead | None:
@@ -77,11 +107,11 @@ def parse_plain_head(head: bytes) -> PlainHead | None:
     complete, and a blob's head is parsed without h11's machinery (~0.15 ms of
     a cold CPU, on a miss's time to first byte).
     """
-    lines = head.split(b"\r\n")
-    status = _STATUS_LINE.fullmatch(lines[0])
+    start, block = _split(head)
+    status = _STATUS_LINE.fullmatch(start)
     if status is None or int(status[2]) in _NO_BODY:
         return None
-    headers = _fields(lines[1:])
+    headers = _fields(block)
     if headers is None:
         return None
     lengths = [value for name, value in headers if name == b"content-length"]
@@ -109,11 +139,11 @@ def parse_plain_request(data: bytes) -> PlainRequest | None:
     end = data.find(b"\r\n\r\n")
     if end < 0 or end + 4 != len(data):
         return None
-    lines = data[:end].split(b"\r\n")
-    line = _REQUEST_LINE.fullmatch(lines[0])
+    start, block = _split(data[:end])
+    line = _REQUEST_LINE.fullmatch(start)
     if line is None:
         return None
-    headers = _fields(lines[1:])
+    headers = _fields(block)
     if headers is None:
         return None
     names = [name for name, _ in headers]

@@ -7,7 +7,15 @@ import h11
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from protocol.heads import PlainHead, PlainRequest, parse_plain_head, parse_plain_request
+from protocol.heads import (
+    FIELD_VALUE,
+    TOKEN,
+    PlainHead,
+    PlainRequest,
+    parse_plain_head,
+    parse_plain_request,
+    plain_fields,
+)
 
 BLOB_HEAD = (
     b"HTTP/1.1 200 OK\r\n"
@@ -206,3 +214,18 @@ def test_a_plain_request_is_what_h11_reads(
     assert theirs is not None, "parsed a request h11 refuses"
     assert theirs.http_version == b"1.1"
     assert ours == PlainRequest(theirs.method, theirs.target, tuple(theirs.headers))
+
+
+_field_bytes = st.binary(max_size=12) | st.sampled_from(
+    [b"Etag", b"a b", b"a\nb", b"a\r\nX: 1", b" a", b"a\t", b"", b"\n", b"x-y"]
+)
+
+
+@settings(max_examples=400)
+@given(fields=st.lists(st.tuples(_field_bytes, _field_bytes), max_size=5))
+@example(fields=[(b"X", b"a\nb")])
+@example(fields=[(b"X", b"a"), (b"Y\nZ", b"b")])
+def test_plain_fields_checks_each_name_and_value(fields: list[tuple[bytes, bytes]]) -> None:
+    """The one-pass check says what a check of each field says, LF in a field included."""
+    each = all(TOKEN.fullmatch(n) and FIELD_VALUE.fullmatch(v) for n, v in fields)
+    assert plain_fields(fields) == each
