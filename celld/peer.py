@@ -738,10 +738,11 @@ class PeerClient:
         target = f"/v1/blobs/{digest}/pieces/{index}".encode()
         async with self._get(addr, target, self.timeout) as response:
             have, complete, _ = _have_of(response)
-            if response.status == 404:
-                return PieceResult(PieceAnswer.MISSING, have, complete)
-            if response.status == 503:
-                return PieceResult(PieceAnswer.BUSY, have, complete)
+            if response.status in (404, 503):
+                # read the short reason, so the connection stays open for the next ask
+                await self._read(response, 1 << 16, self.timeout)
+                answer = PieceAnswer.MISSING if response.status == 404 else PieceAnswer.BUSY
+                return PieceResult(answer, have, complete)
             if response.status != 200:
                 raise self._refused(addr, response)
             _, expected = table.span(index)
@@ -762,11 +763,11 @@ class PeerClient:
         target = f"/v1/blobs/{digest}/have?want={want_hex}".encode()
         async with self._get(addr, target, self.timeout + wait) as response:
             have, complete, got = _have_of(response)
+            if response.status != 200 and response.status != 404:
+                raise self._refused(addr, response)
+            await self._read(response, 1 << 16, self.timeout)  # the connection stays open
             if response.status == 404:
                 return HaveResult(0, False, count)
-            if response.status != 200:
-                raise self._refused(addr, response)
-            await self._read(response, 1 << 16, self.timeout)
         return HaveResult(have, complete, got)
 
     @contextlib.asynccontextmanager
