@@ -70,7 +70,7 @@ class PeerConfig:
     """What this cell gives its peers: concurrent piece uploads, and a byte rate cap
     (0: unlimited)."""
 
-    upload_slots: int = 8
+    upload_slots: int = 4
     upload_rate: int = 0
 
 
@@ -324,7 +324,7 @@ def _cluster(table: dict, key_file: str | None) -> ClusterConfig | None:
 
 def _peer(table: dict) -> PeerConfig:
     _check_keys(table, {"upload_slots", "upload_rate"}, "peer.")
-    slots = table.get("upload_slots", 8)
+    slots = table.get("upload_slots", 4)
     if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= 1024:
         raise ConfigError(f"peer.upload_slots: expected a number from 1 to 1024, got {slots!r}")
     rate = table.get("upload_rate", "0")

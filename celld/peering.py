@@ -96,7 +96,7 @@ class Peering:
         metrics: Metrics,
         gossip: Gossip,
         *,
-        upload_slots: int = 8,
+        upload_slots: int = 4,
         upload_rate: int = 0,
         clock: Callable[[], float] = time.time,
     ) -> None:

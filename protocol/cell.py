@@ -183,6 +183,9 @@ class Cell:
     """The placement and swarm objects of one running cell (see the module docstring)."""
 
     __slots__ = (
+        "_declined",
+        "_deferred",
+        "_granted",
         "_reported",
         "_soonest",
         "announcer",
@@ -225,6 +228,9 @@ class Cell:
         self.next_request = 0
         self.lookups_started = 0
         self._reported: set[int] = set()  # request ids of lookups the caller asked for
+        self._granted: dict[Digest, float] = {}  # leases granted to this cell -> when
+        self._declined: set[Digest] = set()  # leases it gave back once (see _give_back)
+        self._deferred: dict[Digest, tuple[float, bool]] = {}  # lookups to redo: when, report
         self._soonest = _NEVER  # no object's deadline is earlier (see next_deadline)
 
     # -- membership and placement datagrams ------------------------------------------
@@ -294,6 +300,9 @@ class Cell:
             t = look.next_deadline()
             if t is not None and t < when:
                 when = t
+        for t, _ in self._deferred.values():
+            if t < when:
+                when = t
         for t in (
             self.uploader.next_deadline(),
             self.announcer.next_deadline(),
@@ -315,6 +324,11 @@ class Cell:
         t = self.uploader.next_deadline()
         if t is not None and t <= now:
             out.extend(SendHave(to, reply) for to, reply in self.uploader.poll(now))
+        if self._deferred:
+            for digest, (when, report) in list(self._deferred.items()):
+                if when <= now:
+                    del self._deferred[digest]
+                    self._lookup(digest, now, out, report=report)
         if self.lookups:
             for rid in list(self.lookups):
                 look = self.lookups[rid]
@@ -483,6 +497,7 @@ class Cell:
         Its download, if any, is over."""
         full = bitmap_full(piece_count)
         self.downloads.pop(digest, None)
+        self._settled(digest)
         self.uploader.set_origin(digest, False)  # complete: every piece to anyone
         out: list[Action] = [
             SendHave(to, reply) for to, reply in self.uploader.add_seed(digest, piece_count, full)
@@ -507,7 +522,14 @@ class Cell:
 
     # -- internals -------------------------------------------------------------------
 
+    def _settled(self, digest: Digest) -> None:
+        """The digest is held or given up: its lease and lookups are over."""
+        self._granted.pop(digest, None)
+        self._declined.discard(digest)
+        self._deferred.pop(digest, None)
+
     def _forget(self, digest: Digest, now: float) -> list[Action]:
+        self._settled(digest)
         out: list[Action] = list(self.announcer.withdraw(digest, now))
         self.uploader.remove_seed(digest)
         if self.downloads.pop(digest, None) is not None:
@@ -549,12 +571,50 @@ class Cell:
     ) -> None:
         if result is None:
             return
+        if result.lease == pl.LeaseStatus.GRANTED:
+            if self._give_back(result.digest, now, out, report=rid in self._reported):
+                self._reported.discard(rid)
+                return
+            self._granted[result.digest] = now
         if rid in self._reported:
             self._reported.discard(rid)
             out.append(Located(result))
         dl = self.downloads.get(result.digest)
         if dl is not None and not dl.complete:
             self._feed(dl, result, now, out)
+
+    def _give_back(self, digest: Digest, now: float, out: list[Action], *, report: bool) -> bool:
+        """A lease granted while the cell reads another blob from the registries is given
+        back once (a Withdraw to the digest's homes), and the digest looked up again
+        after `lease_defer`: True when it was.
+
+        Whoever asks first is granted the lease, and the first runtime of a storm to ask
+        for an image asks for all its layers at once: one cell took the lease of all
+        four layers in every testbed run, so its download link alone brought every byte
+        into the swarm and its upload link alone sent each one on, and the others
+        finished twice as late. Given back, the lease goes to a cell that asks in the
+        meantime, and the image enters the swarm through several cells. Asked again, the
+        cell keeps what it is granted: a lone cell pays `lease_defer` once for each
+        layer after the first."""
+        if not self.placement.lease_defer:
+            return False
+        if digest in self._declined:
+            self._declined.discard(digest)  # the second answer stands
+            return False
+        for other, when in list(self._granted.items()):  # leases no longer read
+            dl = self.downloads.get(other)
+            active = dl is not None and dl.lease and not dl.complete
+            if not active and now - when >= self.placement.lease_ttl:
+                del self._granted[other]
+        if not any(other != digest for other in self._granted):
+            return False
+        self._declined.add(digest)
+        withdraw = pl.Withdraw(digest)
+        out.extend(pl.Send(home, withdraw) for home in self.announcer.homes(digest))
+        when = now + self.placement.lease_defer
+        self._deferred[digest] = (when, report)
+        self._sooner(when)
+        return True
 
     def _feed(
         self, dl: sw.Download, result: pl.LookupResult, now: float, out: list[Action]

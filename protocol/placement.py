@@ -196,6 +196,7 @@ class PlacementConfig:
     hedge_delay: float = 0.05
     lookup_timeout: float = 0.5  # then escalate (any home may grant the lease)
     lookup_give_up: float = 2.0  # then report whatever was heard (maybe nothing)
+    lease_defer: float = 0.2  # a cell already reading one blob gives a second lease back
 
 
 # ---------------------------------------------------------------------------------------

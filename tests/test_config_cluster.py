@@ -17,7 +17,7 @@ def key(tmp_path):
 def test_without_listen_the_cell_runs_alone(key):
     config = from_dict({"cluster": {"key_file": key}})
     assert config.cluster is None
-    assert config.peer == PeerConfig(upload_slots=8, upload_rate=0)
+    assert config.peer == PeerConfig(upload_slots=4, upload_rate=0)
 
 
 def test_the_issue_example(key):
@@ -29,7 +29,7 @@ def test_the_issue_example(key):
                 "seeds": ["10.0.0.2:7946", "10.0.0.3:7946"],
                 "zone": "rack-1",
             },
-            "peer": {"upload_slots": 4, "upload_rate": "100MiB"},
+            "peer": {"upload_slots": 6, "upload_rate": "100MiB"},
         }
     )
     assert config.cluster is not None
@@ -37,7 +37,7 @@ def test_the_issue_example(key):
     assert config.cluster.advertise == Listen("10.0.0.5", 7946)  # defaults to listen
     assert config.cluster.seeds == (Listen("10.0.0.2", 7946), Listen("10.0.0.3", 7946))
     assert config.cluster.zone == "rack-1"
-    assert config.peer == PeerConfig(upload_slots=4, upload_rate=100 * 2**20)
+    assert config.peer == PeerConfig(upload_slots=6, upload_rate=100 * 2**20)
 
 
 @pytest.mark.parametrize(

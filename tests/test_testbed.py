@@ -246,7 +246,7 @@ def test_the_cluster_lines_are_the_ones_the_daemon_parses(tmp_path: Path) -> Non
     assert config.cluster.listen == Listen("10.77.0.12", 7946)
     assert config.cluster.seeds == (Listen("10.77.0.10", 7946), Listen("10.77.0.11", 7946))
     assert config.cluster.zone == "rack-2"
-    assert config.peer.upload_slots == 8
+    assert config.peer.upload_slots == 4
     assert len(load_cluster_key(config)) == 32  # type: ignore[arg-type]
 
 

@@ -217,7 +217,7 @@ class NsCelld(Celld):
 
 
 def cluster_lines(
-    key_file: Path, address: str, seeds: list[str], zone: str, upload_slots: int = 8
+    key_file: Path, address: str, seeds: list[str], zone: str, upload_slots: int = 4
 ) -> str:
     """The [cluster] and [peer] tables of issue 11 for one cell."""
     quoted = ", ".join(f'"{s}:{CLUSTER_PORT}"' for s in seeds)

@@ -129,6 +129,47 @@ def test_the_first_asker_of_an_unheld_digest_gets_the_lease() -> None:
     assert announced[-1].lease  # the lease is announced, so the homes renew it
 
 
+E = "sha256:" + "cd" * 32  # a second layer of the same image
+
+
+def test_a_cell_reading_one_layer_gives_the_next_lease_back_to_a_cell_that_asks() -> None:
+    """The first runtime of a storm asks for every layer at once: the lease of the second
+    goes back, and the next cell to ask reads it instead, so the image enters the swarm
+    through two cells."""
+    net = Link(["a", "b", "c"])
+    a, b = net.cells["a"], net.cells["b"]
+    net.run("a", a.lookup(D, net.now))
+    net.run("a", a.lookup(E, net.now))
+    granted = [x.result.digest for x in net.of("a", Located)]
+    assert granted == [D]  # E's lease went back at once
+    withdrawn = {
+        (s.to, s.message.digest) for s in net.of("a", pl.Send) if type(s.message) is pl.Withdraw
+    }
+    assert withdrawn == {(home, E) for home in a.announcer.homes(E)}
+    net.now += 0.05
+    net.run("b", b.lookup(E, net.now))  # b asks meanwhile: the lease is its
+    (located,) = net.of("b", Located)
+    assert located.result.lease == pl.LeaseStatus.GRANTED
+    deadline = a.next_deadline()
+    assert deadline is not None and deadline <= a.placement.lease_defer
+    net.now = a.placement.lease_defer
+    net.run("a", a.tick(net.now))  # a asks again and is pointed at b
+    results = {x.result.digest: x.result for x in net.of("a", Located)}
+    assert results[E].lease == pl.LeaseStatus.HELD and results[E].lease_holder == "b"
+
+
+def test_a_lone_cell_keeps_the_second_lease_when_it_asks_again() -> None:
+    net = Link(["a", "b"])
+    a = net.cells["a"]
+    net.run("a", a.lookup(D, net.now))
+    net.run("a", a.lookup(E, net.now))
+    assert [x.result.digest for x in net.of("a", Located)] == [D]
+    net.now = a.placement.lease_defer
+    net.run("a", a.tick(net.now))  # nobody else asked: granted again, and kept
+    results = {x.result.digest: x.result for x in net.of("a", Located)}
+    assert results[E].lease == pl.LeaseStatus.GRANTED and results[E].lease_holder == "a"
+
+
 def test_a_second_asker_is_pointed_at_the_lease_holder_and_woken_by_its_pieces() -> None:
     net = Link(["a", "b", "c"])
     a, b = net.cells["a"], net.cells["b"]

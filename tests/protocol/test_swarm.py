@@ -295,16 +295,25 @@ def test_banning_the_lease_holder_makes_the_cell_fetch_for_itself() -> None:
     assert of_type(events, FetchUpstream) == [FetchUpstream(D, ((0, 4),))]
 
 
-def test_while_a_cell_reads_from_the_registry_its_other_downloads_wait() -> None:
-    layer = download(4)
-    other = Download("sha256:" + "cd" * 32, 8, self_id="me", zone="z1", rng=random.Random(1))
+@pytest.mark.parametrize("budget", [0, 1])
+def test_while_a_cell_reads_from_the_registry_its_other_downloads_are_held_back(
+    budget: int,
+) -> None:
+    cfg = SwarmConfig(inflight_while_fetching=budget)
+    layer = download(4, inflight_while_fetching=budget)
+    other = Download(
+        "sha256:" + "cd" * 32, 8, self_id="me", zone="z1", rng=random.Random(1), config=cfg
+    )
     peers = [info("p", complete=True), info("q", complete=True)]
     requests = asked(other.add_providers(peers, 0.0))
     assert len(requests) == 2
     layer.grant_lease(0.0)
     assert layer.fetching_upstream
     assert registry_first([layer, other], 0.0) == []  # nothing to send now
-    assert other.max_inflight == 0 and layer.max_inflight == 2
+    assert other.max_inflight == budget and layer.max_inflight == 2
+    if budget:
+        return
+    # a budget of 0: the other download waits until the registry read is over
     peer, index = requests[0]
     assert asked(other.on_piece(peer, index, True, 0.1)) == []  # waits
     for i in range(4):
