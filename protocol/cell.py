@@ -596,14 +596,15 @@ class Cell:
         meantime, and the image enters the swarm through several cells. Asked again, the
         cell keeps what it is granted: a lone cell pays `lease_defer` once for each
         layer after the first."""
-        if not self.placement.lease_defer:
-            return False
+        dl = self.downloads.get(digest)
+        if not self.placement.lease_defer or digest in self._granted or (dl and dl.lease):
+            return False  # off, or a lease this cell holds already (a renewed ask)
         if digest in self._declined:
             self._declined.discard(digest)  # the second answer stands
             return False
         for other, when in list(self._granted.items()):  # leases no longer read
-            dl = self.downloads.get(other)
-            active = dl is not None and dl.lease and not dl.complete
+            odl = self.downloads.get(other)
+            active = odl is not None and odl.lease and not odl.complete
             if not active and now - when >= self.placement.lease_ttl:
                 del self._granted[other]
         if not any(other != digest for other in self._granted):

@@ -168,6 +168,12 @@ def test_a_lone_cell_keeps_the_second_lease_when_it_asks_again() -> None:
     net.run("a", a.tick(net.now))  # nobody else asked: granted again, and kept
     results = {x.result.digest: x.result for x in net.of("a", Located)}
     assert results[E].lease == pl.LeaseStatus.GRANTED and results[E].lease_holder == "a"
+    # asked once more while it reads both (a renewed ask): the lease it holds stays
+    sent = len(net.of("a", pl.Send))
+    net.run("a", a.lookup(E, net.now))
+    assert [x.result.lease for x in net.of("a", Located)][-1] == pl.LeaseStatus.GRANTED
+    withdrawn = [s for s in net.of("a", pl.Send)[sent:] if type(s.message) is pl.Withdraw]
+    assert withdrawn == []
 
 
 def test_a_second_asker_is_pointed_at_the_lease_holder_and_woken_by_its_pieces() -> None:
