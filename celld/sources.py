@@ -17,6 +17,7 @@ speaks HTTP itself (celld.registry does).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -48,7 +49,7 @@ from celld.registry import (
 from celld.store import BlobEntry, BlobWriter, DigestMismatch, Store
 from protocol.errors import OCIError, oci_error
 from protocol.manifest import MAX_MANIFEST_BYTES, UPSTREAM_ACCEPT, parse_manifest
-from protocol.pieces import PieceHasher, PieceTable, piece_span
+from protocol.pieces import PieceHasher, PieceTable, piece_hash, piece_span
 from protocol.placement import LeaseStatus
 from protocol.reference import Digest
 
@@ -593,9 +594,15 @@ class Sources:
                     if len(buf) < n:
                         break
                     data, buf = bytes(buf[:n]), buf[n:]
-                    ok = t.table is None or t.table.hashes[index] is None
-                    ok = ok or t.table.verify(index, data)
-                    if not ok:
+                    if t.table is not None and t.table.hashes[index] is None:
+                        # a piece the dead lease holder never read: its hash is this
+                        # read's, as the lease holder's were (the blob's sha256 checks
+                        # them all), and it goes in the table this cell serves, or no
+                        # other cell could verify the piece it is sent
+                        hashes = list(t.table.hashes)
+                        hashes[index] = piece_hash(data)
+                        t.table = dataclasses.replace(t.table, hashes=tuple(hashes))
+                    elif t.table is not None and not t.table.verify(index, data):
                         raise DigestMismatch(f"{t.digest} piece {index}", "other bytes")
                     await trio.to_thread.run_sync(t.writer.write_at, lo, data)
                     self.metrics.fetched_bytes.labels(source.kind).inc(len(data))

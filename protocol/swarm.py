@@ -518,11 +518,19 @@ class Download:
         return out
 
     def remove_provider(self, peer_id: MemberId, now: float) -> list[Event]:
-        """The peer is gone (membership says dead, or it withdrew the blob)."""
+        """The peer is gone (membership says dead, or it withdrew the blob). When it was
+        the lease holder the homes are asked again at once: the pieces it had not sent
+        yet come from nobody else, and a download busy asking the other downloaders
+        what they have would not count as starving, so it would never ask them (in the
+        testbed, every cell waited 30 s for pieces of a lease holder killed mid-read)."""
         out: list[Event] = []
         peer = self._peers.get(peer_id)
         if peer is not None:
             self._drop(peer, out, cancel=False)
+        if peer_id == self._lease_holder and not self.lease and not self.complete:
+            self._lease_holder = ""
+            self._next_lookup = now + self.config.lookup_interval
+            out.append(NeedProviders(self.digest))
         self._step(now, out)
         return out
 

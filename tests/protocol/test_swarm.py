@@ -287,6 +287,22 @@ def test_when_the_peer_dies_its_missing_pieces_join_the_upstream_fetch() -> None
     assert of_type(events, DownloadComplete) and dl.pieces_from[UPSTREAM] == 7
 
 
+def test_when_the_lease_holder_dies_the_homes_are_asked_again_at_once() -> None:
+    """Other downloaders are known and queried, so the download is not starving; yet
+    the pieces the holder had not read yet come from nobody: ask who holds the lease."""
+    dl = download(8, min_peers=1, lookup_interval=1.0)
+    dl.start(0.0)
+    events = dl.add_providers(
+        [info("holder", 0b11), info("other", 0b01)], 0.0, lease_holder="holder"
+    )
+    assert asked(events)
+    dl.on_piece("holder", 0, True, 0.1, have=0b11)
+    events = dl.on_piece("holder", 1, True, 0.2, have=0b11)
+    assert of_type(events, QueryHave)  # nothing left to ask for: the others are queried
+    assert of_type(dl.remove_provider("holder", 0.3), NeedProviders) == [NeedProviders(D)]
+    assert not of_type(dl.remove_provider("other", 0.4), NeedProviders)  # not the holder
+
+
 def test_banning_the_lease_holder_makes_the_cell_fetch_for_itself() -> None:
     dl = download(4, max_inflight=1, max_bad_pieces=1)
     ((_, index),) = asked(dl.add_providers([info("holder", 0b0011)], 0.0, lease_holder="holder"))
