@@ -763,7 +763,7 @@ class PeerClient:
         target = f"/v1/blobs/{digest}/have?want={want_hex}".encode()
         async with self._get(addr, target, self.timeout + wait) as response:
             have, complete, got = _have_of(response)
-            if response.status != 200 and response.status != 404:
+            if response.status not in (200, 404):
                 raise self._refused(addr, response)
             await self._read(response, 1 << 16, self.timeout)  # the connection stays open
             if response.status == 404:

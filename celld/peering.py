@@ -47,10 +47,10 @@ log = logging.getLogger(__name__)
 # membership to declare a provider dead in a small cluster (where no K confirmations
 # shorten the suspicion), after which the lease moves and the registries go on
 STALL_TIMEOUT = 30.0
-_NEVER = float("inf")
 LOCATE_TIMEOUT = 3.0  # > placement's lookup_give_up: the lookup always answers first
 TABLE_WAIT = 5.0  # seconds a downloader waits for the lease holder's first verified piece
 TABLE_RETRY = 0.05
+_NEVER = float("inf")
 
 
 @dataclass(eq=False)

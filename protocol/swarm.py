@@ -977,6 +977,14 @@ class _Seed:
         self.satisfied: dict[MemberId, None] = {}
 
 
+def _shown(seed: _Seed, have: int) -> int:
+    """`have` as an asker is told it (see Uploader.shown)."""
+    if not seed.origin:
+        return have
+    fresh = have & ~seed.spread
+    return fresh if fresh else have
+
+
 class Uploader:
     """One cell's upload side: `slots` uploads at once, then a queue of `queue`, then
     BUSY so the asker goes elsewhere rather than wait behind a crowd. A fixed number of
@@ -1031,10 +1039,7 @@ class Uploader:
         begun uploading yet (all of them once every held piece went out once): a piece
         it sent goes on from the cell that got it."""
         seed = self._seeds.get(digest)
-        if seed is None or not seed.origin:
-            return have
-        fresh = have & ~seed.spread
-        return fresh if fresh else have
+        return have if seed is None else _shown(seed, have)
 
     def add_seed(
         self, digest: Digest, piece_count: int, have: int = 0
@@ -1068,7 +1073,7 @@ class Uploader:
         for r, (want, _) in seed.parked.items():
             if want & bit and r not in seed.satisfied:
                 if len(out) < free:
-                    out.append((r, HaveReply(digest, self._shown(seed), seed.complete)))
+                    out.append((r, HaveReply(digest, _shown(seed, seed.have), seed.complete)))
                 else:
                     seed.satisfied[r] = None
         for r, _ in out:
@@ -1096,7 +1101,7 @@ class Uploader:
     ) -> tuple[MemberId, HaveReply]:
         seed.parked.pop(requester, None)
         seed.satisfied.pop(requester, None)
-        return requester, HaveReply(digest, self._shown(seed), seed.complete)
+        return requester, HaveReply(digest, _shown(seed, seed.have), seed.complete)
 
     def on_have_query(self, sender: MemberId, q: HaveQuery, now: float) -> HaveReply | None:
         """The answer now, or None when parked (it comes from piece_added or poll)."""
@@ -1106,7 +1111,7 @@ class Uploader:
         if seed.have & q.want or seed.complete or len(seed.parked) >= self.max_parked:
             seed.parked.pop(sender, None)
             seed.satisfied.pop(sender, None)
-            return HaveReply(q.digest, self._shown(seed), seed.complete)
+            return HaveReply(q.digest, _shown(seed, seed.have), seed.complete)
         until = now + self.have_wait
         seed.parked[sender] = (q.want, until)
         heapq.heappush(self._parked_deadlines, (until, q.digest, sender))
@@ -1144,7 +1149,7 @@ class Uploader:
         """OK: start sending now. QUEUED: on_done will start it. BUSY/MISSING: sent back
         at once, with this cell's bitmap."""
         seed = self._seeds.get(req.digest)
-        shown = self._shown(seed) if seed is not None else 0
+        shown = _shown(seed, seed.have) if seed is not None else 0
         if seed is None or req.index < 0 or not (shown >> req.index) & 1:
             complete = seed.complete if seed is not None else False
             return PieceReply(req.digest, req.index, PieceStatus.MISSING, shown, complete)
@@ -1160,7 +1165,7 @@ class Uploader:
             status = PieceStatus.BUSY
         if status is not PieceStatus.BUSY and seed.origin:
             seed.spread |= 1 << req.index
-            shown = self._shown(seed)
+            shown = _shown(seed, seed.have)
         return PieceReply(req.digest, req.index, status, shown, seed.complete)
 
     def on_done(
@@ -1190,12 +1195,7 @@ class Uploader:
     def piece_reply(self, digest: Digest, index: int) -> PieceReply:
         """The OK reply that goes with a piece (carries the current bitmap)."""
         seed = self._seeds.get(digest)
-        have, complete = (self._shown(seed), seed.complete) if seed is not None else (0, False)
+        have, complete = (
+            (_shown(seed, seed.have), seed.complete) if seed is not None else (0, False)
+        )
         return PieceReply(digest, index, PieceStatus.OK, have, complete)
-
-    @staticmethod
-    def _shown(seed: _Seed) -> int:
-        if not seed.origin:
-            return seed.have
-        fresh = seed.have & ~seed.spread
-        return fresh if fresh else seed.have
