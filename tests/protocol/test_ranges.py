@@ -160,7 +160,7 @@ def model(header: str | None, size: int) -> ByteRange | str | None:
             return None
         if m[1] == "":
             n = int(m[2])
-            wanted.append(set(range(size)[size - n :]) if n else set())
+            wanted.append(set(range(size)[max(0, size - n) :]) if n else set())
         else:
             first = int(m[1])
             last = int(m[2]) if m[2] else size - 1
