@@ -9,18 +9,23 @@ a proxy in the environment sends the daemon back to httpx, which knows proxies.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import h11
 import httpx
 import pytest
+import trio
 
 from celld.daemon import _blob_pool
 from celld.http_client import Origin, Pool, Response, Timeouts, _Request
 
 TIMEOUTS = Timeouts(connect=2.0, read=5.0)
 TRICKLE = 3 << 20  # /trickle's body: half of it, then nothing until the client had that half
+DRIP = (
+    3 << 20
+)  # /drip's body, in 12 writes a few ms apart; /short's promise, of which it sends half
 
 
 class _Server(ThreadingHTTPServer):
@@ -76,6 +81,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             if self.server.resume.wait(10):
                 self.wfile.write(b"b" * half)
+            return
+        if self.path in ("/drip", "/short"):
+            self.send_response(200)
+            self.send_header("Content-Length", str(DRIP))
+            self.end_headers()
+            step = DRIP // 12
+            for i in range(6 if self.path == "/short" else 12):
+                self.wfile.write(bytes([i]) * step)
+                self.wfile.flush()
+                time.sleep(0.005)
+            self.close_connection = self.path == "/short"
             return
         body = self.path.encode() * 1000
         self.send_response(200)
@@ -158,6 +174,35 @@ async def test_a_source_that_pauses_still_has_its_bytes_delivered(server: _Serve
     assert body == b"a" * (TRICKLE // 2) + b"b" * (TRICKLE // 2)
     assert await _get(pool, server.url + "/v2/next") == (200, b"/v2/next" * 1000)
     assert server.connections == 1
+    await pool.aclose()
+
+
+async def test_a_body_read_whole_arrives_whole_and_the_next_head_at_once(
+    server: _Server,
+) -> None:
+    """`read` waits for the socket to hold a MiB before it wakes (SO_RCVLOWAT): the
+    dripped body still arrives whole, and the next response's small head on the
+    same connection is read as it comes, not after the read timeout."""
+    pool = Pool()
+    for _ in range(2):
+        response = await _open(pool, server.url + "/drip")
+        body = await response.read(DRIP)
+        await response.aclose()
+        assert body == b"".join(bytes([i]) * (DRIP // 12) for i in range(12))
+        assert await _get(pool, server.url + "/v2/next") == (200, b"/v2/next" * 1000)
+    assert server.connections == 1
+    await pool.aclose()
+
+
+async def test_a_body_read_whole_that_ends_short_is_an_error_not_a_hang(
+    server: _Server,
+) -> None:
+    pool = Pool()
+    response = await _open(pool, server.url + "/short")
+    with pytest.raises(httpx.RemoteProtocolError, match="short of the Content-Length"):
+        with trio.fail_after(TIMEOUTS.read / 2):  # the close, not the read timeout
+            await response.read(DRIP)
+    await response.aclose()
     await pool.aclose()
 
 
