@@ -89,6 +89,10 @@ PACE_CHUNK = 256 * 1024  # bytes sent between token-bucket takes when upload_rat
 QUEUE_WAIT = (
     4.0  # a queued upload that does not start in this time is refused (swarm's request_timeout)
 )
+# The longest a table request waits for this cell's first verified piece of a blob it
+# does not hold yet (a lease holder whose registry read has just begun): the asker's
+# one parked request rather than a 404 every TABLE_RETRY (celld.peering).
+TABLE_PARK = 1.0
 MAX_TABLES = 64  # complete tables kept in memory (32 KiB each at 1,024 pieces)
 MAX_WANT_HEX = 2 * ((1 << 20) + 7) // 8  # protocol.pieces.MAX_PIECES bits, hex
 
@@ -306,6 +310,7 @@ class Peer:
         self._hashing: dict[str, trio.Event] = {}
         self._queued: dict[tuple[str, str, int], trio.Event] = {}
         self._parked: dict[tuple[str, str], trio.Event] = {}
+        self._growing: dict[str, trio.Event] = {}  # digest -> parked table requests
 
     # -- what the cell's downloads call ---------------------------------------
 
@@ -316,6 +321,12 @@ class Peer:
             event = self._parked.pop((requester, reply.digest), None)
             if event is not None:
                 event.set()
+
+    def grew(self, digest: str) -> None:
+        """This cell verified more pieces of `digest`: parked table requests look again."""
+        event = self._growing.pop(digest, None)
+        if event is not None:
+            event.set()
 
     # -- requests -------------------------------------------------------------
 
@@ -352,7 +363,7 @@ class Peer:
         if match[3] is not None:
             return "piece", await self._piece(cell, digest, int(match[3]))
         if match[2]:
-            return "table", await self._table(digest)
+            return "table", await self._table(digest, query)
         return "blob", await self._blob(cell, digest, request)
 
     def _find(self, digest: str) -> tuple[Complete | Partial, _Layout] | None:
@@ -473,8 +484,18 @@ class Peer:
                 self._release(*slot)
             raise
 
-    async def _table(self, digest: str) -> Response:
+    async def _table(self, digest: str, query: bytes) -> Response:
         hit = self._open_found(digest)
+        if hit is None:
+            # ?wait=S: the asker would rather wait (up to TABLE_PARK) than ask again
+            try:
+                wait = float(parse_qs(query.decode("latin-1")).get("wait", ["0"])[-1])
+            except ValueError:
+                wait = 0.0
+            with trio.move_on_after(min(TABLE_PARK, wait) if wait > 0 else 0):
+                while hit is None:
+                    await self._growing.setdefault(digest, trio.Event()).wait()
+                    hit = self._open_found(digest)
         if hit is None:
             return _error(404, "this cell does not hold that blob")
         fd, found, layout = hit
@@ -718,11 +739,14 @@ class PeerClient:
     def _refused(self, addr: str, response: ClientResponse) -> PeerError:
         return PeerError(f"{addr} answered {response.status}", response.status)
 
-    async def table(self, addr: str, digest: str) -> TableReply:
+    async def table(self, addr: str, digest: str, *, wait: float = 0.0) -> TableReply:
         """The peer's piece table of `digest` (partial while it downloads), and the app
-        scopes the blob is private to there."""
+        scopes the blob is private to there. `wait`: a peer that holds no piece yet
+        answers once it does, or 404 after up to that long (its TABLE_PARK at most)."""
         target = f"/v1/blobs/{digest}/pieces".encode()
-        async with self._get(addr, target, self.timeout) as response:
+        if wait > 0:
+            target += f"?wait={wait:g}".encode()
+        async with self._get(addr, target, self.timeout + wait) as response:
             if response.status != 200:
                 raise self._refused(addr, response)
             data = await self._read(response, 32 * ((1 << 20) + 64), self.timeout)

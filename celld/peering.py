@@ -240,9 +240,9 @@ class Peering:
     async def table(self, result: pl.LookupResult) -> tuple[TableReply, str] | None:
         """The piece table, from a complete provider if there is one, else from the
         lease holder or another downloader (a partial table, refreshed as it grows).
-        A lease holder that has not verified its first piece yet says 404: it is asked
-        again until TABLE_WAIT has passed, since the registries are what the lease
-        spares."""
+        A lease holder that has not verified its first piece yet holds the request
+        until it has (up to celld.peer.TABLE_PARK), else says 404: it is asked again
+        until TABLE_WAIT has passed, since the registries are what the lease spares."""
         ranked = sorted(
             result.providers,
             key=lambda p: (not p.complete, p.member != result.lease_holder, p.load),
@@ -258,8 +258,10 @@ class Peering:
                 if addr is None:
                     names.remove(member)
                     continue
+                left = deadline - trio.current_time()
                 try:
-                    return await self.client.table(addr, result.digest), member
+                    reply = await self.client.table(addr, result.digest, wait=max(0.0, left))
+                    return reply, member
                 except PeerError as exc:
                     if exc.status != 404 or member not in self.gossip.live_ids():
                         log.info("no piece table of %s from %s: %s", result.digest, member, exc)
@@ -295,6 +297,7 @@ class Peering:
         cell): written (ok), or to be planned again (not ok)."""
         if ok:
             t.held |= 1 << index
+            self.peer.grew(t.digest)
             t.last_progress = time.monotonic()
             await self._advance(t)
         self._do(self.cell.registry_piece(t.digest, index, ok, self.clock()))
@@ -306,6 +309,8 @@ class Peering:
         now = self.clock()
         new = held & ~t.held
         t.held |= new
+        if new:
+            self.peer.grew(t.digest)
         while new:
             low = new & -new
             self._do(self.cell.registry_piece(t.digest, low.bit_length() - 1, True, now))
@@ -451,6 +456,7 @@ class Peering:
                     if t.writer.closed:
                         return
                     t.held |= 1 << index
+                    self.peer.grew(t.digest)
                     t.last_progress = time.monotonic()
                     self.metrics.peer_received_bytes.inc(len(got.data))
                     await self._advance(t)

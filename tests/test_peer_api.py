@@ -298,6 +298,52 @@ async def test_the_rate_cap_holds_across_uploads(store: Store) -> None:
         assert 0.6 * rate < achieved < 1.15 * rate, achieved / rate
 
 
+async def test_a_table_request_waits_for_the_first_verified_piece(tmp_path: Path) -> None:
+    """A lease holder whose registry read has only begun holds no piece yet: a table
+    request that may wait is answered once the first piece verifies (one request,
+    where a 404 would have the asker poll), and one that may not is a 404 at once."""
+    digest, data = _blob()
+    full = PieceTable.from_bytes(data)
+    psize = full.piece_size
+    temp = tmp_path / "downloading"
+    temp.write_bytes(b"")
+    state = {"held": 0}
+
+    class Starting:
+        def find(self, d: str):
+            if d != digest or not state["held"]:
+                return None  # as celld.peering.Peering.find: no verified piece, no table
+            hashes = tuple(h if state["held"] >> i & 1 else None for i, h in enumerate(full.hashes))
+            return Partial(temp, SIZE, psize, PieceTable(SIZE, psize, hashes), state["held"])
+
+    async with running(Starting()) as cell, client() as c:
+        with pytest.raises(PeerError) as err:
+            await c.table(cell.addr, digest)
+        assert err.value.status == 404
+        with pytest.raises(PeerError) as err:
+            await c.table(cell.addr, digest, wait=0.1)  # nothing lands in time
+        assert err.value.status == 404
+        replies: list = []
+
+        async def ask() -> None:
+            replies.append(await c.table(cell.addr, digest, wait=30))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(ask)
+            await trio.sleep(0.3)
+            assert replies == []  # parked, not answered 404
+            temp.write_bytes(data[:psize])
+            state["held"] = 0b001
+            cell.peer.grew(digest)
+        assert replies[0].table.known == 0b001
+        assert replies[0].table.merge(full) == full
+        outcomes = {
+            o: cell.value("celld_peer_requests_total", endpoint="table", outcome=o)
+            for o in ("ok", "error_404")
+        }
+        assert outcomes == {"ok": 1, "error_404": 2}
+
+
 async def test_a_partial_blob_serves_only_verified_pieces(tmp_path: Path) -> None:
     digest, data = _blob()
     full = PieceTable.from_bytes(data)
