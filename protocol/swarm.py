@@ -155,6 +155,10 @@ class SwarmConfig:
     min_peers: int = 4
     request_timeout: float = 4.0  # seconds for one piece (4 MiB at 1 MB/s)
     busy_backoff: float = 0.02  # first back-off after "busy"; doubles, jittered
+    # ... and at least this share of the time a piece takes to arrive (measured): a busy
+    # uploader frees a slot about once per piece time / its slots, so asking sooner
+    # mostly gets "busy" again, and on a real cell each answer costs both ends CPU
+    busy_backoff_share: float = 0.25
     max_backoff: float = 0.5
     have_wait: float = 1.0  # how long an uploader may park a HaveQuery
     have_min_interval: float = 0.05  # spacing of queries to one peer
@@ -373,6 +377,7 @@ class Download:
         self._upstream = 0  # pieces expected from the registries
         self._copies: dict[int, list[MemberId]] = {}
         self._n_inflight = 0
+        self._piece_time = 0.0  # moving average of request-to-arrival, for busy back-offs
         self._peers: dict[MemberId, _Peer] = {}
         self._banned: set[MemberId] = set()
         self._planes: list[int] = []
@@ -575,6 +580,12 @@ class Download:
             return out
         peer = self._peers.get(peer_id)
         if peer is not None:
+            deadline = peer.inflight.get(index)
+            if ok and deadline is not None:
+                took = now - (deadline - self.config.request_timeout)
+                self._piece_time = (
+                    took if not self._piece_time else (0.8 * self._piece_time + 0.2 * took)
+                )
             self._unrequest(peer, index)
             if have is not None:
                 self._learn(peer, have, complete)
@@ -607,7 +618,8 @@ class Download:
             if have is not None:
                 self._learn(peer, have, peer.complete)
             cfg = self.config
-            peer.backoff = min(cfg.max_backoff, max(cfg.busy_backoff, 2 * peer.backoff))
+            first = max(cfg.busy_backoff, cfg.busy_backoff_share * self._piece_time)
+            peer.backoff = min(cfg.max_backoff, max(first, 2 * peer.backoff))
             peer.busy_until = now + peer.backoff * (0.5 + self._rng.random())
             heapq.heappush(self._backoffs, peer.busy_until)
         self._step(now, out)

@@ -241,6 +241,17 @@ def test_busy_makes_the_download_ask_elsewhere_then_retry_after_a_back_off() -> 
     assert asked(dl.poll(wake + 0.1)) != []
 
 
+def test_after_busy_a_slow_swarm_backs_off_a_share_of_a_piece_time() -> None:
+    """Pieces that take 0.8 s each: a busy uploader frees a slot about every 0.2 s,
+    so the first retry waits busy_backoff_share of the measured 0.8 s, not 20 ms."""
+    dl = download(4, max_inflight=1, busy_backoff=0.02, busy_backoff_share=0.25, max_backoff=1.0)
+    ((peer, index),) = asked(dl.add_providers([info("a", complete=True)], 0.0))
+    ((peer, index),) = asked(dl.on_piece(peer, index, True, 0.8))  # took 0.8 s
+    assert asked(dl.on_busy(peer, index, 0.9)) == []
+    wake = dl.next_deadline()
+    assert wake is not None and 0.9 + 0.5 * 0.2 <= wake <= 0.9 + 1.5 * 0.2  # jittered
+
+
 def test_a_bad_piece_is_charged_to_its_sender_who_is_banned_after_n() -> None:
     dl = download(4, max_inflight=1, max_bad_pieces=2)
     ((_, i1),) = asked(dl.add_providers([info("liar", complete=True)], 0.0))
