@@ -297,7 +297,7 @@ class Response:
         if length is not None and type(self._conn.stream) is trio.SocketStream:
             if length > limit:
                 raise httpx.DecodingError(f"body over the {limit}-byte limit")
-            return await self._read_into(bytearray(length))
+            return await self.read_into(bytearray(length))
         data = bytearray()
         async for chunk in self.chunks():
             data += chunk
@@ -305,7 +305,11 @@ class Response:
                 raise httpx.DecodingError(f"body over the {limit}-byte limit")
         return bytes(data)
 
-    async def _read_into(self, buf: bytearray) -> bytearray:
+    async def read_into(self, buf: bytearray) -> bytearray:
+        """The whole body into `buf`, which is as long as the Content-Length (a reused
+        buffer: see celld.peer.PeerClient.recycle). On a plain socket only."""
+        if self._length != len(buf) or type(self._conn.stream) is not trio.SocketStream:
+            raise ValueError("read_into: a plain socket's body of len(buf) bytes")
         view = memoryview(buf)
         pending, self._pending = self._pending, b""
         if len(pending) > len(buf):

@@ -453,12 +453,13 @@ class Peering:
                 if got.answer is PieceAnswer.OK:
                     start, _ = t.table.span(index)
                     await trio.to_thread.run_sync(t.writer.write_at, start, got.data)
+                    self.client.recycle(got.data)
                     if t.writer.closed:
                         return
                     t.held |= 1 << index
                     self.peer.grew(t.digest)
                     t.last_progress = time.monotonic()
-                    self.metrics.peer_received_bytes.inc(len(got.data))
+                    self.metrics.peer_received_bytes.inc(t.table.span(index)[1])
                     await self._advance(t)
                 outcome = ("got", got)
             except PeerError as exc:
