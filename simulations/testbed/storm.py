@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simulations.testbed import net
+from simulations.testbed import net, pull
 from tests.support.celld import Celld
 from tests.support.images import Image, make_image, push_image
 from tests.support.procs import stop_process
@@ -414,10 +414,11 @@ class Storm:
 
         start_at = time.time() + 1.0 + 0.3 * len(self.cell_hosts)
         workers: dict[str, subprocess.Popen] = {}
+        dests: dict[str, Path] = {}
         for host in self.cell_hosts:
+            dests[host.role] = self.workdir / "pulls" / mode / host.role
             argv = [sys.executable, "-m", "simulations.testbed.pull", "--ref", IMAGE_REF]
-            argv += ["--mirror", mirror, "--expect", self.image.digest]  # type: ignore[union-attr]
-            argv += ["--dest", str(self.workdir / "pulls" / mode / host.role)]
+            argv += ["--mirror", mirror, "--dest", str(dests[host.role])]
             argv += ["--start-at", f"{start_at:.3f}", "--timeout", str(o.timeout)]
             (self.workdir / "pulls" / mode).mkdir(parents=True, exist_ok=True)
             proc = subprocess.Popen(
@@ -454,6 +455,9 @@ class Storm:
                 # A worker that began late (a busy machine) had its lateness counted in.
                 result["late_s"] = max(0.0, result["started"] - start_at)
             phase.cells[role] = result
+        for role, result in phase.cells.items():  # every pull has ended: check the copies
+            if "error" not in result:
+                result.update(pull.check(dests[role], self.image.digest))  # type: ignore[union-attr]
 
         after = self.bed.counters()
         retrans_after = self.bed.retransmits()
