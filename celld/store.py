@@ -284,15 +284,16 @@ class BlobWriter:
         """Hash the ``n`` bytes that ``write_at`` put right after the ``written`` ones,
         and count them written: readers may follow up to there."""
         self._require_open()
+        buf = memoryview(bytearray(min(n, _WRITE_GROUP)))  # one buffer, not one per MiB
         with open(self.path, "rb", buffering=0) as f:
             f.seek(self.written)
             left = n
             while left:
-                chunk = f.read(min(left, 1 << 20))
-                if not chunk:
+                got = f.readinto(buf[: min(left, len(buf))])
+                if not got:
                     raise ValueError(f"{self.digest}: {n} bytes to hash, {n - left} on disk")
-                self._hash.update(chunk)
-                left -= len(chunk)
+                self._hash.update(buf[:got])
+                left -= got
         self.written += n
 
     def matches(self) -> bool:
