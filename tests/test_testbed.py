@@ -115,6 +115,12 @@ def test_storm_through_celld_and_the_pull_through_cache(tmp_path: Path) -> None:
     fetched = celld["celld_fetched_bytes"]
     assert sum(fetched.values()) == stored
     assert fetched["peer"] >= 2 * image
+    # What the peer APIs answered: at least the pieces the peers sent (4 MiB = 1 piece).
+    assert celld["peer_requests"]["piece ok"] >= 2
+    # The cores' time over the storm, and the daemons' share of it.
+    cpu = celld["cpu_s"]
+    assert 0 < cpu["celld"] <= cpu["busy"] <= cpu["all"]
+    assert "celld" not in proxy["cpu_s"] and proxy["cpu_s"]["all"] > 0
     # The pull-through cache sends each cell a copy over the central's link.
     assert proxy["central_log"]["bytes"] == 3 * image
     assert proxy["central_wire_bytes"] >= 3 * image
@@ -129,8 +135,10 @@ def test_storm_through_celld_and_the_pull_through_cache(tmp_path: Path) -> None:
         "from central",
         "busiest link",
         "retransmitted",
+        "cores ",
     ):
         assert out.count(needle) == 2, out
+    assert out.count("peer requests  piece ") == 1, out
     assert "largest upload" in out
     assert "3/3 cells completed with the right digest" in out
     assert_nothing_left(rid, workdir)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import secrets
 import shutil
@@ -186,16 +187,29 @@ class NsCelld(Celld):
             self.wait_ready()
         return self
 
-    def fetched_by_source(self) -> dict[str, int]:
-        """celld_fetched_bytes by source, read from the cell's own /metrics (in its
-        namespace, so through curl there); {} when the daemon does not answer."""
+    def metrics(self) -> str:
+        """The cell's own /metrics (in its namespace, so through curl there); "" when
+        the daemon does not answer."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         argv = net.netns_exec(self.netns, ["curl", "-s", "--max-time", "5", url])
         done = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        return done.stdout
+
+    def fetched_by_source(self) -> dict[str, int]:
+        """celld_fetched_bytes by source; {} when the daemon does not answer."""
         found = re.findall(
-            r'^celld_fetched_bytes_total\{source="([^"]*)"\} (\S+)$', done.stdout, re.M
+            r'^celld_fetched_bytes_total\{source="([^"]*)"\} (\S+)$', self.metrics(), re.M
         )
         return {source: int(float(value)) for source, value in found}
+
+    def peer_requests(self) -> dict[str, int]:
+        """The peer API requests this cell answered, by "endpoint outcome"."""
+        found = re.findall(
+            r'^celld_peer_requests_total\{endpoint="([^"]*)",outcome="([^"]*)"\} (\S+)$',
+            self.metrics(),
+            re.M,
+        )
+        return {f"{e} {o}": int(float(v)) for e, o, v in found}
 
     def settled_fetched_by_source(self, limit: float = 15.0) -> dict[str, int]:
         """fetched_by_source once it stops growing: a blob is counted when it is
@@ -257,6 +271,8 @@ class Phase:
     cluster_listening: int | None = None  # cells whose daemon listens on the cluster port
     fetched: dict[str, int] = field(default_factory=dict)  # celld's own account, by source
     retransmits: dict[str, int] = field(default_factory=dict)  # TCP segments, by host
+    peer_requests: dict[str, int] = field(default_factory=dict)  # "endpoint outcome" -> n
+    cpu: dict[str, float] = field(default_factory=dict)  # see _cpu_snapshot
 
 
 class Storm:
@@ -433,6 +449,8 @@ class Storm:
             self.procs.append(proc)
             workers[host.role] = proc
         self.out(f"storm ({mode}): {len(workers)} cells pull {IMAGE_REF} at once")
+        time.sleep(max(0.0, start_at - time.time()))
+        cpu_before = self._cpu_snapshot()
 
         if o.kill and mode == "celld":
             kill_at = o.kill_at if o.kill_at is not None else 0.3 * self.limit_s()
@@ -455,6 +473,10 @@ class Storm:
                 # A worker that began late (a busy machine) had its lateness counted in.
                 result["late_s"] = max(0.0, result["started"] - start_at)
             phase.cells[role] = result
+        cpu_after = self._cpu_snapshot()  # the daemons alive throughout (none killed)
+        phase.cpu = {k: v - cpu_before[k] for k, v in cpu_after.items() if k in cpu_before}
+        if mode == "celld":
+            phase.cpu["celld"] = sum(v for k, v in phase.cpu.items() if k.startswith("celld "))
         for role, result in phase.cells.items():  # every pull has ended: check the copies
             if "error" not in result:
                 result.update(pull.check(dests[role], self.image.digest))  # type: ignore[union-attr]
@@ -473,8 +495,30 @@ class Storm:
                 if role not in phase.killed:
                     for source, n in cell.settled_fetched_by_source().items():
                         phase.fetched[source] = phase.fetched.get(source, 0) + n
+                    for key, n in cell.peer_requests().items():
+                        phase.peer_requests[key] = phase.peer_requests.get(key, 0) + n
                 stop_process(cell.proc)
         return phase
+
+    def _cpu_snapshot(self) -> dict[str, float]:
+        """CPU seconds so far: of every core (busy, steal: what the hypervisor gave
+        others, and all), and of the celld daemons. The cells share this machine's
+        cores, so a storm that keeps them busy measures the CPU, not the links."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        with open("/proc/stat") as f:
+            user, nice, system, idle, iowait, irq, softirq, steal = (
+                int(v) / ticks for v in f.readline().split()[1:9]
+            )
+        snap = {
+            "busy": user + nice + system + irq + softirq,
+            "steal": steal,
+            "all": user + nice + system + idle + iowait + irq + softirq + steal,
+        }
+        for role, cell in self.cellds.items():  # "celld <role>": one daemon's user + sys
+            with contextlib.suppress(OSError, AttributeError):
+                stat = Path(f"/proc/{cell.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                snap[f"celld {role}"] = (int(stat[11]) + int(stat[12])) / ticks
+        return snap
 
     # -- figures ----------------------------------------------------------------
 
@@ -506,6 +550,8 @@ class Storm:
             "cluster_listening": phase.cluster_listening,
             "celld_fetched_bytes": phase.fetched,
             "retransmitted_segments": phase.retransmits,
+            "peer_requests": phase.peer_requests,
+            "cpu_s": phase.cpu,
         }
         fig["p99_over_limit"] = fig["p99_s"] / limit if times else None
         # The floor a storm cannot beat when its bytes all cross one registry's link.
@@ -582,6 +628,23 @@ class Storm:
             p(
                 f"   celld's count  fetched into the stores of the cells alive: {account or 'nothing'}"
             )
+            pr = fig["peer_requests"]
+            if pr:
+
+                def n(key: str) -> int:
+                    return pr.get(key, 0)
+
+                p(
+                    f"   peer requests  piece {n('piece ok')} (busy {n('piece error_503')}, missing {n('piece error_404')}),"
+                    f" have {n('have ok') + n('have error_404')}, table {n('table ok')} (404 {n('table error_404')})"
+                )
+        cpu = fig["cpu_s"]
+        if cpu.get("all"):
+            daemons = sum(1 for k in cpu if k.startswith("celld "))
+            line = f"   cpu            {os.cpu_count()} cores {cpu['busy'] / cpu['all']:.0%} busy, steal {cpu['steal'] / cpu['all']:.0%}, from the start to the last pull"
+            if "celld" in cpu:
+                line += f"; celld {cpu['celld']:.1f} CPU-s ({daemons} daemons)"
+            p(line)
         verdict = f"   digests        {fig['completed']}/{fig['survivors']} cells completed with the right digest"
         if fig["killed"]:
             verdict += f" ({len(fig['killed'])} killed: {', '.join(fig['killed'])})"
