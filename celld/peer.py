@@ -8,7 +8,8 @@ check gets 401 and is counted by reason, and nothing about a blob is said to it.
 Endpoints (digests are "sha256:<hex>"; bitmaps travel as hex of pieces.bitmap_to_bytes)::
 
     GET /v1/blobs/<digest>                 a complete blob, sendfile, Range supported
-    GET /v1/blobs/<digest>/pieces          the piece table (PieceTable.encode)
+    GET /v1/blobs/<digest>/pieces          the piece table (PieceTable.encode); ?wait=S:
+                                           held up to min(S, TABLE_PARK) for a first piece
     GET /v1/blobs/<digest>/pieces/<index>  one verified piece; 404 when not held, 503 busy
     GET /v1/blobs/<digest>/have?want=<hex> the holder's bitmap, long-polled up to have_wait
 
