@@ -96,6 +96,7 @@ class _Connection:
         self.stream = stream
         self.sock = sock
         self.h11 = _new_h11()
+        self._lowat = 1  # the socket's SO_RCVLOWAT (see lowat)
 
     def idle_and_open(self) -> bool:
         """An idle connection the server closed (or wrote to) polls readable."""
@@ -167,8 +168,6 @@ class _Connection:
             raise httpx.ReadTimeout("no data from the server in time") from exc
         except OSError as exc:
             raise httpx.ReadError(f"reading the response: {_reason(exc)}") from exc
-
-    _lowat = 1
 
     def lowat(self, n: int) -> None:
         """Poll readable only once `n` bytes are in (1: as soon as any are). The

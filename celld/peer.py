@@ -494,10 +494,14 @@ class Peer:
                 wait = float(parse_qs(query.decode("latin-1")).get("wait", ["0"])[-1])
             except ValueError:
                 wait = 0.0
-            with trio.move_on_after(min(TABLE_PARK, wait) if wait > 0 else 0):
-                while hit is None:
-                    await self._growing.setdefault(digest, trio.Event()).wait()
-                    hit = self._open_found(digest)
+            if wait > 0:
+                with trio.move_on_after(min(TABLE_PARK, wait)):
+                    while hit is None:
+                        await self._growing.setdefault(digest, trio.Event()).wait()
+                        hit = self._open_found(digest)
+                event = self._growing.get(digest)
+                if event is not None and not event.statistics().tasks_waiting:
+                    del self._growing[digest]  # nobody waits: no event kept for a blob never coming
         if hit is None:
             return _error(404, "this cell does not hold that blob")
         fd, found, layout = hit
@@ -732,9 +736,19 @@ class PeerClient:
         finally:
             await response.aclose()
 
-    async def _read(self, response: ClientResponse, limit: int, timeout: float) -> bytes:
+    async def _read(
+        self,
+        response: ClientResponse,
+        limit: int,
+        timeout: float,
+        *,
+        into: bytearray | None = None,
+    ) -> bytes | bytearray:
+        """The body (at most `limit` bytes), or into the buffer `into` (as long as it)."""
         try:
             with trio.fail_after(timeout):
+                if into is not None:
+                    return await response.read_into(into)
                 return await response.read(limit)
         except trio.TooSlowError:
             raise PeerError("body not received in time", response.status) from None
@@ -776,12 +790,7 @@ class PeerClient:
             length = response.header(b"content-length")
             if length != str(expected):
                 return PieceResult(PieceAnswer.BAD, have, complete)
-            data = self._buffer(expected)
-            try:
-                with trio.fail_after(self.timeout):
-                    await response.read_into(data)
-            except trio.TooSlowError:
-                raise PeerError("body not received in time", response.status) from None
+            data = await self._read(response, expected, self.timeout, into=self._buffer(expected))
         if not table.verify(index, data):
             self.recycle(data)
             return PieceResult(PieceAnswer.BAD, have, complete)
