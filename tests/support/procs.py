@@ -13,11 +13,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+_handed_out: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on now and that this process has not handed out before:
+    the kernel may offer the same free port to two calls in a row, and a celld's mirror
+    and metrics listeners then collide ("metrics.listen: must differ from mirror.listen",
+    seen in CI)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 15.0) -> None:
