@@ -12,18 +12,21 @@ the test fails with that reason: it never skips.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from celld.config import Listen, from_dict, load_cluster_key
 from simulations.testbed import net
+from simulations.testbed.ballast import Ballast, MiB, free_bytes
 from simulations.testbed.storm import cluster_lines
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,6 +228,7 @@ def test_the_default_work_dir_is_a_tmpfs_that_goes_with_the_run(
     )  # fmt: skip
     out = wait_for_line(proc, "storm (celld)")
     assert "work dir on a tmpfs" in out
+    assert " MiB of ballast in the tmpfs" in out  # ballast.py: warm pages for the storm
     (workdir,) = tmpfs_mounts(rid)
     assert workdir in out
     if ending == "completes":
@@ -243,6 +247,39 @@ def test_the_default_work_dir_is_a_tmpfs_that_goes_with_the_run(
     assert tmpfs_mounts(rid) == []
     assert not Path(workdir).exists()
     assert_nothing_left(rid, Path(workdir))
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    where = tmp_path / "tmpfs"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "ctb-test", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_the_ballast_gives_its_pages_back_as_a_writer_fills_the_tmpfs(small_tmpfs: Path) -> None:
+    """A writer that fills the tmpfs past the ballast's headroom never runs out of
+    space: the ballast gives its pages back in steps ahead of it."""
+    ballast = Ballast(small_tmpfs, headroom=16 * MiB, step=4 * MiB, poll=0.001)
+    filled = ballast.fill()
+    assert 44 * MiB <= filled <= 48 * MiB
+    assert free_bytes(small_tmpfs) <= 16 * MiB + 64 * 1024  # the tmpfs rounds to pages
+    ballast.follow()
+    chunk = os.urandom(MiB // 4)
+    with (small_tmpfs / "pull").open("wb") as f:
+        for _ in range(4 * 40):  # 40 MiB at ~4 MiB per 10 ms at most: the poll keeps up
+            f.write(chunk)
+            f.flush()
+            time.sleep(0.0025)
+    ballast.stop()
+    assert ballast.given_back >= 40 * MiB - 16 * MiB
+    assert ballast.size == filled - ballast.given_back
+    ballast.remove()
+    assert not ballast.path.exists()
+    assert free_bytes(small_tmpfs) >= 64 * MiB - 41 * MiB
 
 
 def test_the_cluster_lines_are_the_ones_the_daemon_parses(tmp_path: Path) -> None:

@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="the work dir on a tmpfs when it fits in memory (the cells share no disk)",
     )
+    s.add_argument(
+        "--warm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the tmpfs's pages touched through each storm (see ballast.py)",
+    )
     c = sub.add_parser("cleanup", help="remove what runs left behind")
     c.add_argument("--run-id", help="only this run")
     c.add_argument("--all", action="store_true", help="also runs whose owner still lives")
@@ -95,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         json_out=args.json_out,
         timeout=args.timeout,
         tmpfs=args.tmpfs,
+        warm=args.warm,
     )
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)

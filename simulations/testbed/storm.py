@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from simulations.testbed import net, pull
+from simulations.testbed.ballast import Ballast
 from tests.support.celld import Celld
 from tests.support.images import Image, make_image, push_image
 from tests.support.procs import stop_process
@@ -79,6 +80,7 @@ class StormOptions:
     json_out: Path | None = None
     timeout: float = 1800.0
     tmpfs: bool = True  # the work dir on a tmpfs of its own, when it fits in memory
+    warm: bool = True  # a Ballast in that tmpfs through each storm: see ballast.py
 
 
 def spawn_in(
@@ -273,6 +275,7 @@ class Phase:
     retransmits: dict[str, int] = field(default_factory=dict)  # TCP segments, by host
     peer_requests: dict[str, int] = field(default_factory=dict)  # "endpoint outcome" -> n
     cpu: dict[str, float] = field(default_factory=dict)  # see _cpu_snapshot
+    ballast: tuple[int, int] | None = None  # (bytes filled, given back during the storm)
 
 
 class Storm:
@@ -295,6 +298,7 @@ class Storm:
         self.workdir = opts.workdir or Path(tempfile.mkdtemp(prefix=f"celld-testbed-{self.rid}-"))
         self.image: Image | None = None
         self.mounted = False
+        self.ballast: Ballast | None = None
 
     # -- building ---------------------------------------------------------------
 
@@ -422,6 +426,13 @@ class Storm:
             hub_url = f"http://{self.hub.address}:{REGISTRY_PORT}"
             self._registry(self.workdir / "proxy", self.central, PROXY_PORT, proxy=hub_url)
             mirror = f"{self.central.address}:{PROXY_PORT}"
+        if self.ballast is not None:
+            filled = self.ballast.fill()
+            self.out(
+                f"memory: {filled / MiB:.0f} MiB of ballast in the tmpfs, given back as the "
+                "storm writes (this VM's host takes freed pages back; see ballast.py)"
+            )
+            self.ballast.follow()
         before = self.bed.counters()
         retrans_before = self.bed.retransmits()
         hub_since = self.hub_registry.log_size()
@@ -474,6 +485,9 @@ class Storm:
                 result["late_s"] = max(0.0, result["started"] - start_at)
             phase.cells[role] = result
         cpu_after = self._cpu_snapshot()  # the daemons alive throughout (none killed)
+        if self.ballast is not None:
+            self.ballast.stop()
+            phase.ballast = (self.ballast.filled, self.ballast.given_back)
         phase.cpu = {k: v - cpu_before[k] for k, v in cpu_after.items() if k in cpu_before}
         if mode == "celld":
             phase.cpu["celld"] = sum(v for k, v in phase.cpu.items() if k.startswith("celld "))
@@ -552,6 +566,11 @@ class Storm:
             "retransmitted_segments": phase.retransmits,
             "peer_requests": phase.peer_requests,
             "cpu_s": phase.cpu,
+            "ballast_bytes": (
+                {"filled": phase.ballast[0], "given_back": phase.ballast[1]}
+                if phase.ballast
+                else None
+            ),
         }
         fig["p99_over_limit"] = fig["p99_s"] / limit if times else None
         # The floor a storm cannot beat when its bytes all cross one registry's link.
@@ -677,6 +696,8 @@ class Storm:
         )  # fmt: skip
         self.mounted = True
         self.out(f"work dir on a tmpfs of {need / MiB:.0f} MiB (the cells share no disk)")
+        if self.opts.warm:
+            self.ballast = Ballast(self.workdir)
 
     # -- the whole run ----------------------------------------------------------
 
@@ -722,6 +743,8 @@ class Storm:
                     proc.wait()
             removed = net.remove_run(self.rid)
             left = net.leftovers(self.rid)
+            if self.ballast is not None:
+                self.ballast.remove()
             if self.mounted and not self.opts.keep:
                 subprocess.run(["umount", str(self.workdir)], check=False)
             if self.made_workdir and not self.opts.keep:
