@@ -97,6 +97,14 @@ class Metrics:
             "Piece bytes received from peers and verified (blake3) before being written",
             registry=r,
         )
+        self.registry_reads = Counter(
+            "celld_registry_reads",
+            "Blobs a cluster cell read whole from the registries, by why: lease (granted it),"
+            " no_lease (its lookup heard no lease and no provider), unfinished (its lookup"
+            " never ended), no_table (no provider gave a piece table)",
+            ["why"],
+            registry=r,
+        )
         self.peer_bad_pieces = Counter(
             "celld_peer_bad_pieces",
             "Pieces from peers that failed their hash (the sender is charged, then banned)",

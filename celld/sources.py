@@ -489,12 +489,29 @@ class Sources:
         assert peering is not None
         result = await peering.locate(fetch.digest)
         if result is None:
+            log.warning("lookup of %s never ended: from the registries", fetch.digest)
+            self.metrics.registry_reads.labels("unfinished").inc()
             return False
         if result.lease == LeaseStatus.GRANTED or not (result.providers or result.lease_holder):
+            granted = result.lease == LeaseStatus.GRANTED
+            self.metrics.registry_reads.labels("lease" if granted else "no_lease").inc()
+            if not granted:
+                # Each such cell costs the registries a copy: say why it went there.
+                log.warning(
+                    "lookup of %s: no lease and no provider (%s): from the registries",
+                    fetch.digest,
+                    f"answered by {', '.join(result.answered_by)}"
+                    if result.answered_by
+                    else "no home answered",
+                )
             peering.lease(fetch.digest, result)
             return False
         got = await peering.table(result)
         if got is None:
+            log.warning(
+                "no piece table of %s from its providers: from the registries", fetch.digest
+            )
+            self.metrics.registry_reads.labels("no_table").inc()
             return False
         reply, member = got
         table = reply.table

@@ -281,6 +281,16 @@ def test_eight_cold_pulls_cost_the_registries_about_one_copy(cells, hub, central
         sent = [r for r in blob_gets(hub) + blob_gets(central) if blob.digest in r[1]]
         assert len(sent) <= 2, (blob.digest, sent)  # the lease: about once
         print(f"{blob.digest[:19]}: {len(sent)} GET(s) from the Hub and the central registry")
+    # Each GET is one cell's whole read, and the cells say why they made it.
+    reads = {
+        why: sum(c.metric("celld_registry_reads_total", why=why) for c in fleet)
+        for why in ("lease", "no_lease", "unfinished", "no_table")
+    }
+    gets = [
+        r for r in blob_gets(hub) + blob_gets(central) if r[1].split("/")[-1] in blobs_of(image)
+    ]
+    assert sum(reads.values()) == len(gets), reads
+    assert reads["lease"] >= len(image.blobs), reads
     from_peers = sum(c.metric("celld_fetched_bytes_total", source="peer") for c in fleet)
     assert from_peers >= 5 * sum(len(b.data) for b in image.blobs)
     for cell in fleet:

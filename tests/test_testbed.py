@@ -120,6 +120,9 @@ def test_storm_through_celld_and_the_pull_through_cache(tmp_path: Path) -> None:
     assert fetched["peer"] >= 2 * image
     # What the peer APIs answered: at least the pieces the peers sent (4 MiB = 1 piece).
     assert celld["peer_requests"]["piece ok"] >= 2
+    # Every blob GET the registries logged was a cell's whole read under a fetch lease.
+    gets = celld["hub_log"]["blob_gets"] + celld["central_log"]["blob_gets"]
+    assert celld["registry_reads"] == {"lease": gets}, out
     # The cores' time over the storm, and the daemons' share of it.
     cpu = celld["cpu_s"]
     assert 0 < cpu["celld"] <= cpu["busy"] <= cpu["all"]
@@ -142,6 +145,10 @@ def test_storm_through_celld_and_the_pull_through_cache(tmp_path: Path) -> None:
     ):
         assert out.count(needle) == 2, out
     assert out.count("peer requests  piece ") == 1, out
+    assert (
+        f"registry reads {gets} blobs read whole from a registry: {gets} under a fetch lease, none without one"
+        in out
+    )
     assert "largest upload" in out
     assert "3/3 cells completed with the right digest" in out
     assert_nothing_left(rid, workdir)

@@ -213,6 +213,13 @@ class NsCelld(Celld):
         )
         return {f"{e} {o}": int(float(v)) for e, o, v in found}
 
+    def registry_reads(self) -> dict[str, int]:
+        """Blobs this cell read whole from the registries, by why (lease, no_lease, ...)."""
+        found = re.findall(
+            r'^celld_registry_reads_total\{why="([^"]*)"\} (\S+)$', self.metrics(), re.M
+        )
+        return {why: int(float(v)) for why, v in found}
+
     def settled_fetched_by_source(self, limit: float = 15.0) -> dict[str, int]:
         """fetched_by_source once it stops growing: a blob is counted when it is
         committed (fsync, rename), which may be just after the runtime had its last
@@ -274,6 +281,7 @@ class Phase:
     fetched: dict[str, int] = field(default_factory=dict)  # celld's own account, by source
     retransmits: dict[str, int] = field(default_factory=dict)  # TCP segments, by host
     peer_requests: dict[str, int] = field(default_factory=dict)  # "endpoint outcome" -> n
+    registry_reads: dict[str, int] = field(default_factory=dict)  # why -> blobs (all cells)
     cpu: dict[str, float] = field(default_factory=dict)  # see _cpu_snapshot
     ballast: tuple[int, int] | None = None  # (bytes filled, given back during the storm)
 
@@ -511,6 +519,8 @@ class Storm:
                         phase.fetched[source] = phase.fetched.get(source, 0) + n
                     for key, n in cell.peer_requests().items():
                         phase.peer_requests[key] = phase.peer_requests.get(key, 0) + n
+                    for key, n in cell.registry_reads().items():
+                        phase.registry_reads[key] = phase.registry_reads.get(key, 0) + n
                 stop_process(cell.proc)
         return phase
 
@@ -565,6 +575,7 @@ class Storm:
             "celld_fetched_bytes": phase.fetched,
             "retransmitted_segments": phase.retransmits,
             "peer_requests": phase.peer_requests,
+            "registry_reads": phase.registry_reads,
             "cpu_s": phase.cpu,
             "ballast_bytes": (
                 {"filled": phase.ballast[0], "given_back": phase.ballast[1]}
@@ -656,6 +667,13 @@ class Storm:
                 p(
                     f"   peer requests  piece {n('piece ok')} (busy {n('piece error_503')}, missing {n('piece error_404')}),"
                     f" have {n('have ok') + n('have error_404')}, table {n('table ok')} (404 {n('table error_404')})"
+                )
+            reads = fig["registry_reads"]
+            if reads:
+                others = ", ".join(f"{k} {v}" for k, v in sorted(reads.items()) if k != "lease")
+                p(
+                    f"   registry reads {sum(reads.values())} blobs read whole from a registry: "
+                    f"{reads.get('lease', 0)} under a fetch lease, {others or 'none without one'}"
                 )
         cpu = fig["cpu_s"]
         if cpu.get("all"):
