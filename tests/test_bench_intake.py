@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NUMBER = r"[0-9]+(?:\.[0-9]+)?"
 CONTENDERS = [
     "direct",
+    "direct to file",
     "nginx",
     "celld<-registry",
     "celld<-nginx",

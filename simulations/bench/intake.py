@@ -8,6 +8,11 @@ figures measured side by side mean anything), for a blob of --size-mib:
 - direct: curl GETs the blob from docker-registry, to /dev/null. The reference,
   and the ceiling on this machine: the registry's sending and a reader doing
   nothing with the bytes.
+- direct to file: the same GET into a file beside the cells' stores: the ceiling
+  of any reader that keeps the bytes. On this VM it is far under `direct` at
+  times: the host takes back the pages the guest frees, and the first touch of
+  one costs 4-7 CPU-s per GiB then (see simulations/testbed/ballast.py), so a
+  GiB written can take seconds whoever writes it.
 - nginx: curl GETs the same file from nginx (sendfile): the "fast peer", what a
   cell serving a whole blob from its store could send at best.
 - celld<-registry: a real `celld serve` whose upstream is the registry takes in
@@ -52,7 +57,7 @@ REPO = "library/bench"
 NGINX_REPO = "docker.io/library/bench"  # celld.sources.central_repo("docker.io", REPO)
 SEED_CHUNK = 16 << 20
 INTAKES = ["celld<-registry", "celld<-nginx"]
-CONTENDERS = ["direct", "nginx", *INTAKES, *(f"{name} GET" for name in INTAKES)]
+CONTENDERS = ["direct", "direct to file", "nginx", *INTAKES, *(f"{name} GET" for name in INTAKES)]
 
 
 def registry_file(registry: Registry, digest: str) -> Path:
@@ -165,8 +170,16 @@ def main() -> None:
                 # would pay for it.
                 curl_many(direct, 1, 1)
                 curl_many(f"{registry.url}/v2/{REPO}/blobs/{get_digest}", 1, 1)
+                kept = tmp / "curl.out"  # beside the cells' stores: the same disk and memory
+
+                def to_file(url: str = direct, kept: Path = kept) -> float:
+                    rate = curl_many(url, 1, 1, out=str(kept)) / 2**20
+                    kept.unlink()
+                    return rate
+
                 runs = {
                     "direct": lambda url=direct: curl_many(url, 1, 1) / 2**20,
+                    "direct to file": to_file,
                     "nginx": lambda d=head_digest: (
                         curl_many(f"http://127.0.0.1:{nginx.port}/v2/{NGINX_REPO}/blobs/{d}", 1, 1)
                         / 2**20

@@ -164,14 +164,13 @@ def print_hits(size_mib: int, rounds: int, results: dict[tuple[str, int], list[f
         )
 
 
-def curl_many(url: str, clients: int, repeat: int) -> float:
-    """Aggregate bytes/second of `clients` curls each fetching `url` `repeat` times."""
+def curl_many(url: str, clients: int, repeat: int, out: str = "/dev/null") -> float:
+    """Aggregate bytes/second of `clients` curls each fetching `url` `repeat` times
+    (into `out`: a file, for one client, is the ceiling of a reader that keeps the bytes)."""
     args = ["curl", "-s", "-f", "-w", "%{size_download}\n"]
     started = time.perf_counter()
     procs = [
-        subprocess.Popen(
-            [*args, *(["-o", "/dev/null", url] * repeat)], stdout=subprocess.PIPE, text=True
-        )
+        subprocess.Popen([*args, *(["-o", out, url] * repeat)], stdout=subprocess.PIPE, text=True)
         for _ in range(clients)
     ]
     total = 0
