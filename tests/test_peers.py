@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ import pytest
 from protocol import peerauth
 from tests.support.celld import Celld, Cluster, cluster_address
 from tests.support.images import Image, make_image, push_image
+from tests.support.proxy import FaultProxy
 from tests.support.registry import Registry
 from tests.support.skopeo import skopeo_copy, stored_blobs, write_registries_conf
 from tests.test_cluster import KEY, key_file, wait_until  # noqa: F401
@@ -39,7 +41,9 @@ def cells(
 ) -> Iterator[Callable[..., list[Celld]]]:
     started: list[Celld] = []
 
-    def start(n: int, upload_rate: str | None = None, **kw) -> list[Celld]:
+    def start(
+        n: int, upload_rate: str | None = None, upstream: str | None = None, **kw
+    ) -> list[Celld]:
         addrs = [cluster_address(i) for i in range(n)]
         out = []
         for i, addr in enumerate(addrs):
@@ -51,7 +55,7 @@ def cells(
                 cluster=Cluster(
                     addr, tuple(x for x in addrs[:3] if x != addr), upload_rate=upload_rate
                 ),
-                upstreams={"docker.io": hub.url},
+                upstreams={"docker.io": upstream or hub.url},
                 registries=[central.url],
                 **kw,
             ).start()
@@ -244,6 +248,41 @@ def test_the_lease_moves_when_the_only_provider_dies(cells, hub, central, tmp_pa
     )
     # only what B did not have yet came from the registries, by range
     assert 0 < from_registries <= len(layer.data) - 8 * MiB + 2 * 4 * MiB
+
+
+def test_a_new_lease_holder_serves_the_pieces_it_read_by_range(cells, hub, central, tmp_path):
+    """The lease holder dies mid-read: the cell the lease moves to reads by range the
+    pieces nobody had, and their hashes go into the piece table it serves, so the third
+    cell verifies them and takes them from it (before a41c858 it could not: it banned
+    the new holder and read the blob from the Hub itself)."""
+    image = make_image((24 * MiB,))
+    push_image(hub.url, "library/relay", "1", image)
+    layer = image.layers[0]
+    ref = f"library/relay@{image.digest}"
+    with FaultProxy(hub.host, hold_after=10 * MiB, affects=re.escape(layer.digest)) as proxy:
+        a, b, c = cells(3, upstream=proxy.url)
+        with ThreadPoolExecutor(3) as pool:
+            conf = write_registries_conf(tmp_path / "via-a.conf", {"docker.io": a.host})
+            pool.submit(skopeo_copy, f"docker.io/{ref}", tmp_path / "via-a", registries_conf=conf)
+            wait_until(lambda: proxy.held, 30, "A holds the lease and is 10 MiB into the layer")
+            pulls = [pool.submit(pull, cell, ref, tmp_path / f"via-{cell.name}") for cell in (b, c)]
+            for cell in (b, c):  # both have A's partial table and a piece from it
+                wait_until(
+                    lambda cell=cell: cell.metric("celld_peer_received_bytes_total") >= 4 * MiB,
+                    30,
+                    f"{cell.name} takes pieces from A",
+                )
+            a.kill()
+            got = [p.result() for p in pulls]
+    for blobs in got:
+        assert hashlib.sha256(blobs[layer.digest].read_bytes()).hexdigest() == layer.digest[7:]
+    upstream = {
+        cell.name: cell.metric("celld_fetched_bytes_total", source="upstream") for cell in (b, c)
+    }
+    holders = [name for name, n in upstream.items() if n > len(image.config.data)]
+    assert len(holders) == 1, upstream  # one cell read the rest by range, the other took it
+    assert sum(cell.metric("celld_peer_bad_pieces_total") for cell in (b, c)) == 0
+    assert min(upstream.values()) <= len(image.config.data), upstream
 
 
 def test_a_restarted_cell_rejoins_and_announces_its_store(cells, hub, tmp_path):

@@ -57,17 +57,21 @@ class FaultProxy:
     `corrupt`: flip the byte at body offset `corrupt_at` (negative counts from
     the end of a Content-Length body; clamped to the body) of matching
     responses; Content-Length is kept. `truncate_after`: send that many body
-    bytes of a matching response, then close the connection. `stall`: read
+    bytes of a matching response, then close the connection. `hold_after`: send
+    that many body bytes of the next matching response, then nothing more, the
+    connection open until the client goes (a read that is still going when its
+    reader dies); once, then it is None again. `stall`: read
     requests but never answer them. `requests` lists every (method, target)
     received (`request_headers` their headers, in the same order),
     `connections` counts client connections accepted, `blob_gets` the targets of blob GETs forwarded upstream,
-    `corrupted` and `truncated` the targets that were actually harmed.
+    `corrupted`, `truncated` and `held` the targets that were actually harmed.
     """
 
     upstream: str
     corrupt: bool = False
     corrupt_at: int = 0
     truncate_after: int | None = None
+    hold_after: int | None = None
     stall: bool = False
     affects: str = r"/blobs/sha256:[0-9a-f]{64}"
     port: int = 0
@@ -77,6 +81,7 @@ class FaultProxy:
     blob_gets: list[str] = field(default_factory=list)
     corrupted: list[str] = field(default_factory=list)
     truncated: list[str] = field(default_factory=list)
+    held: list[str] = field(default_factory=list)
     _listener: socket.socket | None = field(default=None, init=False, repr=False, compare=False)
     _threads: list[threading.Thread] = field(
         default_factory=list, init=False, repr=False, compare=False
@@ -224,7 +229,7 @@ class FaultProxy:
             self._forget(client)
 
     def _hold(self, client: socket.socket) -> None:
-        """The stall fault: keep the connection open, answer nothing."""
+        """The stall and hold faults: keep the connection open, send nothing more."""
         while not self._stopping.is_set():
             try:
                 if not client.recv(RECV_SIZE):
@@ -291,6 +296,9 @@ class FaultProxy:
                 flip_at = 0
         if harmed and self.truncate_after is not None:
             cut_at = self.truncate_after
+        hold_at: int | None = None
+        if harmed and self.hold_after is not None:
+            hold_at, self.hold_after = self.hold_after, None
         client.sendall(server.send(event))
         offset = 0
         while True:
@@ -302,6 +310,11 @@ class FaultProxy:
                     buf[flip_at - offset] ^= 0xFF
                     data = bytes(buf)
                     self.corrupted.append(target)
+                if hold_at is not None and offset + len(data) >= hold_at:
+                    client.sendall(server.send(h11.Data(data=data[: hold_at - offset])))
+                    self.held.append(target)
+                    self._hold(client)
+                    return False
                 if cut_at is not None and offset + len(data) >= cut_at:
                     client.sendall(server.send(h11.Data(data=data[: cut_at - offset])))
                     self.truncated.append(target)
