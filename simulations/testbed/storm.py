@@ -8,13 +8,12 @@ cell started at the same instant (pull.py), and the figures. Everything it
 starts it stops, and the network it builds it removes, on success, error,
 Ctrl-C or SIGTERM alike.
 
-The figures are of two kinds: the veth byte counters of each host (the honest
-physical figure, TCP/IP headers and ACKs included) and the registries' access
-logs (blob bytes they answered with). Today's celld cells do not share: with
-or without `--cluster` each cell takes every blob from the central registry
-or the Hub, so the Hub sends about one copy per cell. The `[cluster]` and
-`[peer]` lines `--cluster` writes are those of issue 11; once the daemon acts
-on them, the same command measures the sharing.
+The figures are of three kinds: the veth byte counters of each host (the
+honest physical figure, TCP/IP headers and ACKs included), the registries'
+access logs (blob bytes they answered with), and the cells' own metrics (bytes
+by source, peer requests, whole reads from a registry by why). With `--cluster`
+(the default) the cells share, so the Hub sends about one copy in all; with
+`--no-cluster` each cell takes every blob from the central registry or the Hub.
 """
 
 from __future__ import annotations
