@@ -133,6 +133,10 @@ class Partial:
 class BlobSource(Protocol):
     def find(self, digest: str) -> Complete | Partial | None: ...
 
+    def receiving(self, digest: str) -> int | None:
+        """Bytes a download of `digest` here has taken in while none of its pieces is
+        verified yet (the lease holder before its first piece); None: no such download."""
+
     def corrupt(self, digest: str) -> None:
         """A stored blob failed its digest when read: drop it (and withdraw it)."""
 
@@ -149,6 +153,9 @@ class StoreBlobs:
         if entry is None:
             return None
         return Complete(entry.path, entry.size, private=self.store.private_scopes(digest))
+
+    def receiving(self, digest: str) -> int | None:
+        return None  # a store alone downloads nothing
 
     def corrupt(self, digest: str) -> None:
         self.store.delete(digest)
@@ -503,7 +510,14 @@ class Peer:
                 if event is not None and not event.statistics().tasks_waiting:
                     del self._growing[digest]  # nobody waits: no event kept for a blob never coming
         if hit is None:
-            return _error(404, "this cell does not hold that blob")
+            received = self.blobs.receiving(digest)
+            if received is None:
+                return _error(404, "this cell does not hold that blob")
+            # Downloading, no piece verified yet: how far it is, so the asker waits for
+            # a download that moves and gives up on one that does not (Peering.table).
+            response = _error(404, "no piece of that blob is verified here yet")
+            response.headers.append(("Celld-Received", str(received)))
+            return response
         fd, found, layout = hit
         try:
             if isinstance(found, Partial):
@@ -621,9 +635,10 @@ class PeerError(Exception):
     """A peer gave no usable answer (connection, timeout, 401, an unknown status or a
     malformed reply): the swarm's on_error. `status` when it answered at all."""
 
-    def __init__(self, detail: str, status: int | None = None) -> None:
+    def __init__(self, detail: str, status: int | None = None, received: int | None = None) -> None:
         super().__init__(detail)
         self.status = status
+        self.received = received  # a table's 404 from a peer still receiving the blob
 
 
 class PieceAnswer(enum.Enum):
@@ -765,7 +780,11 @@ class PeerClient:
             target += f"?wait={wait:g}".encode()
         async with self._get(addr, target, self.timeout + wait) as response:
             if response.status != 200:
-                raise self._refused(addr, response)
+                refused = self._refused(addr, response)
+                received = response.header(b"celld-received")
+                if response.status == 404 and received is not None and received.isdigit():
+                    refused.received = int(received)
+                raise refused
             data = await self._read(response, 32 * ((1 << 20) + 64), self.timeout)
             private = response.header(b"celld-private") or ""
         table = PieceTable.decode(data)

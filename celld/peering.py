@@ -206,6 +206,14 @@ class Peering:
             return None
         return Partial(t.writer.path, t.size, t.piece_size, t.table, t.held, t.private)
 
+    def receiving(self, digest: str) -> int | None:
+        """Bytes this cell's download of `digest` has written (celld.peer.BlobSource):
+        0 while the lease holder waits for the registry's answer."""
+        t = self.transfers.get(digest)
+        if t is not None:
+            return t.writer.written
+        return 0 if digest in self._leases else None
+
     def corrupt(self, digest: str) -> None:
         """The peer server found a stored blob damaged: out of the store, withdrawn."""
         entry = self.store.lookup(digest)
@@ -241,8 +249,11 @@ class Peering:
         """The piece table, from a complete provider if there is one, else from the
         lease holder or another downloader (a partial table, refreshed as it grows).
         A lease holder that has not verified its first piece yet holds the request
-        until it has (up to celld.peer.TABLE_PARK), else says 404: it is asked again
-        until TABLE_WAIT has passed, since the registries are what the lease spares."""
+        until it has (up to celld.peer.TABLE_PARK), else says 404 with the bytes it
+        has taken in: it is asked again until TABLE_WAIT has passed since those last
+        grew, since the registries are what the lease spares. (A fixed TABLE_WAIT sent
+        cells to the Hub beside a live lease holder whose first piece took over 5 s on
+        a shared 100 Mbit/s link, each one slowing every read on that link further.)"""
         ranked = sorted(
             result.providers,
             key=lambda p: (not p.complete, p.member != result.lease_holder, p.load),
@@ -252,6 +263,7 @@ class Peering:
             names.append(result.lease_holder)
         names = [n for n in names if n != self.name]
         deadline = trio.current_time() + TABLE_WAIT
+        received: dict[str, int] = {}  # what each downloading provider said it had
         while names:
             for member in list(names):
                 addr = self.addr(member)
@@ -263,6 +275,9 @@ class Peering:
                     reply = await self.client.table(addr, result.digest, wait=max(0.0, left))
                     return reply, member
                 except PeerError as exc:
+                    if exc.received is not None and exc.received > received.get(member, -1):
+                        received[member] = exc.received  # it moves: wait for its first piece
+                        deadline = max(deadline, trio.current_time() + TABLE_WAIT)
                     if exc.status != 404 or member not in self.gossip.live_ids():
                         log.info("no piece table of %s from %s: %s", result.digest, member, exc)
                         names.remove(member)

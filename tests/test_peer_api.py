@@ -321,13 +321,20 @@ async def test_a_table_request_waits_for_the_first_verified_piece(tmp_path: Path
             hashes = tuple(h if state["held"] >> i & 1 else None for i, h in enumerate(full.hashes))
             return Partial(temp, SIZE, psize, PieceTable(SIZE, psize, hashes), state["held"])
 
+        def receiving(self, d: str) -> int | None:
+            return 1234 if d == digest else None  # bytes in, none of a piece verified
+
     async with running(Starting()) as cell, client() as c:
         with pytest.raises(PeerError) as err:
             await c.table(cell.addr, digest)
-        assert err.value.status == 404
+        # a 404 that says how far the download is: the asker waits while it moves
+        assert (err.value.status, err.value.received) == (404, 1234)
         with pytest.raises(PeerError) as err:
             await c.table(cell.addr, digest, wait=0.1)  # nothing lands in time
-        assert err.value.status == 404
+        assert (err.value.status, err.value.received) == (404, 1234)
+        with pytest.raises(PeerError) as err:
+            await c.table(cell.addr, "sha256:" + "0" * 64)  # not downloading that one
+        assert (err.value.status, err.value.received) == (404, None)
         replies: list = []
 
         async def ask() -> None:
@@ -346,7 +353,7 @@ async def test_a_table_request_waits_for_the_first_verified_piece(tmp_path: Path
             o: cell.value("celld_peer_requests_total", endpoint="table", outcome=o)
             for o in ("ok", "error_404")
         }
-        assert outcomes == {"ok": 1, "error_404": 2}
+        assert outcomes == {"ok": 1, "error_404": 3}
 
 
 async def test_a_partial_blob_serves_only_verified_pieces(tmp_path: Path) -> None:

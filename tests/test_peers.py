@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from celld.peering import TABLE_WAIT
 from protocol import peerauth
 from tests.support.celld import Celld, Cluster, cluster_address
 from tests.support.images import Image, make_image, push_image
@@ -283,6 +284,30 @@ def test_a_new_lease_holder_serves_the_pieces_it_read_by_range(cells, hub, centr
     assert len(holders) == 1, upstream  # one cell read the rest by range, the other took it
     assert sum(cell.metric("celld_peer_bad_pieces_total") for cell in (b, c)) == 0
     assert min(upstream.values()) <= len(image.config.data), upstream
+
+
+def test_a_slow_lease_holder_is_waited_for_while_its_read_moves(cells, hub, central, tmp_path):
+    """The lease holder's first piece takes longer than TABLE_WAIT (a registry on a
+    slow, shared link): the other cell keeps waiting while the holder's read moves,
+    and takes the blob from it; the registries send it once."""
+    image = make_image((6 * MiB,))
+    push_image(hub.url, "library/slow", "1", image)
+    layer = image.layers[0]
+    ref = f"library/slow@{image.digest}"
+    rate = 512 * 1024  # the first 4 MiB piece: 8 s, past TABLE_WAIT
+    assert 4 * MiB / rate > TABLE_WAIT + 2
+    with FaultProxy(hub.host, rate=rate, affects=re.escape(layer.digest)) as proxy:
+        a, b = cells(2, upstream=proxy.url)
+        with ThreadPoolExecutor(2) as pool:
+            via_a = pool.submit(pull, a, ref, tmp_path / "via-a")
+            wait_until(lambda: proxy.blob_gets, 30, "A reads the layer under the lease")
+            via_b = pool.submit(pull, b, ref, tmp_path / "via-b")
+            got = [via_a.result(), via_b.result()]
+    for blobs in got:
+        assert hashlib.sha256(blobs[layer.digest].read_bytes()).hexdigest() == layer.digest[7:]
+    assert len([t for t in proxy.blob_gets if layer.digest in t]) == 1, proxy.blob_gets
+    assert b.metric("celld_registry_reads_total") == 0
+    assert b.metric("celld_fetched_bytes_total", source="peer") >= len(layer.data)
 
 
 def test_a_restarted_cell_rejoins_and_announces_its_store(cells, hub, tmp_path):

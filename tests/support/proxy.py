@@ -27,6 +27,7 @@ import contextlib
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 import h11
@@ -60,7 +61,8 @@ class FaultProxy:
     bytes of a matching response, then close the connection. `hold_after`: send
     that many body bytes of the next matching response, then nothing more, the
     connection open until the client goes (a read that is still going when its
-    reader dies); once, then it is None again. `stall`: read
+    reader dies); once, then it is None again. `rate`: send matching bodies at
+    that many bytes a second (a registry behind a slow, shared link). `stall`: read
     requests but never answer them. `requests` lists every (method, target)
     received (`request_headers` their headers, in the same order),
     `connections` counts client connections accepted, `blob_gets` the targets of blob GETs forwarded upstream,
@@ -72,6 +74,7 @@ class FaultProxy:
     corrupt_at: int = 0
     truncate_after: int | None = None
     hold_after: int | None = None
+    rate: int | None = None
     stall: bool = False
     affects: str = r"/blobs/sha256:[0-9a-f]{64}"
     port: int = 0
@@ -299,6 +302,8 @@ class FaultProxy:
         hold_at: int | None = None
         if harmed and self.hold_after is not None:
             hold_at, self.hold_after = self.hold_after, None
+        rate = self.rate if harmed else None
+        began = time.monotonic()
         client.sendall(server.send(event))
         offset = 0
         while True:
@@ -319,7 +324,14 @@ class FaultProxy:
                     client.sendall(server.send(h11.Data(data=data[: cut_at - offset])))
                     self.truncated.append(target)
                     return False
-                client.sendall(server.send(h11.Data(data=data)))
+                if rate is None:
+                    client.sendall(server.send(h11.Data(data=data)))
+                for start in range(0, len(data), 64 * 1024) if rate else ():
+                    part = data[start : start + 64 * 1024]
+                    client.sendall(server.send(h11.Data(data=part)))
+                    late = began + (offset + start + len(part)) / rate - time.monotonic()
+                    if late > 0:
+                        time.sleep(late)
                 offset += len(data)
             elif isinstance(event, h11.EndOfMessage):
                 client.sendall(server.send(event))
