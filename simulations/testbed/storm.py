@@ -188,7 +188,7 @@ class NsCelld(Celld):
             self.wait_ready()
         return self
 
-    def metrics(self) -> str:
+    def metrics_text(self) -> str:
         """The cell's own /metrics (in its namespace, so through curl there); "" when
         the daemon does not answer."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
@@ -198,26 +198,18 @@ class NsCelld(Celld):
 
     def fetched_by_source(self) -> dict[str, int]:
         """celld_fetched_bytes by source; {} when the daemon does not answer."""
-        found = re.findall(
-            r'^celld_fetched_bytes_total\{source="([^"]*)"\} (\S+)$', self.metrics(), re.M
-        )
-        return {source: int(float(value)) for source, value in found}
+        return {labels["source"]: int(v) for labels, v in self.samples("celld_fetched_bytes_total")}
 
     def peer_requests(self) -> dict[str, int]:
         """The peer API requests this cell answered, by "endpoint outcome"."""
-        found = re.findall(
-            r'^celld_peer_requests_total\{endpoint="([^"]*)",outcome="([^"]*)"\} (\S+)$',
-            self.metrics(),
-            re.M,
-        )
-        return {f"{e} {o}": int(float(v)) for e, o, v in found}
+        return {
+            f"{labels['endpoint']} {labels['outcome']}": int(v)
+            for labels, v in self.samples("celld_peer_requests_total")
+        }
 
     def registry_reads(self) -> dict[str, int]:
         """Blobs this cell read whole from the registries, by why (lease, no_lease, ...)."""
-        found = re.findall(
-            r'^celld_registry_reads_total\{why="([^"]*)"\} (\S+)$', self.metrics(), re.M
-        )
-        return {why: int(float(v)) for why, v in found}
+        return {labels["why"]: int(v) for labels, v in self.samples("celld_registry_reads_total")}
 
     def settled_fetched_by_source(self, limit: float = 15.0) -> dict[str, int]:
         """fetched_by_source once it stops growing: a blob is counted when it is

@@ -154,25 +154,33 @@ class Celld(LoopbackProcess):
                 return [{"event": "error", "status": r.status_code, "message": r.json()["error"]}]
             return [json.loads(line) for line in r.iter_lines() if line.strip()]
 
+    def metrics_text(self) -> str:
+        """The daemon's /metrics, as Prometheus text."""
+        return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics").text
+
     def metrics(self) -> dict[str, float]:
         """Samples of the Prometheus text as {'name{labels}': value}."""
-        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics").text
         out = {}
-        for line in text.splitlines():
+        for line in self.metrics_text().splitlines():
             if line.startswith("#") or not line.strip():
                 continue
             key, _, value = line.rpartition(" ")
             out[key] = float(value)
         return out
 
-    def metric(self, name: str, **labels: str) -> float:
-        """Sum of the samples of `name` whose labels include `labels`."""
-        total = 0.0
+    def samples(self, name: str) -> list[tuple[dict[str, str], float]]:
+        """Each sample of `name`: its labels and its value."""
+        out = []
         for key, value in self.metrics().items():
             m = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?", key)
-            if not m or m[1] != name:
-                continue
-            got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m[2] or ""))
-            if all(got.get(k) == v for k, v in labels.items()):
-                total += value
-        return total
+            if m and m[1] == name:
+                out.append((dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m[2] or "")), value))
+        return out
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels`."""
+        return sum(
+            value
+            for got, value in self.samples(name)
+            if all(got.get(k) == v for k, v in labels.items())
+        )
