@@ -123,6 +123,8 @@ def test_storm_through_celld_and_the_pull_through_cache(tmp_path: Path) -> None:
     # Every blob GET the registries logged was a cell's whole read under a fetch lease.
     gets = celld["hub_log"]["blob_gets"] + celld["central_log"]["blob_gets"]
     assert celld["registry_reads"] == {"lease": gets}, out
+    assert sum(celld["lease_reads"].values()) == gets
+    assert set(celld["lease_reads"]) <= set(celld["per_cell"])
     # The cores' time over the storm, and the daemons' share of it.
     cpu = celld["cpu_s"]
     assert 0 < cpu["celld"] <= cpu["busy"] <= cpu["all"]
@@ -145,9 +147,10 @@ def test_storm_through_celld_and_the_pull_through_cache(tmp_path: Path) -> None:
     ):
         assert out.count(needle) == 2, out
     assert out.count("peer requests  piece ") == 1, out
+    holders = ", ".join(f"{r} {n}" for r, n in sorted(celld["lease_reads"].items()))
     assert (
-        f"registry reads {gets} blobs read whole from a registry: {gets} under a fetch lease, none without one"
-        in out
+        f"registry reads {gets} blobs read whole from a registry: {gets} under a fetch lease"
+        f" ({holders}), none without one" in out
     )
     assert "largest upload" in out
     assert "3/3 cells completed with the right digest" in out

@@ -273,6 +273,7 @@ class Phase:
     retransmits: dict[str, int] = field(default_factory=dict)  # TCP segments, by host
     peer_requests: dict[str, int] = field(default_factory=dict)  # "endpoint outcome" -> n
     registry_reads: dict[str, int] = field(default_factory=dict)  # why -> blobs (all cells)
+    lease_reads: dict[str, int] = field(default_factory=dict)  # cell -> blobs read under a lease
     cpu: dict[str, float] = field(default_factory=dict)  # see _cpu_snapshot
     ballast: tuple[int, int] | None = None  # (bytes filled, given back during the storm)
 
@@ -512,6 +513,8 @@ class Storm:
                         phase.peer_requests[key] = phase.peer_requests.get(key, 0) + n
                     for key, n in cell.registry_reads().items():
                         phase.registry_reads[key] = phase.registry_reads.get(key, 0) + n
+                        if key == "lease" and n:
+                            phase.lease_reads[role] = n
                 stop_process(cell.proc)
         return phase
 
@@ -567,6 +570,7 @@ class Storm:
             "retransmitted_segments": phase.retransmits,
             "peer_requests": phase.peer_requests,
             "registry_reads": phase.registry_reads,
+            "lease_reads": phase.lease_reads,
             "cpu_s": phase.cpu,
             "ballast_bytes": (
                 {"filled": phase.ballast[0], "given_back": phase.ballast[1]}
@@ -662,9 +666,13 @@ class Storm:
             reads = fig["registry_reads"]
             if reads:
                 others = ", ".join(f"{k} {v}" for k, v in sorted(reads.items()) if k != "lease")
+                # how the leases spread: one cell holding them all brings every byte
+                # into the swarm through its own links
+                holders = ", ".join(f"{r} {n}" for r, n in sorted(fig["lease_reads"].items()))
                 p(
                     f"   registry reads {sum(reads.values())} blobs read whole from a registry: "
-                    f"{reads.get('lease', 0)} under a fetch lease, {others or 'none without one'}"
+                    f"{reads.get('lease', 0)} under a fetch lease ({holders or 'no cell'}), "
+                    f"{others or 'none without one'}"
                 )
         cpu = fig["cpu_s"]
         if cpu.get("all"):
