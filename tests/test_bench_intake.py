@@ -38,10 +38,6 @@ def test_intake_bench_reports_every_contender():
     assert out.returncode == 0, out.stderr
     report = out.stdout
     assert "intake of an uncached 8 MiB blob, median of 1 rounds:" in report, report
-    # the default: stores on a tmpfs of warm pages, unmounted at the end
-    assert re.search(r"^stores on a tmpfs of \d+ MiB with a ballast of warm pages$", report, re.M)
-    mounts = Path("/proc/mounts").read_text().splitlines()
-    assert not [line for line in mounts if line.startswith("celld-intake ")]
     for name in CONTENDERS:
         line = rf"^{re.escape(name)} +{NUMBER} +{NUMBER} +{NUMBER}$"
         assert re.search(line, report, re.M), (name, report)

@@ -33,17 +33,9 @@ it includes the disk). A GET of another uncached blob through the mirror
 (curl, as a runtime would) is timed too: intake plus sending every byte to
 the client, the figure a pull sees.
 
-Warm memory (`--warm`, the default): the cells' stores and the file `direct to
-file` writes sit on a tmpfs of their own, with a Ballast in it (see
-simulations/testbed/ballast.py) filled before the timed rounds and given back
-as they write. This VM's host takes back the pages the guest frees, and the
-first touch of one costs 4-7 CPU-s per GiB, charged to whoever writes: with
-`--no-warm` the figures are the host's state as much as the code's (the
-stores then sit on the disk, as the registry's always do).
-
 Prints MiB/s (medians over rounds), the ratio of each to the direct GET and to
 nginx, and each cell's peak RSS. Run:
-python -m simulations.bench.intake [--size-mib 1024] [--rounds 3] [--no-warm]
+python -m simulations.bench.intake [--size-mib 1024] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -58,7 +50,6 @@ import time
 from pathlib import Path
 
 from simulations.bench.serve import Nginx, curl_many, peak_rss_mib
-from simulations.testbed.ballast import Ballast, MiB, mount_tmpfs, umount
 from tests.support.celld import Celld
 from tests.support.registry import Registry
 
@@ -135,12 +126,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument(
-        "--warm",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="the stores on a tmpfs with a ballast of warm pages (see above)",
-    )
     args = ap.parse_args()
     size = args.size_mib * 2**20
     mib = size / 2**20
@@ -148,18 +133,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="celld-intake-") as tmp_name:
         tmp = Path(tmp_name)
         tmp.chmod(0o755)  # nginx's worker runs as nobody
-        stores = tmp / "stores"
-        stores.mkdir()
-        # every blob of every round in both cells, the curl file, the ballast's headroom
-        need = (4 * args.rounds + 1) * size + 512 * MiB
-        warm = args.warm and mount_tmpfs(stores, need, "celld-intake")
-        ballast = Ballast(stores) if warm else None
-        print(
-            f"stores on a tmpfs of {need / MiB:.0f} MiB with a ballast of warm pages"
-            if warm
-            else "stores on disk, pages as the host left them"
-            + (": too little memory for the tmpfs" if args.warm else "")
-        )
         registry = Registry(tmp / "registry").start()
         nginx = Nginx(tmp / "nginx")
         cells: dict[str, Celld] = {}
@@ -180,17 +153,14 @@ def main() -> None:
                 registry.url,
             )
             cells["celld<-registry"] = Celld(
-                stores / "cell-registry", upstreams={"docker.io": registry.url}
+                tmp / "cell-registry", upstreams={"docker.io": registry.url}
             ).start()
             cells["celld<-nginx"] = Celld(
-                stores / "cell-nginx",
+                tmp / "cell-nginx",
                 upstreams={"docker.io": registry.url},
                 registries=[f"http://127.0.0.1:{nginx.port}"],
             ).start()
 
-            if ballast is not None:
-                ballast.fill()
-                ballast.follow()
             rates: dict[str, list[float]] = {name: [] for name in CONTENDERS}
             committed: dict[str, list[float]] = {name: [] for name in INTAKES}
             for i, (head_digest, get_digest) in enumerate(rounds):
@@ -200,7 +170,7 @@ def main() -> None:
                 # would pay for it.
                 curl_many(direct, 1, 1)
                 curl_many(f"{registry.url}/v2/{REPO}/blobs/{get_digest}", 1, 1)
-                kept = stores / "curl.out"  # beside the cells' stores: the same disk and memory
+                kept = tmp / "curl.out"  # beside the cells' stores: the same disk and memory
 
                 def to_file(url: str = direct, kept: Path = kept) -> float:
                     rate = curl_many(url, 1, 1, out=str(kept)) / 2**20
@@ -244,10 +214,6 @@ def main() -> None:
                 cell.stop()
             nginx.stop()
             registry.stop()
-            if ballast is not None:
-                ballast.remove()
-            if warm:
-                umount(stores)
 
     med = {name: statistics.median(values) for name, values in rates.items()}
     print(f"intake of an uncached {args.size_mib} MiB blob, median of {args.rounds} rounds:")

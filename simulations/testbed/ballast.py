@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import threading
 from pathlib import Path
 
@@ -36,29 +35,6 @@ _CHUNK = 4 * MiB
 def free_bytes(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
-
-
-def mem_available() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def mount_tmpfs(directory: Path, size: int, name: str) -> bool:
-    """Mount a tmpfs of `size` bytes on `directory` (root only), when it fits in half
-    the memory available: whether it did. Unmount with `umount`."""
-    if size > mem_available() // 2:
-        return False
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", name, str(directory)],
-        check=True,
-    )
-    return True
-
-
-def umount(directory: Path) -> None:
-    subprocess.run(["umount", str(directory)], check=False)
 
 
 class Ballast:
