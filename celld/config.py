@@ -68,10 +68,12 @@ class ClusterConfig:
 @dataclass(frozen=True)
 class PeerConfig:
     """What this cell gives its peers: concurrent piece uploads, and a byte rate cap
-    (0: unlimited)."""
+    (0: unlimited); and how long it waits on peers that send nothing before it reads
+    the rest of a blob from the registries (`stall_timeout`)."""
 
     upload_slots: int = 4
     upload_rate: int = 0
+    stall_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -177,10 +179,10 @@ def _str(table: dict, key: str, prefix: str, default: str | None = None) -> str 
     return value
 
 
-def _seconds(table: dict, key: str, default: float) -> float:
+def _seconds(table: dict, key: str, default: float, section: str = "sources") -> float:
     value = table.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
-        raise ConfigError(f"sources.{key}: expected seconds between 0 and 3600, got {value!r}")
+        raise ConfigError(f"{section}.{key}: expected seconds between 0 and 3600, got {value!r}")
     return float(value)
 
 
@@ -323,14 +325,14 @@ def _cluster(table: dict, key_file: str | None) -> ClusterConfig | None:
 
 
 def _peer(table: dict) -> PeerConfig:
-    _check_keys(table, {"upload_slots", "upload_rate"}, "peer.")
+    _check_keys(table, {"upload_slots", "upload_rate", "stall_timeout"}, "peer.")
     slots = table.get("upload_slots", 4)
     if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= 1024:
         raise ConfigError(f"peer.upload_slots: expected a number from 1 to 1024, got {slots!r}")
+    stall = _seconds(table, "stall_timeout", 30.0, "peer")
     rate = table.get("upload_rate", "0")
-    if rate in ("0", 0):
-        return PeerConfig(upload_slots=slots, upload_rate=0)
-    return PeerConfig(upload_slots=slots, upload_rate=parse_size(rate, "peer.upload_rate"))
+    cap = 0 if rate in ("0", 0) else parse_size(rate, "peer.upload_rate")
+    return PeerConfig(upload_slots=slots, upload_rate=cap, stall_timeout=stall)
 
 
 def load(path: Path | None) -> Config:

@@ -88,6 +88,7 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
                     gossip,
                     upload_slots=config.peer.upload_slots,
                     upload_rate=config.peer.upload_rate,
+                    stall_timeout=config.peer.stall_timeout,
                 )
                 sources.peering = peering
             admin = Admin(

@@ -99,9 +99,10 @@ class Metrics:
         )
         self.registry_reads = Counter(
             "celld_registry_reads",
-            "Blobs a cluster cell read whole from the registries, by why: lease (granted it),"
+            "Blobs a cluster cell read from the registries, by why: lease (granted it),"
             " no_lease (its lookup heard no lease and no provider), unfinished (its lookup"
-            " never ended), no_table (no provider gave a piece table)",
+            " never ended), no_table (no provider gave a piece table), stalled (no piece"
+            " came from peers for [peer] stall_timeout: the missing pieces, by range)",
             ["why"],
             registry=r,
         )

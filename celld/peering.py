@@ -43,9 +43,10 @@ from protocol.pieces import PieceTable, piece_count, piece_size_for
 
 log = logging.getLogger(__name__)
 
-# seconds without a new piece before a peer download is given up: longer than it takes
-# membership to declare a provider dead in a small cluster (where no K confirmations
-# shorten the suspicion), after which the lease moves and the registries go on
+# seconds without a new piece before a peer download reads the rest from the registries
+# itself (the default of [peer] stall_timeout): longer than it takes membership to
+# declare a provider dead in a small cluster (where no K confirmations shorten the
+# suspicion), after which the lease moves and the registries go on
 STALL_TIMEOUT = 30.0
 LOCATE_TIMEOUT = 3.0  # > placement's lookup_give_up: the lookup always answers first
 TABLE_WAIT = 5.0  # seconds a downloader waits for the lease holder's first verified piece
@@ -98,9 +99,11 @@ class Peering:
         *,
         upload_slots: int = 4,
         upload_rate: int = 0,
+        stall_timeout: float = STALL_TIMEOUT,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.name = name
+        self.stall_timeout = stall_timeout
         self.store = store
         self.metrics = metrics
         self.gossip = gossip
@@ -346,7 +349,7 @@ class Peering:
         """Until every piece of `t` is in and hashed (t.complete), or the lease came to
         this cell (t.upstream: the caller reads the registries); the runtime's waiters
         (`fetch`, a celld.sources.Fetch) are woken as the verified prefix grows. Raises
-        PeerError when nothing arrived for STALL_TIMEOUT."""
+        PeerError when nothing arrived for `stall_timeout` ([peer] stall_timeout)."""
         while True:
             if fetch.written != t.writer.written:
                 fetch.written = t.writer.written
@@ -357,8 +360,8 @@ class Peering:
                 return
             with trio.move_on_after(1.0):
                 await t.changed.wait()
-            if time.monotonic() - t.last_progress > STALL_TIMEOUT:
-                raise PeerError(f"no piece of {t.digest} arrived for {STALL_TIMEOUT:.0f} s")
+            if time.monotonic() - t.last_progress > self.stall_timeout:
+                raise PeerError(f"no piece of {t.digest} arrived for {self.stall_timeout:g} s")
 
     def bad_table(self, t: Transfer) -> None:
         """Every piece matched its table but the blob not its digest: the table was

@@ -532,10 +532,28 @@ class Sources:
                 self._evicted(await trio.to_thread.run_sync(self.store.make_room, t.size))
             peering.start(t, result)
             stalled: PeerError | None = None
+            rescued = False
             async with trio.open_nursery() as reads:
                 try:
                     while True:
-                        await peering.follow(t, fetch)
+                        try:
+                            await peering.follow(t, fetch)
+                        except PeerError as exc:
+                            if rescued or not chain:
+                                raise
+                            # Nothing came for stall_timeout and the lease did not move:
+                            # the pieces still missing come from the registries, once,
+                            # rather than the runtime's stream breaking off.
+                            rescued = True
+                            ranges = _missing_ranges(t.held, t.count)
+                            log.warning(
+                                "%s; its %d missing pieces from the registries",
+                                exc, sum(b - a for a, b in ranges),
+                            )  # fmt: skip
+                            self.metrics.registry_reads.labels("stalled").inc()
+                            t.last_progress = time.monotonic()
+                            reads.start_soon(self._read_ranges, t, ranges, chain, misses)
+                            continue
                         if t.complete:
                             break
                         # The lease came to this cell (its holder died, or was banned): the
@@ -947,6 +965,21 @@ class Sources:
             log.warning("serving last known %s:%s -> %s (no source answered)", name, tag, stale)
             return await self._stored_manifest(entry)
         raise misses.error(unknown)
+
+
+def _missing_ranges(held: int, count: int) -> list[tuple[int, int]]:
+    """The pieces of `count` not in the bitmap `held`, as half-open index ranges."""
+    ranges: list[tuple[int, int]] = []
+    index = 0
+    while index < count:
+        if held >> index & 1:
+            index += 1
+            continue
+        start = index
+        while index < count and not held >> index & 1:
+            index += 1
+        ranges.append((start, index))
+    return ranges
 
 
 class _Queue:

@@ -29,7 +29,7 @@ def test_the_issue_example(key):
                 "seeds": ["10.0.0.2:7946", "10.0.0.3:7946"],
                 "zone": "rack-1",
             },
-            "peer": {"upload_slots": 6, "upload_rate": "100MiB"},
+            "peer": {"upload_slots": 6, "upload_rate": "100MiB", "stall_timeout": 12},
         }
     )
     assert config.cluster is not None
@@ -37,7 +37,7 @@ def test_the_issue_example(key):
     assert config.cluster.advertise == Listen("10.0.0.5", 7946)  # defaults to listen
     assert config.cluster.seeds == (Listen("10.0.0.2", 7946), Listen("10.0.0.3", 7946))
     assert config.cluster.zone == "rack-1"
-    assert config.peer == PeerConfig(upload_slots=6, upload_rate=100 * 2**20)
+    assert config.peer == PeerConfig(upload_slots=6, upload_rate=100 * 2**20, stall_timeout=12.0)
 
 
 @pytest.mark.parametrize(
@@ -53,6 +53,8 @@ def test_the_issue_example(key):
         ({"listen": "10.0.0.5:7946"}, {"upload_rate": "fast"}, "peer.upload_rate"),
         ({"listen": "10.0.0.5:7946"}, {"upload_slots": True}, "peer.upload_slots"),
         ({"listen": "10.0.0.5:7946"}, {"slots": 3}, "peer.slots: unknown key"),
+        ({"listen": "10.0.0.5:7946"}, {"stall_timeout": 0}, "peer.stall_timeout"),
+        ({"listen": "10.0.0.5:7946"}, {"stall_timeout": "30s"}, "peer.stall_timeout"),
     ],
 )
 def test_bad_values_name_the_key(key, cluster, peer, says):

@@ -43,7 +43,11 @@ def cells(
     started: list[Celld] = []
 
     def start(
-        n: int, upload_rate: str | None = None, upstream: str | None = None, **kw
+        n: int,
+        upload_rate: str | None = None,
+        upstream: str | None = None,
+        stall_timeout: float | None = None,
+        **kw,
     ) -> list[Celld]:
         addrs = [cluster_address(i) for i in range(n)]
         out = []
@@ -54,7 +58,10 @@ def cells(
                 key_file=key_file,
                 # every cell names a few others, as operators configure seeds
                 cluster=Cluster(
-                    addr, tuple(x for x in addrs[:3] if x != addr), upload_rate=upload_rate
+                    addr,
+                    tuple(x for x in addrs[:3] if x != addr),
+                    upload_rate=upload_rate,
+                    stall_timeout=stall_timeout,
                 ),
                 upstreams={"docker.io": upstream or hub.url},
                 registries=[central.url],
@@ -308,6 +315,33 @@ def test_a_slow_lease_holder_is_waited_for_while_its_read_moves(cells, hub, cent
     assert len([t for t in proxy.blob_gets if layer.digest in t]) == 1, proxy.blob_gets
     assert b.metric("celld_registry_reads_total") == 0
     assert b.metric("celld_fetched_bytes_total", source="peer") >= len(layer.data)
+
+
+def test_a_transfer_that_stalls_reads_the_rest_from_the_registries(cells, hub, central, tmp_path):
+    """The lease holder is alive but its registry read stops 10 MiB into the layer
+    (its connection open, no byte more): the other cell has the first pieces from
+    it and nothing else comes for stall_timeout. It reads the missing pieces from
+    the registries by range, and its runtime gets the whole layer (before, the
+    stream broke off and the pull failed with an unexpected EOF)."""
+    image = make_image((24 * MiB,))
+    push_image(hub.url, "library/stall", "1", image)
+    layer = image.layers[0]
+    ref = f"library/stall@{image.digest}"
+    with FaultProxy(hub.host, hold_after=10 * MiB, affects=re.escape(layer.digest)) as proxy:
+        a, b = cells(2, upstream=proxy.url, stall_timeout=4)
+        conf = write_registries_conf(tmp_path / "via-a.conf", {"docker.io": a.host})
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(skopeo_copy, f"docker.io/{ref}", tmp_path / "via-a", registries_conf=conf)
+            wait_until(lambda: proxy.held, 30, "A holds the lease and is 10 MiB into the layer")
+            blobs = pull(b, ref, tmp_path / "via-b")
+            a.kill()  # its read would hold for the registry client's 30 s
+    assert hashlib.sha256(blobs[layer.digest].read_bytes()).hexdigest() == layer.digest[7:]
+    assert b.metric("celld_peer_received_bytes_total") >= 4 * MiB  # A's first pieces
+    assert b.metric("celld_registry_reads_total", why="stalled") == 1
+    assert "missing pieces from the registries" in b.log()
+    # the rest, and no more than the rest, came from the Hub
+    fetched = b.metric("celld_fetched_bytes_total", source="upstream")
+    assert 0 < fetched - len(image.config.data) <= len(layer.data) - 4 * MiB
 
 
 def test_a_restarted_cell_rejoins_and_announces_its_store(cells, hub, tmp_path):

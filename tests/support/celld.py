@@ -29,6 +29,7 @@ class Cluster:
     zone: str = ""
     upload_slots: int | None = None
     upload_rate: str | None = None
+    stall_timeout: float | None = None
 
     def lines(self) -> list[str]:
         out = [f'listen = "{self.listen}"']
@@ -36,12 +37,15 @@ class Cluster:
             out.append("seeds = [" + ", ".join(f'"{s}"' for s in self.seeds) + "]")
         if self.zone:
             out.append(f'zone = "{self.zone}"')
-        if self.upload_slots is not None or self.upload_rate is not None:
+        peer = (self.upload_slots, self.upload_rate, self.stall_timeout)
+        if any(v is not None for v in peer):
             out.append("[peer]")
         if self.upload_slots is not None:
             out.append(f"upload_slots = {self.upload_slots}")
         if self.upload_rate is not None:
             out.append(f'upload_rate = "{self.upload_rate}"')
+        if self.stall_timeout is not None:
+            out.append(f"stall_timeout = {self.stall_timeout}")
         return out
 
 
