@@ -381,6 +381,7 @@ class Download:
         self._peers: dict[MemberId, _Peer] = {}
         self._banned: set[MemberId] = set()
         self._planes: list[int] = []
+        self._held_somewhere = 0  # the OR of the planes: pieces some known peer holds
         self._timers: list[tuple[float, int, int, MemberId, int]] = []
         self._seq = 0
         self._backoffs: list[float] = []  # ends of peers' back-offs, not yet a timer
@@ -430,6 +431,7 @@ class Download:
     # -- availability counter (bit-sliced) --------------------------------------------
 
     def _avail_add(self, bits: int) -> None:
+        self._held_somewhere |= bits  # a count only grows here
         planes = self._planes
         carry = bits
         for k in range(len(planes)):
@@ -452,12 +454,15 @@ class Download:
             borrow &= ~p
         while planes and not planes[-1]:
             planes.pop()
+        bits = 0
+        for plane in planes:
+            bits |= plane
+        self._held_somewhere = bits
 
     def _avail_any(self) -> int:
-        bits = 0
-        for plane in self._planes:
-            bits |= plane
-        return bits
+        """The pieces at least one known peer holds (kept by _avail_add and _avail_sub,
+        since _step asks after every input)."""
+        return self._held_somewhere
 
     def _rarest(self, cand: int) -> int:
         for plane in reversed(self._planes):

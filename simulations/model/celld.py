@@ -40,6 +40,19 @@ if TYPE_CHECKING:
 
 Key = tuple[int, int, str, int]  # (uploader node, downloader node, digest, piece index)
 
+# the action and reply types, bound once (_act and the replies run once a message)
+_Send = pl.Send
+_RequestPiece = sw.RequestPiece
+_CancelPiece = sw.CancelPiece
+_QueryHave = sw.QueryHave
+_SendHave = pc.SendHave
+_StartUpload = pc.StartUpload
+_FetchUpstream = sw.FetchUpstream
+_DownloadComplete = sw.DownloadComplete
+_OK = sw.PieceStatus.OK
+_QUEUED = sw.PieceStatus.QUEUED
+_BUSY = sw.PieceStatus.BUSY
+
 
 def swarm_settings(
     params: tuple[tuple[str, Any], ...],
@@ -98,6 +111,14 @@ class CelldPuller:
         self.cells: list[pc.Cell | None] = [None] * world.n_cells
         self.views: list[frozenset[str] | None] = [None] * world.n_cells
         self.live_view = world.members.live_view
+        # the hot paths' shortcuts: the world's engine and network, and its liveness
+        # lists (mutated in place, never rebound: is_live(c) is alive[c] and member[c])
+        self.engine = world.engine
+        self.net = world.net
+        self.names = world.names
+        self.node_of_name = world.node_of_name
+        self._alive = world.net.alive
+        self._member = world.member
         self.due = [float("inf")] * world.n_cells
         self.requests: dict[Key, Any] = {}  # "sent" | "queued" | Flow
         self.registry_queue: dict[tuple[int, str], deque[int]] = {}
@@ -123,7 +144,7 @@ class CelldPuller:
             if not w.is_live(node):
                 return None
             c = self.cells[node] = pc.Cell(
-                w.names[node],
+                self.names[node],
                 w.zone_name(node),
                 placement=self.placement,
                 swarm=self.swarm,
@@ -134,19 +155,19 @@ class CelldPuller:
         view = self.live_view(node)
         if view is not self.views[node]:
             self.views[node] = view
-            self._act(node, c.set_members(view, self.w.engine.now))
+            self._act(node, c.set_members(view, self.engine.now))
         return c
 
     def _live_cell(self, node: int) -> pc.Cell | None:
         """The cell's driver if it exists and runs (replies to a dead cell are lost), its
         view of the members current. The hot path: one call per input of a cell."""
         c = self.cells[node]
-        if c is None or not self.w.is_live(node):
+        if c is None or not (self._alive[node] and self._member[node]):
             return None
         view = self.live_view(node)
         if view is not self.views[node]:
             self.views[node] = view
-            self._act(node, c.set_members(view, self.w.engine.now))
+            self._act(node, c.set_members(view, self.engine.now))
         return c
 
     def _arm(self, node: int, c: pc.Cell) -> None:
@@ -154,7 +175,7 @@ class CelldPuller:
         when = c.next_deadline()
         if when is not None and when < self.due[node]:
             self.due[node] = when
-            self.w.engine.call_at(when, self._timer, (node, when))
+            self.engine.call_at(when, self._timer, (node, when))
 
     def _timer(self, arg: tuple[int, float]) -> None:
         node, due = arg
@@ -164,31 +185,30 @@ class CelldPuller:
         c = self._live_cell(node)
         if c is None:
             return
-        self._act(node, c.tick(self.w.engine.now))
+        self._act(node, c.tick(self.engine.now))
         self._arm(node, c)
 
     def _act(self, node: int, actions: list[pc.Action]) -> None:
         """Carry out a cell's actions, in order."""
-        w = self.w
         for a in actions:
             kind = type(a)
-            if kind is pl.Send:
-                dst = w.node_of_name.get(a.to)
-                if dst is not None:
-                    w.send_msg(node, dst, a.message)
-            elif kind is sw.RequestPiece:
+            if kind is _RequestPiece:
                 self._request_piece(node, a.peer, a.digest, a.index)
-            elif kind is sw.CancelPiece:
-                self._cancel_piece(node, a.peer, a.digest, a.index)
-            elif kind is sw.QueryHave:
+            elif kind is _Send:
+                dst = self.node_of_name.get(a.to)
+                if dst is not None:
+                    self.w.send_msg(node, dst, a.message)
+            elif kind is _QueryHave:
                 self._query_have(node, a.peer, a.digest, a.want)
-            elif kind is pc.SendHave:
+            elif kind is _SendHave:
                 self._have_reply(node, a.to, a.reply)
-            elif kind is pc.StartUpload:
+            elif kind is _CancelPiece:
+                self._cancel_piece(node, a.peer, a.digest, a.index)
+            elif kind is _StartUpload:
                 self._start_queued(node, a.to, a.reply)
-            elif kind is sw.FetchUpstream:
+            elif kind is _FetchUpstream:
                 self._fetch_registry(node, a.digest, a.ranges)
-            elif kind is sw.DownloadComplete:
+            elif kind is _DownloadComplete:
                 self._complete(node, a.digest)
             # LeaseGranted, BadPiece, PeerBanned: nothing to carry out here
 
@@ -198,7 +218,7 @@ class CelldPuller:
         c = self._cell(node)
         if c is None:
             return
-        now = self.w.engine.now
+        now = self.engine.now
         for digest in self.digests:
             self._act(node, c.download(digest, self.pcount[digest], now))
         self._arm(node, c)
@@ -222,7 +242,7 @@ class CelldPuller:
         c = self._cell(observer)
         if c is None:
             return
-        self._act(observer, c.member_dead(self.w.names[member], self.w.engine.now))
+        self._act(observer, c.member_dead(self.names[member], self.engine.now))
         self._arm(observer, c)
 
     def receive(self, node: int, sender: str, msg: Any) -> None:
@@ -230,7 +250,7 @@ class CelldPuller:
         c = self._cell(node)
         if c is None:
             return
-        actions = c.receive(sender, msg, self.w.engine.now)
+        actions = c.receive(sender, msg, self.engine.now)
         if type(msg) is pl.Lookup:
             reply = actions[0]
             if (
@@ -252,7 +272,7 @@ class CelldPuller:
         the simulator) and announces it complete."""
         c = self.cells[node]
         if c is not None:
-            self._act(node, c.hold(digest, self.pcount[digest], self.w.engine.now))
+            self._act(node, c.hold(digest, self.pcount[digest], self.engine.now))
         self.w.layer_complete(node, self.layer_of[digest])
 
     # -- pieces between cells ----------------------------------------------------------
@@ -262,14 +282,15 @@ class CelldPuller:
         return min(ps, self.size[digest] - index * ps)
 
     def _request_piece(self, d: int, peer: str, digest: str, index: int) -> None:
-        w = self.w
-        p = w.node_of_name[peer]
+        p = self.node_of_name[peer]
         key = (p, d, digest, index)
         self.requests[key] = "sent"
-        if w.net.reachable(d, p):
-            w.engine.call_at(w.engine.now + w.net.latency(d, p), self._request_arrives, key)
+        net = self.net
+        engine = self.engine
+        if net.reachable(d, p):
+            engine.call_at(engine.now + net.latency(d, p), self._request_arrives, key)
         else:
-            w.engine.call_at(w.engine.now + self.connect_timeout, self._connect_failed, key)
+            engine.call_at(engine.now + self.connect_timeout, self._connect_failed, key)
 
     def _connect_failed(self, key: Key) -> None:
         if self.requests.get(key) != "sent":
@@ -279,41 +300,42 @@ class CelldPuller:
         p, d, digest, index = key
         c = self._live_cell(d)
         if c is not None:
-            self._act(d, c.request_failed(self.w.names[p], digest, index, self.w.engine.now))
+            self._act(d, c.request_failed(self.names[p], digest, index, self.engine.now))
             self._arm(d, c)
 
     def _request_arrives(self, key: Key) -> None:
         if self.requests.get(key) != "sent":
             return  # cancelled on the way
-        w = self.w
         p, d, digest, index = key
         up = self._live_cell(p)
-        if up is None or not w.net.reachable(p, d):
-            w.engine.call_at(w.engine.now + self.connect_timeout, self._connect_failed, key)
+        net = self.net
+        engine = self.engine
+        if up is None or not net.reachable(p, d):
+            engine.call_at(engine.now + self.connect_timeout, self._connect_failed, key)
             return
-        now = w.engine.now
-        reply = up.piece_request(w.names[d], digest, index, now)
+        now = engine.now
+        reply = up.piece_request(self.names[d], digest, index, now)
         status = reply.status
-        if status == sw.PieceStatus.OK:
+        if status == _OK:
             self._upload(key, reply)
-        elif status == sw.PieceStatus.QUEUED:
+        elif status == _QUEUED:
             self.requests[key] = "queued"
         else:
             del self.requests[key]
-            self.stats["busy_replies" if status == sw.PieceStatus.BUSY else "missing_replies"] += 1
-            w.engine.call_at(now + w.net.latency(p, d), self._refused, (key, reply))
+            self.stats["busy_replies" if status == _BUSY else "missing_replies"] += 1
+            engine.call_at(now + net.latency(p, d), self._refused, (key, reply))
 
     def _refused(self, arg: tuple[Key, sw.PieceReply]) -> None:
         key, reply = arg
         p, d, _, _ = key
         c = self._live_cell(d)
         if c is not None:
-            self._act(d, c.piece_refused(self.w.names[p], reply, self.w.engine.now))
+            self._act(d, c.piece_refused(self.names[p], reply, self.engine.now))
             self._arm(d, c)
 
     def _upload(self, key: Key, reply: sw.PieceReply) -> None:
         p, d, digest, index = key
-        flow = self.w.net.transfer(
+        flow = self.net.transfer(
             p, d, self._piece_bytes(digest, index), self._uploaded, tag=(key, reply)
         )
         if not flow.ended:
@@ -328,12 +350,12 @@ class CelldPuller:
             del self.requests[key]
         up = self._live_cell(p)
         if up is not None:
-            self._act(p, up.upload_done(w.names[d], digest, index, w.engine.now))
+            self._act(p, up.upload_done(self.names[d], digest, index, self.engine.now))
         c = self._live_cell(d)
         if c is None:
             return
-        now = w.engine.now
-        peer = w.names[p]
+        now = self.engine.now
+        peer = self.names[p]
         if ok:
             self.stats["pieces_from_peers"] += 1
             if index == 0:
@@ -347,41 +369,39 @@ class CelldPuller:
         self._arm(d, c)
 
     def _start_queued(self, p: int, requester: str, reply: sw.PieceReply) -> None:
-        w = self.w
-        key = (p, w.node_of_name[requester], reply.digest, reply.index)
+        key = (p, self.node_of_name[requester], reply.digest, reply.index)
         if self.requests.get(key) == "queued":
             self._upload(key, reply)
             return
         up = self.cells[p]
         if up is not None:  # cancelled meanwhile: give the slot back
-            self._act(p, up.upload_done(requester, reply.digest, reply.index, w.engine.now))
+            self._act(p, up.upload_done(requester, reply.digest, reply.index, self.engine.now))
 
     def _cancel_piece(self, d: int, peer: str, digest: str, index: int) -> None:
         w = self.w
-        p = w.node_of_name[peer]
+        p = self.node_of_name[peer]
         key = (p, d, digest, index)
         state = self.requests.pop(key, None)
         if state is None:
             return
         self.stats["cancelled"] += 1
         if isinstance(state, Flow):
-            w.net.flows.abort(state)
+            self.net.flows.abort(state)
             w.account(state, False)
         if state != "sent":
             up = self._live_cell(p)
             if up is not None:
-                self._act(p, up.upload_cancelled(w.names[d], digest, index, w.engine.now))
+                self._act(p, up.upload_cancelled(self.names[d], digest, index, self.engine.now))
 
     # -- have queries ------------------------------------------------------------------
 
     def _query_have(self, d: int, peer: str, digest: str, want: int) -> None:
-        w = self.w
-        p = w.node_of_name[peer]
-        if w.net.reachable(d, p):
-            w.engine.call_at(
-                w.engine.now + w.net.latency(d, p),
+        p = self.node_of_name[peer]
+        if self.net.reachable(d, p):
+            self.engine.call_at(
+                self.engine.now + self.net.latency(d, p),
                 self._query_arrives,
-                (p, w.names[d], digest, want),
+                (p, self.names[d], digest, want),
             )
 
     def _query_arrives(self, arg: tuple[int, str, str, int]) -> None:
@@ -389,25 +409,26 @@ class CelldPuller:
         up = self._live_cell(p)
         if up is None:
             return
-        reply = up.have_query(requester, digest, want, self.w.engine.now)
+        reply = up.have_query(requester, digest, want, self.engine.now)
         if reply is not None:
             self._have_reply(p, requester, reply)
         else:
             self._arm(p, up)
 
     def _have_reply(self, p: int, to: str, reply: sw.HaveReply) -> None:
-        w = self.w
-        d = w.node_of_name[to]
-        if w.net.reachable(p, d):
-            w.engine.call_at(
-                w.engine.now + w.net.latency(p, d), self._have_arrives, (d, w.names[p], reply)
+        d = self.node_of_name[to]
+        if self.net.reachable(p, d):
+            self.engine.call_at(
+                self.engine.now + self.net.latency(p, d),
+                self._have_arrives,
+                (d, self.names[p], reply),
             )
 
     def _have_arrives(self, arg: tuple[int, str, sw.HaveReply]) -> None:
         d, responder, reply = arg
         c = self._live_cell(d)
         if c is not None:
-            self._act(d, c.have_arrived(responder, reply, self.w.engine.now))
+            self._act(d, c.have_arrived(responder, reply, self.engine.now))
             self._arm(d, c)
 
     # -- the lease holder reads from a registry ----------------------------------------
@@ -426,10 +447,10 @@ class CelldPuller:
         if key not in self.registry_busy:
             self.registry_busy.add(key)
             origin = self._origin()
-            delay = w.net.latency(node, origin) + w.net.latency(origin, node)
+            delay = self.net.latency(node, origin) + self.net.latency(origin, node)
             if origin == w.upstream:  # the central registry said 404 first
-                delay += w.net.latency(node, w.central) + w.net.latency(w.central, node)
-            w.engine.call_at(w.engine.now + delay, self._registry_next, key)
+                delay += self.net.latency(node, w.central) + self.net.latency(w.central, node)
+            self.engine.call_at(self.engine.now + delay, self._registry_next, key)
 
     def _registry_next(self, key: tuple[int, str]) -> None:
         queue = self.registry_queue.get(key)
@@ -438,7 +459,7 @@ class CelldPuller:
             return
         index = queue.popleft()
         origin = self._origin()
-        self.w.net.transfer(
+        self.net.transfer(
             origin, key[0], self._piece_bytes(key[1], index), self._registry_piece, tag=(key, index)
         )
 
@@ -457,5 +478,5 @@ class CelldPuller:
             self._registry_next(key)  # the stream goes on while the cell takes the piece
         else:
             self.registry_busy.discard(key)
-        self._act(node, c.registry_piece(digest, index, ok, w.engine.now))
+        self._act(node, c.registry_piece(digest, index, ok, self.engine.now))
         self._arm(node, c)

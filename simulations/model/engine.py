@@ -30,12 +30,11 @@ Callback = Callable[[Any], None]
 class Engine:
     """Runs callbacks in order of virtual time; `now` is the time of the running one."""
 
-    __slots__ = ("_due", "_pending", "_times", "events_run", "now")
+    __slots__ = ("_due", "_times", "events_run", "now")
 
     def __init__(self) -> None:
         self._times: list[float] = []  # heap of the distinct times in _due
         self._due: dict[float, list[tuple[Callback, Any]]] = {}
-        self._pending = 0
         self.now = 0.0
         self.events_run = 0
 
@@ -43,7 +42,6 @@ class Engine:
         """Run `fn(arg)` at virtual time `when` (never earlier than now)."""
         if when < self.now:
             when = self.now
-        self._pending += 1
         batch = self._due.get(when)
         if batch is None:
             self._due[when] = [(fn, arg)]
@@ -64,7 +62,6 @@ class Engine:
             when = pop(times)
             batch = due.pop(when)
             self.now = when
-            self._pending -= len(batch)
             for fn, arg in batch:
                 fn(arg)
             n += len(batch)
@@ -72,4 +69,5 @@ class Engine:
         self.now = max(self.now, until)
 
     def pending(self) -> int:
-        return self._pending
+        """Callbacks queued and not yet run (counted when asked: run() keeps no count)."""
+        return sum(map(len, self._due.values()))

@@ -49,13 +49,16 @@ from simulations.model.engine import Engine
 class Resource:
     """One direction of one node's link: a capacity shared equally by its flows."""
 
-    __slots__ = ("capacity", "dirty", "flows", "name")
+    __slots__ = ("capacity", "dirty", "flows", "name", "share")
 
     def __init__(self, name: str, capacity: float) -> None:
         self.name = name
         self.capacity = float(capacity)
         self.flows: dict[int, Flow] = {}
         self.dirty = False
+        # capacity / len(flows) as of the last rebalance that found it dirty: every change
+        # of `flows` marks it dirty, so it is current whenever a rebalance reads it
+        self.share = math.inf
 
 
 class Flow:
@@ -197,6 +200,8 @@ class FlowNet:
         complete = self._complete
         for r in dirty:
             r.dirty = False
+            n = len(r.flows)
+            r.share = r.capacity / n if n else math.inf
         for r in dirty:
             for flow in r.flows.values():
                 if flow.mark == epoch:
@@ -204,7 +209,7 @@ class FlowNet:
                 flow.mark = epoch
                 rate = math.inf
                 for res in flow.resources:
-                    share = res.capacity / len(res.flows)
+                    share = res.share
                     if share < rate:
                         rate = share
                 old = flow.rate

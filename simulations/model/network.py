@@ -125,11 +125,14 @@ class Network:
 
     def latency(self, src: int, dst: int) -> float:
         link = self.link
-        base = link.same_zone_s if self.zone[src] == self.zone[dst] else link.cross_zone_s
-        base += self.extra[src] + self.extra[dst]
-        if self._jitter is None:
+        zone = self.zone
+        extra = self.extra
+        base = link.same_zone_s if zone[src] == zone[dst] else link.cross_zone_s
+        base += extra[src] + extra[dst]
+        jitter = self._jitter
+        if jitter is None:
             return base
-        return base + self._jitter[self._latency_rng.getrandbits(JITTER_BITS)]
+        return base + jitter[self._latency_rng.getrandbits(JITTER_BITS)]
 
     def reachable(self, src: int, dst: int) -> bool:
         return self.alive[src] and self.alive[dst] and self.group[src] == self.group[dst]
