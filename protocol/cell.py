@@ -548,7 +548,9 @@ class Cell:
             elif kind is sw.DownloadComplete:
                 out.append(ev)
                 self._registry_first(now, out)
-        self._sooner(dl.next_deadline())
+        when = dl.next_deadline()  # _sooner(when), inlined: this runs after every input
+        if when is not None and when < self._soonest:
+            self._soonest = when
 
     def _lookup(self, digest: Digest, now: float, out: list[Action], *, report: bool) -> None:
         self.next_request = rid = (self.next_request + 1) & 0xFFFFFFFF

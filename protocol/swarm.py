@@ -784,8 +784,8 @@ class Download:
         anything can be asked for at all (in a storm, mostly nothing can)."""
         if self.held == self._full:
             return
-        avail = self._avail_any()
-        free = self._wanted & ~self._inflight & ~self._upstream
+        avail = self._held_somewhere  # = _avail_any(), read directly on this hot path
+        free = self._wanted & ~(self._inflight | self._upstream)
         if self.lease:
             missing = free & ~avail
             if missing:
@@ -837,7 +837,7 @@ class Download:
         while self._n_inflight < self.max_inflight:
             # the pieces nobody was asked for; in the endgame (all asked for), the ones
             # in flight to fewer than endgame_copies peers, to ask a second peer
-            want = self._wanted & ~self._inflight & ~self._upstream or (
+            want = self._wanted & ~(self._inflight | self._upstream) or (
                 self._wanted & self._inflight & ~self._saturated
             )
             if not want:
@@ -907,14 +907,15 @@ class Download:
                 self._timer(self._next_query_scan, _T_WAKE, "", -3)
             return
         self._next_query_scan = now + cfg.have_min_interval
+        # the tests in order of how often they fail in a storm (the big-int one last)
         idle = [
             p
             for p in self._peers.values()
-            if not p.complete
-            and p.query_deadline is None
+            if p.busy_until <= now
             and not p.inflight
+            and p.query_deadline is None
             and p.next_query <= now
-            and p.busy_until <= now
+            and not p.complete
             and not p.have & free
         ]
         if not idle:
