@@ -622,8 +622,15 @@ class Cell:
     def _feed(
         self, dl: sw.Download, result: pl.LookupResult, now: float, out: list[Action]
     ) -> None:
-        """A lookup's result reaches a download: its providers, and the lease."""
-        events = dl.add_providers(result.providers, now, lease_holder=result.lease_holder)
+        """A lookup's result reaches a download: its providers, and the lease. A home
+        that has not heard of a death yet may name the dead: they are left out, and
+        a dead lease holder counts as none (the download asks again)."""
+        live = self.directory.is_live
+        providers = [p for p in result.providers if live(p.member)]
+        holder = result.lease_holder if live(result.lease_holder) else ""
+        events = dl.add_providers(providers, now, lease_holder=holder)
+        if result.lease_holder and not holder:
+            events += dl.remove_provider(result.lease_holder, now)
         granted = result.lease == pl.LeaseStatus.GRANTED and not dl.lease
         if granted:
             events += dl.grant_lease(now)

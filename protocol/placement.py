@@ -424,6 +424,10 @@ class ProviderDirectory:
 
     # -- membership -----------------------------------------------------------------
 
+    def is_live(self, member: MemberId) -> bool:
+        """In the live set last installed (everyone, before the first)."""
+        return self._members is None or member in self._members
+
     def set_members(self, members: Iterable[MemberId], now: float) -> None:
         """Install the live set: records and leases of members gone are dropped at once
         (a dead lease holder frees the lease for the next asker), and the authority for

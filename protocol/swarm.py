@@ -395,6 +395,9 @@ class Download:
         self._done_reported = False
         self.lease = False
         self._lease_holder: MemberId = ""
+        # the lease holder died and no live one is known yet: look up every
+        # lookup_interval, even while asking the other downloaders what they have
+        self._holder_lost = False
         # counters for reports
         self.pieces_from: dict[MemberId, int] = {}
         self.duplicates = 0
@@ -513,6 +516,7 @@ class Download:
         itself instead of starving behind a cell that sends bad pieces."""
         if lease_holder and lease_holder != self.self_id:
             self._lease_holder = lease_holder
+            self._holder_lost = False
         for info in providers:
             member = info.member
             if member == self.self_id or member in self._banned:
@@ -537,16 +541,26 @@ class Download:
         peer = self._peers.get(peer_id)
         if peer is not None:
             self._drop(peer, out, cancel=False)
-        if peer_id == self._lease_holder and not self.lease and not self.complete:
-            self._lease_holder = ""
-            self._next_lookup = now + self.config.lookup_interval
-            out.append(NeedProviders(self.digest))
+        self._holder_gone(peer_id, now, out)
         self._step(now, out)
         return out
+
+    def _holder_gone(self, peer_id: MemberId, now: float, out: list[Event]) -> None:
+        """`peer_id` is gone (dead, withdrawn, or it failed every request): when it was
+        the lease holder, ask the homes at once, and again every lookup_interval until
+        a live holder is known or the lease comes here. Once is not enough: a home
+        that has not heard of the death yet names the dead holder again, and then
+        nothing else would make this cell ask (one kill storm in 15: 30 s stalled)."""
+        if peer_id == self._lease_holder and not self.lease and not self.complete:
+            self._lease_holder = ""
+            self._holder_lost = True
+            self._next_lookup = now + self.config.lookup_interval
+            out.append(NeedProviders(self.digest))
 
     def grant_lease(self, now: float) -> list[Event]:
         """The homes chose this cell to read the blob from the registries."""
         self.lease = True
+        self._holder_lost = False
         out: list[Event] = []
         self._step(now, out)
         return out
@@ -764,6 +778,7 @@ class Download:
         peer.failures += 1
         if peer.failures >= self.config.max_failures:
             self._drop(peer, out, cancel=True)
+            self._holder_gone(peer.id, now, out)
         else:
             peer.busy_until = now + self.config.busy_backoff * (1 << peer.failures)
             heapq.heappush(self._backoffs, peer.busy_until)
@@ -932,7 +947,7 @@ class Download:
 
     def _maybe_lookup(self, now: float, out: list[Event]) -> None:
         cfg = self.config
-        starving = (
+        starving = self._holder_lost or (
             not self._n_inflight and not self._upstream and not (self._queries and self._peers)
         )
         if not starving and len(self._peers) >= cfg.min_peers:

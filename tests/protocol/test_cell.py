@@ -196,6 +196,24 @@ def test_a_second_asker_is_pointed_at_the_lease_holder_and_woken_by_its_pieces()
     assert b.downloads[D].held == 1
 
 
+def test_a_lookup_that_names_a_dead_lease_holder_is_looked_past() -> None:
+    """b has seen a die; a home that has not still names a as the lease holder and a
+    provider. b asks a for nothing and keeps asking the homes (Cell._feed)."""
+    net = Link(["a", "b", "c"])
+    a, b = net.cells["a"], net.cells["b"]
+    net.run("a", a.download(D, N, net.now))
+    net.run("a", a.registry_piece(D, 0, True, net.now))  # announced with lease=True
+    net.run("b", b.set_members(frozenset({"b", "c"}), net.now))  # only b saw a die
+    net.run("b", b.download(D, N, net.now))
+    to_a = [x for x in net.of("b", sw.RequestPiece) + net.of("b", sw.QueryHave) if x.peer == "a"]
+    assert to_a == []
+    lookups = len([s for s in net.of("b", pl.Send) if type(s.message) is pl.Lookup])
+    net.now += 1.1
+    net.run("b", b.tick(net.now))
+    again = len([s for s in net.of("b", pl.Send) if type(s.message) is pl.Lookup])
+    assert again > lookups
+
+
 def test_hold_announces_and_drop_withdraws_at_every_home() -> None:
     net = Link(["a", "b", "c", "d", "e"])
     a = net.cells["a"]

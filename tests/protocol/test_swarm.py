@@ -314,6 +314,41 @@ def test_when_the_lease_holder_dies_the_homes_are_asked_again_at_once() -> None:
     assert not of_type(dl.remove_provider("other", 0.4), NeedProviders)  # not the holder
 
 
+def test_a_dead_lease_holder_is_looked_past_until_a_live_one_is_known() -> None:
+    """The first lookup after the holder died reaches a home that has not heard of the
+    death yet and names the dead holder again; the cell leaves it out (Cell._feed), so
+    no holder is known, and the download keeps asking the homes every lookup_interval
+    while it queries the other downloaders, until the lease comes to it (before, it
+    asked once and then waited 30 s on downloaders that had nothing to give)."""
+    dl = download(8, min_peers=1, lookup_interval=1.0)
+    dl.start(0.0)
+    dl.add_providers([info("holder", 0b11), info("other", 0b01)], 0.0, lease_holder="holder")
+    dl.on_piece("holder", 0, True, 0.1, have=0b11)
+    dl.on_piece("holder", 1, True, 0.2, have=0b11)
+    assert of_type(dl.remove_provider("holder", 0.3), NeedProviders)
+    # the stale answer, the dead holder filtered out: only the other downloader
+    assert not of_type(dl.add_providers([info("other", 0b01)], 0.35), NeedProviders)
+    lookups = [t for t in (1.3, 2.3, 3.3) if of_type(dl.poll(t), NeedProviders)]
+    assert lookups == [1.3, 2.3, 3.3]  # every lookup_interval, queries or not
+    dl.add_providers([info("other", 0b01)], 3.4)
+    dl.grant_lease(3.4)
+    assert not of_type(dl.poll(4.4) + dl.poll(5.4), NeedProviders)  # it reads for itself
+
+
+def test_a_lease_holder_that_fails_every_request_is_given_up_like_a_dead_one() -> None:
+    """The stale home also lists the dead holder as a provider: requests to it fail
+    (connection refused) until it is dropped, and then the homes are asked again."""
+    dl = download(8, min_peers=1, lookup_interval=1.0, max_failures=2)
+    dl.start(0.0)
+    ((_, index),) = asked(dl.add_providers([info("holder", 0b1)], 0.0, lease_holder="holder"))
+    assert not of_type(dl.on_error("holder", index, 0.1), NeedProviders)
+    now = 0.2
+    while not (events := dl.poll(now)) or not asked(events):
+        now += 0.05
+    ((_, index),) = asked(events)
+    assert of_type(dl.on_error("holder", index, now), NeedProviders) == [NeedProviders(D)]
+
+
 def test_banning_the_lease_holder_makes_the_cell_fetch_for_itself() -> None:
     dl = download(4, max_inflight=1, max_bad_pieces=1)
     ((_, index),) = asked(dl.add_providers([info("holder", 0b0011)], 0.0, lease_holder="holder"))
