@@ -49,7 +49,14 @@ from celld.registry import (
 from celld.store import BlobEntry, BlobWriter, DigestMismatch, Store
 from protocol.errors import OCIError, oci_error
 from protocol.manifest import MAX_MANIFEST_BYTES, UPSTREAM_ACCEPT, parse_manifest
-from protocol.pieces import PieceHasher, PieceTable, piece_hash, piece_span
+from protocol.pieces import (
+    PieceHasher,
+    PieceTable,
+    bitmap_full,
+    bitmap_ranges,
+    piece_hash,
+    piece_span,
+)
 from protocol.placement import LeaseStatus
 from protocol.reference import Digest
 
@@ -545,7 +552,7 @@ class Sources:
                             # the pieces still missing come from the registries, once,
                             # rather than the runtime's stream breaking off.
                             rescued = True
-                            ranges = _missing_ranges(t.held, t.count)
+                            ranges = bitmap_ranges(bitmap_full(t.count) & ~t.held)
                             log.warning(
                                 "%s; its %d missing pieces from the registries",
                                 exc, sum(b - a for a, b in ranges),
@@ -965,21 +972,6 @@ class Sources:
             log.warning("serving last known %s:%s -> %s (no source answered)", name, tag, stale)
             return await self._stored_manifest(entry)
         raise misses.error(unknown)
-
-
-def _missing_ranges(held: int, count: int) -> list[tuple[int, int]]:
-    """The pieces of `count` not in the bitmap `held`, as half-open index ranges."""
-    ranges: list[tuple[int, int]] = []
-    index = 0
-    while index < count:
-        if held >> index & 1:
-            index += 1
-            continue
-        start = index
-        while index < count and not held >> index & 1:
-            index += 1
-        ranges.append((start, index))
-    return ranges
 
 
 class _Queue:

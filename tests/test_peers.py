@@ -24,7 +24,7 @@ import pytest
 from celld.peering import TABLE_WAIT
 from protocol import peerauth
 from tests.support.celld import Celld, Cluster, cluster_address
-from tests.support.images import Image, make_image, push_image
+from tests.support.images import Blob, Image, make_image, push_image
 from tests.support.proxy import FaultProxy
 from tests.support.registry import Registry
 from tests.support.skopeo import skopeo_copy, stored_blobs, write_registries_conf
@@ -95,6 +95,13 @@ def pull(cell: Celld, ref: str, dest: Path) -> dict[str, Path]:
 
 def blob_gets(reg: Registry) -> list[tuple[str, str, int]]:
     return [r for r in reg.requests("GET", r"/blobs/sha256:") if r[2] == 200]
+
+
+def one_layer(hub: Registry, repo: str, size: int) -> tuple[Image, Blob, str]:
+    """An image of one layer of `size` random bytes in the Hub: (image, layer, ref)."""
+    image = make_image((size,))
+    push_image(hub.url, repo, "1", image)
+    return image, image.layers[0], f"{repo}@{image.digest}"
 
 
 def blobs_of(image: Image) -> set[str]:
@@ -263,10 +270,7 @@ def test_a_new_lease_holder_serves_the_pieces_it_read_by_range(cells, hub, centr
     pieces nobody had, and their hashes go into the piece table it serves, so the third
     cell verifies them and takes them from it (before a41c858 it could not: it banned
     the new holder and read the blob from the Hub itself)."""
-    image = make_image((24 * MiB,))
-    push_image(hub.url, "library/relay", "1", image)
-    layer = image.layers[0]
-    ref = f"library/relay@{image.digest}"
+    image, layer, ref = one_layer(hub, "library/relay", 24 * MiB)
     with FaultProxy(hub.host, hold_after=10 * MiB, affects=re.escape(layer.digest)) as proxy:
         a, b, c = cells(3, upstream=proxy.url)
         with ThreadPoolExecutor(3) as pool:
@@ -297,10 +301,7 @@ def test_a_slow_lease_holder_is_waited_for_while_its_read_moves(cells, hub, cent
     """The lease holder's first piece takes longer than TABLE_WAIT (a registry on a
     slow, shared link): the other cell keeps waiting while the holder's read moves,
     and takes the blob from it; the registries send it once."""
-    image = make_image((6 * MiB,))
-    push_image(hub.url, "library/slow", "1", image)
-    layer = image.layers[0]
-    ref = f"library/slow@{image.digest}"
+    _, layer, ref = one_layer(hub, "library/slow", 6 * MiB)
     rate = 512 * 1024  # the first 4 MiB piece: 8 s, past TABLE_WAIT
     assert 4 * MiB / rate > TABLE_WAIT + 2
     with FaultProxy(hub.host, rate=rate, affects=re.escape(layer.digest)) as proxy:
@@ -323,10 +324,7 @@ def test_a_transfer_that_stalls_reads_the_rest_from_the_registries(cells, hub, c
     it and nothing else comes for stall_timeout. It reads the missing pieces from
     the registries by range, and its runtime gets the whole layer (before, the
     stream broke off and the pull failed with an unexpected EOF)."""
-    image = make_image((24 * MiB,))
-    push_image(hub.url, "library/stall", "1", image)
-    layer = image.layers[0]
-    ref = f"library/stall@{image.digest}"
+    image, layer, ref = one_layer(hub, "library/stall", 24 * MiB)
     with FaultProxy(hub.host, hold_after=10 * MiB, affects=re.escape(layer.digest)) as proxy:
         a, b = cells(2, upstream=proxy.url, stall_timeout=4)
         conf = write_registries_conf(tmp_path / "via-a.conf", {"docker.io": a.host})
