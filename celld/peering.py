@@ -51,7 +51,17 @@ STALL_TIMEOUT = 30.0
 LOCATE_TIMEOUT = 3.0  # > placement's lookup_give_up: the lookup always answers first
 TABLE_WAIT = 5.0  # seconds a downloader waits for the lease holder's first verified piece
 TABLE_RETRY = 0.05
+MEMBER_POLL = 0.1  # seconds between looks at membership while waiting for a death
 _NEVER = float("inf")
+
+
+@dataclass(frozen=True)
+class TableMiss:
+    """`Peering.table` found no table: the cells it named that it could not reach at all
+    (a refused or broken connection, or membership says they are gone), as opposed to
+    ones that answered without one."""
+
+    unreachable: frozenset[str]
 
 
 @dataclass(eq=False)
@@ -248,7 +258,7 @@ class Peering:
         m = self.gossip.membership.member(member)
         return None if m is None else m.addr
 
-    async def table(self, result: pl.LookupResult) -> tuple[TableReply, str] | None:
+    async def table(self, result: pl.LookupResult) -> tuple[TableReply, str] | TableMiss:
         """The piece table, from a complete provider if there is one, else from the
         lease holder or another downloader (a partial table, refreshed as it grows).
         A lease holder that has not verified its first piece yet holds the request
@@ -267,11 +277,13 @@ class Peering:
         names = [n for n in names if n != self.name]
         deadline = trio.current_time() + TABLE_WAIT
         received: dict[str, int] = {}  # what each downloading provider said it had
+        unreachable: set[str] = set()
         while names:
             for member in list(names):
                 addr = self.addr(member)
                 if addr is None:
                     names.remove(member)
+                    unreachable.add(member)
                     continue
                 left = deadline - trio.current_time()
                 try:
@@ -281,12 +293,43 @@ class Peering:
                     if exc.received is not None and exc.received > received.get(member, -1):
                         received[member] = exc.received  # it moves: wait for its first piece
                         deadline = max(deadline, trio.current_time() + TABLE_WAIT)
-                    if exc.status != 404 or member not in self.gossip.live_ids():
+                    live = member in self.gossip.live_ids()
+                    if exc.status != 404 or not live:
                         log.info("no piece table of %s from %s: %s", result.digest, member, exc)
                         names.remove(member)
+                        if exc.status is None or not live:
+                            unreachable.add(member)
             if trio.current_time() > deadline:
                 break
             await trio.sleep(TABLE_RETRY)
+        return TableMiss(frozenset(unreachable))
+
+    async def relocate(self, miss: TableMiss, digest: str) -> pl.LookupResult | None:
+        """A new lookup of `digest` once every cell `table` could not reach has been
+        declared dead (or has left), and the homes answer without them, within
+        stall_timeout; None: one stayed alive to membership that long (or `table`
+        reached every cell it asked).
+
+        A lease holder killed while this cell waited for its first piece is still alive
+        to membership for a few seconds, and its homes hand the lease on only once it is
+        not: reading the blob from the registries at once, without the lease, cost a
+        kill storm a second copy of the layer when the lease then went to another cell."""
+        gone = miss.unreachable
+        if not gone:
+            return None
+        with trio.move_on_after(self.stall_timeout):
+            while gone & self.gossip.live_ids():
+                await trio.sleep(MEMBER_POLL)
+            log.info("%s: %s gone, looking up again", digest, ", ".join(sorted(gone)))
+            while True:
+                result = await self.locate(digest)
+                if result is None or result.lease_holder not in gone:
+                    break
+                await trio.sleep(MEMBER_POLL)  # a home that has not heard of the death
+            if result is not None:
+                providers = tuple(p for p in result.providers if p.member not in gone)
+                result = dataclasses.replace(result, providers=providers)
+            return result
         return None
 
     def start(self, t: Transfer, result: pl.LookupResult) -> None:

@@ -35,7 +35,7 @@ from celld.config import Config, RegistryConfig
 from celld.http_client import Pool
 from celld.metrics import Metrics
 from celld.peer import PeerError
-from celld.peering import Peering, Transfer
+from celld.peering import Peering, TableMiss, Transfer
 from celld.registry import (
     BlobResponse,
     Credentials,
@@ -495,28 +495,41 @@ class Sources:
         peering = self.peering
         assert peering is not None
         result = await peering.locate(fetch.digest)
-        if result is None:
-            log.warning("lookup of %s never ended: from the registries", fetch.digest)
-            self.metrics.registry_reads.labels("unfinished").inc()
-            return False
-        if result.lease == LeaseStatus.GRANTED or not (result.providers or result.lease_holder):
-            granted = result.lease == LeaseStatus.GRANTED
-            self.metrics.registry_reads.labels("lease" if granted else "no_lease").inc()
-            if not granted:
-                # Each such cell costs the registries a copy: say why it went there.
-                log.warning(
-                    "lookup of %s: no lease and no provider (%s): from the registries",
-                    fetch.digest,
-                    f"answered by {', '.join(result.answered_by)}"
-                    if result.answered_by
-                    else "no home answered",
-                )
-            peering.lease(fetch.digest, result)
-            return False
-        got = await peering.table(result)
-        if got is None:
+        while True:
+            if result is None:
+                log.warning("lookup of %s never ended: from the registries", fetch.digest)
+                self.metrics.registry_reads.labels("unfinished").inc()
+                return False
+            if result.lease == LeaseStatus.GRANTED or not (result.providers or result.lease_holder):
+                granted = result.lease == LeaseStatus.GRANTED
+                self.metrics.registry_reads.labels("lease" if granted else "no_lease").inc()
+                if not granted:
+                    # Each such cell costs the registries a copy: say why it went there.
+                    log.warning(
+                        "lookup of %s: no lease and no provider (%s): from the registries",
+                        fetch.digest,
+                        f"answered by {', '.join(result.answered_by)}"
+                        if result.answered_by
+                        else "no home answered",
+                    )
+                peering.lease(fetch.digest, result)
+                return False
+            got = await peering.table(result)
+            if not isinstance(got, TableMiss):
+                break
+            # A provider that died meanwhile: once membership knows, the lease moves.
+            relocated = await peering.relocate(got, fetch.digest)
+            if relocated is not None:
+                result = relocated
+                continue
             log.warning(
-                "no piece table of %s from its providers: from the registries", fetch.digest
+                "no piece table of %s from its providers (%s; lease %s%s; answered by %s):"
+                " from the registries",
+                fetch.digest,
+                ", ".join(p.member for p in result.providers) or "none listed",
+                result.lease.name,
+                f" by {result.lease_holder}" if result.lease_holder else "",
+                ", ".join(result.answered_by) or "nobody",
             )
             self.metrics.registry_reads.labels("no_table").inc()
             return False

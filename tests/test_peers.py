@@ -318,6 +318,39 @@ def test_a_slow_lease_holder_is_waited_for_while_its_read_moves(cells, hub, cent
     assert b.metric("celld_fetched_bytes_total", source="peer") >= len(layer.data)
 
 
+def test_a_lease_holder_killed_before_its_first_piece_hands_the_lease_on(
+    cells, hub, central, tmp_path
+):
+    """The lease holder dies while the other cell waits for its first piece (its Hub
+    read held 1 MiB in): the other cell cannot reach it, waits until membership
+    declares it dead, looks up again and reads the layer under the lease it is then
+    granted. (Before, it read the layer at once without the lease: in a kill storm the
+    lease then went to a third cell too, and the Hub sent the layer twice more.)"""
+    _, layer, ref = one_layer(hub, "library/handover", 12 * MiB)
+    with FaultProxy(hub.host, hold_after=1 * MiB, affects=re.escape(layer.digest)) as proxy:
+        a, b = cells(2, upstream=proxy.url)
+        conf = write_registries_conf(tmp_path / "via-a.conf", {"docker.io": a.host})
+        with ThreadPoolExecutor(2) as pool:
+            pool.submit(skopeo_copy, f"docker.io/{ref}", tmp_path / "via-a", registries_conf=conf)
+            wait_until(lambda: proxy.held, 30, "A holds the lease and is 1 MiB into the layer")
+            via_b = pool.submit(pull, b, ref, tmp_path / "via-b")
+            wait_until(
+                lambda: a.metric("celld_peer_requests_total", endpoint="table") >= 1,
+                30,
+                "B waits for A's piece table",
+            )
+            a.kill()
+            blobs = via_b.result()
+    assert hashlib.sha256(blobs[layer.digest].read_bytes()).hexdigest() == layer.digest[7:]
+    # every read B made was under a lease (the layer's, and the config's A never served)
+    assert b.metric("celld_registry_reads_total", why="no_table") == 0
+    assert b.metric("celld_registry_reads_total") == b.metric(
+        "celld_registry_reads_total", why="lease"
+    )
+    assert "gone, looking up again" in b.log()
+    assert len([t for t in proxy.blob_gets if layer.digest in t]) == 2  # A's held read, B's
+
+
 def test_a_transfer_that_stalls_reads_the_rest_from_the_registries(cells, hub, central, tmp_path):
     """The lease holder is alive but its registry read stops 10 MiB into the layer
     (its connection open, no byte more): the other cell has the first pieces from
