@@ -94,8 +94,8 @@ QUEUE_WAIT = (
 # does not hold yet (a lease holder whose registry read has just begun): the asker's
 # one parked request rather than a 404 every TABLE_RETRY (celld.peering).
 TABLE_PARK = 1.0
-MAX_SPARE = 8  # piece buffers a PeerClient keeps for reuse (4 MiB each, usually)
-MAX_TABLES = 64  # complete tables kept in memory (32 KiB each at 1,024 pieces)
+MAX_SPARE = 8  # piece buffers a PeerClient keeps for reuse (2-4 MiB each, usually)
+MAX_TABLES = 64  # complete tables kept in memory (16 KiB each at 512 pieces)
 MAX_WANT_HEX = 2 * ((1 << 20) + 7) // 8  # protocol.pieces.MAX_PIECES bits, hex
 
 _ROUTE = re.compile(rb"/v1/blobs/(sha256:[0-9a-f]{64})(?:/(pieces)(?:/([0-9]{1,9}))?|/(have))?")

@@ -153,7 +153,7 @@ class SwarmConfig:
     max_inflight: int = 2
     max_peers: int = 24
     min_peers: int = 4
-    request_timeout: float = 4.0  # seconds for one piece (4 MiB at 1 MB/s)
+    request_timeout: float = 4.0  # seconds for one piece (2-4 MiB at 0.5-1 MB/s)
     busy_backoff: float = 0.02  # first back-off after "busy"; doubles, jittered
     # ... and at least this share of the time a piece takes to arrive (measured): a busy
     # uploader frees a slot about once per piece time / its slots, so asking sooner

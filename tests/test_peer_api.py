@@ -35,7 +35,8 @@ from protocol.pieces import MiB, PieceTable, piece_size_for
 from protocol.swarm import Uploader
 
 KEY = bytes(range(32))
-SIZE = 9 * MiB + 12345  # three 4 MiB pieces, the last one short
+PIECE = piece_size_for(1)  # the policy's smallest piece (a blob up to a GiB)
+SIZE = 2 * PIECE + PIECE // 4 + 12345  # three pieces, the last one short
 TIMEOUTS = Timeouts(connect=2.0, read=10.0)
 
 
@@ -246,7 +247,7 @@ async def test_a_queued_upload_starts_when_the_slot_frees(store: Store) -> None:
     store.put_bytes(digest, data)
     metrics = Metrics()
     uploader = Uploader("server", slots=1, queue=1)
-    peer = Peer(KEY, uploader, StoreBlobs(store), metrics, upload_rate=16 * MiB)
+    peer = Peer(KEY, uploader, StoreBlobs(store), metrics, upload_rate=8 * MiB)  # a piece: 0.25 s
     table = PieceTable.from_bytes(data)
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(serve, "127.0.0.1", 0, peer.handle)
@@ -411,7 +412,7 @@ async def test_a_partial_blob_serves_only_verified_pieces(tmp_path: Path) -> Non
 
 
 async def test_a_parked_have_query_answers_after_have_wait(tmp_path: Path) -> None:
-    digest, data = _blob(size=5 * MiB)
+    digest, data = _blob(size=PIECE + PIECE // 4)  # two pieces
     temp = tmp_path / "downloading"
     temp.write_bytes(data)
     full = PieceTable.from_bytes(data)

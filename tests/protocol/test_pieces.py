@@ -32,22 +32,23 @@ GiB = 1024 * MiB
 # -- policy ------------------------------------------------------------------------------
 
 
-def test_small_and_storm_sized_layers_use_4_mib_pieces() -> None:
-    assert piece_size_for(0) == 4 * MiB
-    assert piece_size_for(1) == 4 * MiB
-    assert piece_size_for(255 * MiB) == 4 * MiB
-    # Kraken's benchmark image: 3 GB in 2 layers of 1.5 GB -> 358 pieces each.
+def test_layers_up_to_a_gib_use_2_mib_pieces() -> None:
+    assert piece_size_for(0) == 2 * MiB
+    assert piece_size_for(1) == 2 * MiB
+    assert piece_size_for(64 * MiB) == 2 * MiB  # the testbed's layers: 32 pieces
+    assert piece_size_for(1 * GiB) == 2 * MiB
+
+
+def test_piece_size_grows_to_keep_at_most_512_pieces_then_caps_at_16_mib() -> None:
+    assert piece_size_for(1 * GiB + 1) == 4 * MiB
+    # Kraken's benchmark image: 3 GB in 2 layers of 1.5 GB -> 358 pieces of 4 MiB each.
     assert piece_size_for(1_500_000_000) == 4 * MiB
     assert piece_count(1_500_000_000, 4 * MiB) == 358
-
-
-def test_piece_size_grows_to_keep_about_1024_pieces_then_caps_at_16_mib() -> None:
-    assert piece_size_for(4 * GiB) == 4 * MiB
-    assert piece_size_for(4 * GiB + 1) == 8 * MiB
-    assert piece_size_for(8 * GiB + 1) == 16 * MiB
+    assert piece_size_for(2 * GiB + 1) == 8 * MiB
+    assert piece_size_for(4 * GiB + 1) == 16 * MiB
     assert piece_size_for(100 * GiB) == 16 * MiB
-    for size in (1, 300 * MiB, 5 * GiB, 12 * GiB, 16 * GiB):
-        assert piece_count(size, piece_size_for(size)) <= 1024
+    for size in (1, 300 * MiB, 1 * GiB + 1, 3 * GiB, 8 * GiB):
+        assert piece_count(size, piece_size_for(size)) <= 512
 
 
 def test_a_policy_is_a_value_that_can_be_changed() -> None:
