@@ -483,17 +483,21 @@ class Download:
     def next_deadline(self) -> float | None:
         """When poll() next has something to do (None: nothing scheduled)."""
         timers = self._timers
+        peers = self._peers
         while timers:
             when, _, kind, peer_id, index = timers[0]
-            peer = self._peers.get(peer_id)
-            if (
-                (kind == _T_REQUEST and (peer is None or peer.inflight.get(index) != when))
-                or (kind == _T_QUERY and (peer is None or peer.query_deadline != when))
-                or (kind == _T_WAKE and index == -1 and when != self._wake_at)
-            ):
-                heapq.heappop(timers)
+            if kind == _T_WAKE:
+                stale = index == -1 and when != self._wake_at
             else:
+                peer = peers.get(peer_id)
+                stale = peer is None or (
+                    peer.inflight.get(index) != when
+                    if kind == _T_REQUEST
+                    else peer.query_deadline != when
+                )
+            if not stale:
                 return when
+            heapq.heappop(timers)
         return None
 
     # -- entry points -----------------------------------------------------------------
@@ -861,9 +865,11 @@ class Download:
             cand = 0
             seeded = 0  # what complete peers among them can give
             for p in peers:
-                if p.busy_until <= now and len(p.inflight) < cap:
-                    askable = p.have & want
-                    if askable and p.requested:
+                # the tests in order of how often they fail in a storm: most known peers
+                # hold nothing still wanted
+                askable = p.have & want
+                if askable and p.busy_until <= now and len(p.inflight) < cap:
+                    if p.requested:
                         askable &= ~p.requested
                     if askable:
                         ready.append(p)
@@ -878,7 +884,9 @@ class Download:
                 index = bit.bit_length() - 1
             else:
                 rare = self._rarest(cand)
-                index = nth_set_bit(rare, int(random() * rare.bit_count()))
+                n = rare.bit_count()
+                pick = int(random() * n)  # drawn even for one candidate: same rng stream
+                index = rare.bit_length() - 1 if n == 1 else nth_set_bit(rare, pick)
                 bit = 1 << index
             # Same zone first, then the fewest of our requests in flight; one rng draw
             # among the ties (this loop runs once a piece: keep it lean).
