@@ -4,7 +4,7 @@ Owns: the protocol objects of one running cell (its `ProviderAnnouncer`,
 `ProviderDirectory`, `Uploader`, its `Download`s and `ProviderLookup`s) and every rule
 that joins them: a download that needs providers looks the digest up at its homes; a
 lookup's result feeds the download; a granted lease is announced and the cell's other
-downloads wait for its registry read (`swarm.registry_first`); a piece stored is served
+downloads give way to its registry read (`swarm.registry_first`); a piece stored is served
 and announced; a slot freed wakes the parked have-queries; one deadline for them all.
 Never: opens a socket, reads a clock, sleeps, hashes bytes or draws OS randomness. Time
 is `now`; randomness is the `random.Random` passed in; what the cell must do on the
@@ -643,7 +643,8 @@ class Cell:
 
     def _registry_first(self, now: float, out: list[Action]) -> None:
         """The cell's policy across its downloads (swarm.registry_first): while one reads
-        from a registry, the others wait, so the read has the cell's link to itself."""
+        from a registry, the others keep a smaller budget, so the read keeps most of the
+        cell's link."""
         for dl, ev in sw.registry_first(self.downloads.values(), now):
             self._events(dl, [ev], now, out)
 

@@ -167,7 +167,7 @@ class SwarmConfig:
     max_bad_pieces: int = 2
     max_failures: int = 3
     lookup_interval: float = 1.0
-    inflight_while_fetching: int = 2  # budget of a cell's other downloads, see registry_first
+    inflight_while_fetching: int = 1  # budget of a cell's other downloads, see registry_first
     stream_ahead: int = 1  # the runtime's next pieces, asked for before the rarest
 
 
@@ -483,17 +483,21 @@ class Download:
     def next_deadline(self) -> float | None:
         """When poll() next has something to do (None: nothing scheduled)."""
         timers = self._timers
+        peers = self._peers
         while timers:
             when, _, kind, peer_id, index = timers[0]
-            peer = self._peers.get(peer_id)
-            if (
-                (kind == _T_REQUEST and (peer is None or peer.inflight.get(index) != when))
-                or (kind == _T_QUERY and (peer is None or peer.query_deadline != when))
-                or (kind == _T_WAKE and index == -1 and when != self._wake_at)
-            ):
-                heapq.heappop(timers)
+            if kind == _T_WAKE:
+                stale = index == -1 and when != self._wake_at
             else:
+                peer = peers.get(peer_id)
+                stale = peer is None or (
+                    peer.inflight.get(index) != when
+                    if kind == _T_REQUEST
+                    else peer.query_deadline != when
+                )
+            if not stale:
                 return when
+            heapq.heappop(timers)
         return None
 
     # -- entry points -----------------------------------------------------------------
@@ -861,9 +865,11 @@ class Download:
             cand = 0
             seeded = 0  # what complete peers among them can give
             for p in peers:
-                if p.busy_until <= now and len(p.inflight) < cap:
-                    askable = p.have & want
-                    if askable and p.requested:
+                # the tests in order of how often they fail in a storm: most known peers
+                # hold nothing still wanted
+                askable = p.have & want
+                if askable and p.busy_until <= now and len(p.inflight) < cap:
+                    if p.requested:
                         askable &= ~p.requested
                     if askable:
                         ready.append(p)
@@ -878,7 +884,9 @@ class Download:
                 index = bit.bit_length() - 1
             else:
                 rare = self._rarest(cand)
-                index = nth_set_bit(rare, int(random() * rare.bit_count()))
+                n = rare.bit_count()
+                pick = int(random() * n)  # drawn even for one candidate: same rng stream
+                index = rare.bit_length() - 1 if n == 1 else nth_set_bit(rare, pick)
                 bit = 1 << index
             # Same zone first, then the fewest of our requests in flight; one rng draw
             # among the ties (this loop runs once a piece: keep it lean).
@@ -965,17 +973,23 @@ class Download:
 def registry_first(downloads: Iterable[Download], now: float) -> list[tuple[Download, Event]]:
     """The cell's policy across its downloads: while one of them reads from the
     registries (it holds a lease), the others ask peers for at most
-    `inflight_while_fetching` pieces (0: they wait), so that the registry read has the
-    cell's download link to itself. The lease holder is the only way a new blob enters
-    the swarm: every other cell waits on its read, so it must not share its link with
-    the cell's own other layers. The default budget is 2 (a download's usual one), not
-    0: when the registry is no faster than a cell's link, a lease holder's read leaves
-    most of its link idle, and waiting for it made every lease holder of the testbed's
-    storm (4 layers, the Hub and the cells at 200 Mbit/s, leases on 4 cells) finish
-    last (simulated p99 19.3 s with 0, 13.6 s with 2). In the Kraken storm (2 layers,
-    300 MB/s a cell, a 10 Gbit/s upstream) 0 is the better of the two: there the read
-    fills the link, and 0 takes 1 s off the median (260 cells: p50 11.4 against
-    12.3 s, p99 12.4 against 12.5 s).
+    `inflight_while_fetching` pieces each (0: they wait), so that the registry read
+    keeps most of the cell's download link. The lease holder is the only way a new blob
+    enters the swarm: every other cell waits on its read, so it must not share its link
+    with the cell's own other layers more than it has to.
+
+    The default is 1. Links split among their flows, so with a budget of b the read
+    keeps 1/(b+1) of a link it would fill alone: half with 1. When the registry is
+    slower than the link, the read leaves the link mostly idle, and one request for
+    each other layer is enough to use it. Both storms measured (simulated, seed 1):
+    - Kraken's (2 layers, 300 MB/s a cell, a 10 Gbit/s upstream: the read fills the
+      link), 260 cells: p50 11.1 s, p99 12.4 s with 1, against 11.3 / 12.6 s with 0 and
+      12.3 / 12.5 s with 2; with 2 the slower read also made every cell ask and be
+      refused more (6.6 messages a cell a second against 4.6 with 1).
+    - The testbed's (4 layers, the Hub and the cells at 200 Mbit/s, leases on 4
+      cells: the read leaves the link idle): p99 13.5 s with 1, 13.6 s with 2 and
+      19.0 s with 0, where every lease holder finished last (seeds 1-5: p99
+      13.2-13.9 s with 1, 13.4-13.6 s with 2).
 
     Call it whenever a download of the cell gains or loses a lease or completes;
     returns the events of the downloads whose budget changed (act on them as usual)."""

@@ -44,6 +44,7 @@ class Network:
     """Delivers datagrams between nodes and runs their bulk transfers."""
 
     __slots__ = (
+        "_draw",
         "_jitter",
         "_latency_rng",
         "_loss_rng",
@@ -76,6 +77,7 @@ class Network:
         self.engine = engine
         self.link = link
         self._latency_rng = latency_rng
+        self._draw = latency_rng.getrandbits  # bound once: latency() runs once a message
         self._loss_rng = loss_rng
         self._jitter: list[float] | None = None
         if link.jitter_median_s > 0:
@@ -132,7 +134,7 @@ class Network:
         jitter = self._jitter
         if jitter is None:
             return base
-        return base + jitter[self._latency_rng.getrandbits(JITTER_BITS)]
+        return base + jitter[self._draw(JITTER_BITS)]
 
     def reachable(self, src: int, dst: int) -> bool:
         return self.alive[src] and self.alive[dst] and self.group[src] == self.group[dst]

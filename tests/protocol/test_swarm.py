@@ -386,6 +386,29 @@ def test_while_a_cell_reads_from_the_registry_its_other_downloads_are_held_back(
     assert [(d, type(ev)) for d, ev in resumed] == [(other, RequestPiece)]
 
 
+def test_by_default_a_lease_holders_other_downloads_keep_one_request_in_flight() -> None:
+    """Half the link for the registry read when it would fill the link alone (Kraken's
+    storm), and still one request a layer when the registry is slower (the testbed's):
+    see registry_first."""
+    layer = download(4)
+    other = Download(
+        "sha256:" + "cd" * 32,
+        8,
+        self_id="me",
+        zone="z1",
+        rng=random.Random(1),
+        config=SwarmConfig(min_peers=1),
+    )
+    peers = [info("p", complete=True), info("q", complete=True)]
+    requests = asked(other.add_providers(peers, 0.0))
+    assert len(requests) == 2  # the usual budget before the lease
+    layer.grant_lease(0.0)
+    assert registry_first([layer, other], 0.0) == []
+    (peer, index), (peer2, index2) = requests
+    assert asked(other.on_piece(peer, index, True, 0.1)) == []  # one still out: enough
+    assert len(asked(other.on_piece(peer2, index2, True, 0.2))) == 1  # one again
+
+
 def test_a_fresh_lease_holder_fetches_everything_and_stops_asking_the_homes() -> None:
     dl = download(8)
     dl.start(0.0)
