@@ -34,7 +34,7 @@ import trio
 from celld.config import Config, RegistryConfig
 from celld.http_client import Pool
 from celld.metrics import Metrics
-from celld.peer import PeerError
+from celld.peer import PeerError, TableReply
 from celld.peering import Peering, TableMiss, Transfer
 from celld.registry import (
     BlobResponse,
@@ -57,7 +57,7 @@ from protocol.pieces import (
     piece_hash,
     piece_span,
 )
-from protocol.placement import LeaseStatus
+from protocol.placement import LeaseStatus, LookupResult
 from protocol.reference import Digest
 
 log = logging.getLogger(__name__)
@@ -487,19 +487,14 @@ class Sources:
             self._fetches.pop(fetch.digest, None)
             fetch.notify()
 
-    async def _from_peers(self, fetch: Fetch, misses: Misses, chain: list[Source]) -> bool:
-        """Takes the blob from other cells when they have it (or are fetching it under
-        the lease); False: go to the registries (this cell holds the lease, or nobody
-        answered). Waiters follow the verified prefix as pieces land, as they follow a
-        registry's stream."""
+    async def _peer_table(self, digest: str) -> tuple[LookupResult, tuple[TableReply, str]] | None:
+        """The lookup of `digest` and the piece table one of its providers gave; None:
+        this cell goes to the registries (granted the lease, or for the counted reason,
+        `celld_registry_reads_total{why}`)."""
         peering = self.peering
         assert peering is not None
-        result = await peering.locate(fetch.digest)
-        while True:
-            if result is None:
-                log.warning("lookup of %s never ended: from the registries", fetch.digest)
-                self.metrics.registry_reads.labels("unfinished").inc()
-                return False
+        result = await peering.locate(digest)
+        while result is not None:
             if result.lease == LeaseStatus.GRANTED or not (result.providers or result.lease_holder):
                 granted = result.lease == LeaseStatus.GRANTED
                 self.metrics.registry_reads.labels("lease" if granted else "no_lease").inc()
@@ -507,33 +502,46 @@ class Sources:
                     # Each such cell costs the registries a copy: say why it went there.
                     log.warning(
                         "lookup of %s: no lease and no provider (%s): from the registries",
-                        fetch.digest,
+                        digest,
                         f"answered by {', '.join(result.answered_by)}"
                         if result.answered_by
                         else "no home answered",
                     )
-                peering.lease(fetch.digest, result)
-                return False
+                peering.lease(digest, result)
+                return None
             got = await peering.table(result)
             if not isinstance(got, TableMiss):
-                break
+                return result, got
             # A provider that died meanwhile: once membership knows, the lease moves.
-            relocated = await peering.relocate(got, fetch.digest)
-            if relocated is not None:
-                result = relocated
-                continue
-            log.warning(
-                "no piece table of %s from its providers (%s; lease %s%s; answered by %s):"
-                " from the registries",
-                fetch.digest,
-                ", ".join(p.member for p in result.providers) or "none listed",
-                result.lease.name,
-                f" by {result.lease_holder}" if result.lease_holder else "",
-                ", ".join(result.answered_by) or "nobody",
-            )
-            self.metrics.registry_reads.labels("no_table").inc()
+            relocated = await peering.relocate(got, digest)
+            if relocated is None:
+                log.warning(
+                    "no piece table of %s from its providers (%s; lease %s%s; answered by"
+                    " %s): from the registries",
+                    digest,
+                    ", ".join(p.member for p in result.providers) or "none listed",
+                    result.lease.name,
+                    f" by {result.lease_holder}" if result.lease_holder else "",
+                    ", ".join(result.answered_by) or "nobody",
+                )
+                self.metrics.registry_reads.labels("no_table").inc()
+                return None
+            result = relocated
+        log.warning("lookup of %s never ended: from the registries", digest)
+        self.metrics.registry_reads.labels("unfinished").inc()
+        return None
+
+    async def _from_peers(self, fetch: Fetch, misses: Misses, chain: list[Source]) -> bool:
+        """Takes the blob from other cells when they have it (or are fetching it under
+        the lease); False: go to the registries (this cell holds the lease, or nobody
+        answered). Waiters follow the verified prefix as pieces land, as they follow a
+        registry's stream."""
+        peering = self.peering
+        assert peering is not None
+        found = await self._peer_table(fetch.digest)
+        if found is None:
             return False
-        reply, member = got
+        result, (reply, member) = found
         table = reply.table
         scopes = sorted(reply.private)
         writer = self.store.new_writer(

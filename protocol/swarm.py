@@ -381,7 +381,9 @@ class Download:
         self._peers: dict[MemberId, _Peer] = {}
         self._banned: set[MemberId] = set()
         self._planes: list[int] = []
-        self._held_somewhere = 0  # the OR of the planes: pieces some known peer holds
+        # the OR of the planes: the pieces some known peer holds, kept by _avail_add and
+        # _avail_sub rather than computed, since _step asks after every input
+        self._held_somewhere = 0
         self._timers: list[tuple[float, int, int, MemberId, int]] = []
         self._seq = 0
         self._backoffs: list[float] = []  # ends of peers' back-offs, not yet a timer
@@ -461,11 +463,6 @@ class Download:
         for plane in planes:
             bits |= plane
         self._held_somewhere = bits
-
-    def _avail_any(self) -> int:
-        """The pieces at least one known peer holds (kept by _avail_add and _avail_sub,
-        since _step asks after every input)."""
-        return self._held_somewhere
 
     def _rarest(self, cand: int) -> int:
         for plane in reversed(self._planes):
@@ -803,7 +800,7 @@ class Download:
         anything can be asked for at all (in a storm, mostly nothing can)."""
         if self.held == self._full:
             return
-        avail = self._held_somewhere  # = _avail_any(), read directly on this hot path
+        avail = self._held_somewhere
         free = self._wanted & ~(self._inflight | self._upstream)
         if self.lease:
             missing = free & ~avail
