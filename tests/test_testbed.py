@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -290,6 +290,43 @@ def test_the_ballast_gives_its_pages_back_as_a_writer_fills_the_tmpfs(small_tmpf
     ballast.remove()
     assert not ballast.path.exists()
     assert free_bytes(small_tmpfs) >= 64 * MiB - 41 * MiB
+
+
+def test_a_ballast_that_follows_free_memory_gives_back_what_writers_take(
+    small_tmpfs: Path,
+) -> None:
+    """The intake bench's ballast follows the machine's free memory (a disk's page
+    cache draws on it, not on the tmpfs): it keeps the size it was filled to, and
+    gives back a step whenever free memory falls under its floor, so the writers'
+    pages are the ones it touched; never more than they took."""
+    base, taken = 100 * MiB, [0]
+    ballast: Ballast
+
+    def free() -> int:  # what the kernel would say: pages given back are free again
+        return base - taken[0] + ballast.given_back
+
+    ballast = Ballast(small_tmpfs, step=4 * MiB, poll=0.001, free=free)
+    try:
+        _follow_free_memory(ballast, taken, free)
+    finally:
+        ballast.remove()
+
+
+def _follow_free_memory(ballast: Ballast, taken: list[int], free: Callable[[], int]) -> None:
+    assert ballast.fill(10 * MiB) == 12 * MiB  # whole 4 MiB chunks
+    assert ballast.fill(10 * MiB) == 0  # already that large
+    ballast.follow(floor=free() - ballast.step)
+    time.sleep(0.05)
+    assert ballast.given_back == 0  # nobody took memory yet
+    for took, back in ((6, 4), (6, 8), (1, 12), (20, 12)):  # free ends a step under
+        taken[0] += took * MiB
+        deadline = time.monotonic() + 5
+        while ballast.given_back < back * MiB and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(0.02)  # and no further
+        assert ballast.given_back == back * MiB, (took, back)
+    ballast.stop()
+    assert ballast.size == 0  # all of it went to the writers
 
 
 def test_the_cluster_lines_are_the_ones_the_daemon_parses(tmp_path: Path) -> None:

@@ -33,6 +33,15 @@ it includes the disk). A GET of another uncached blob through the mirror
 (curl, as a runtime would) is timed too: intake plus sending every byte to
 the client, the figure a pull sees.
 
+Warm pages (the default; --no-warm for cold ones): this VM's host takes back
+the pages the guest frees, and the first touch of one costs 4-7 CPU-s per GiB
+then (simulations/testbed/ballast.py), whoever writes it: `direct to file`
+fell to 463 MiB/s in such rounds, the cells' intakes to 210-354. So, as the
+testbed does for its storms, before each contender (untimed) a ballast on a
+tmpfs touches twice the blob's size of pages, and while it runs gives them back
+in steps as the machine's free memory falls: every writer, celld or curl, takes
+pages still backed, as on a machine that owns its memory.
+
 Prints MiB/s (medians over rounds), the ratio of each to the direct GET and to
 nginx, and each cell's peak RSS. Run:
 python -m simulations.bench.intake [--size-mib 1024] [--rounds 3]
@@ -50,6 +59,7 @@ import time
 from pathlib import Path
 
 from simulations.bench.serve import Nginx, curl_many, peak_rss_mib
+from simulations.testbed.ballast import Ballast, memfree
 from tests.support.celld import Celld
 from tests.support.registry import Registry
 
@@ -126,6 +136,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True,
+                    help="warm pages for every contender (see above)")  # fmt: skip
     args = ap.parse_args()
     size = args.size_mib * 2**20
     mib = size / 2**20
@@ -136,6 +148,10 @@ def main() -> None:
         registry = Registry(tmp / "registry").start()
         nginx = Nginx(tmp / "nginx")
         cells: dict[str, Celld] = {}
+        ballast: Ballast | None = None
+        if args.warm:
+            shm = Path(tempfile.mkdtemp(prefix="celld-intake-", dir="/dev/shm"))
+            ballast = Ballast(shm, step=64 << 20, poll=0.002, free=memfree)
         try:
             # Two blobs a round, each uncached in both cells: one taken in on
             # a HEAD, one pulled with a GET.
@@ -201,8 +217,16 @@ def main() -> None:
                     runs[f"{name} GET"] = run_get
                 first = i % len(CONTENDERS)
                 for name in CONTENDERS[first:] + CONTENDERS[:first]:
+                    if ballast is not None:
+                        ballast.fill(2 * size)
                     time.sleep(0.5)
-                    rates[name].append(runs[name]())
+                    if ballast is not None:
+                        ballast.follow(floor=memfree() - ballast.step)
+                    try:
+                        rates[name].append(runs[name]())
+                    finally:
+                        if ballast is not None:
+                            ballast.stop()
             rss = {name: peak_rss_mib(cell.proc.pid) for name, cell in cells.items()}
             # Each cell took every byte from the source it stands for.
             for name, kind in (("celld<-registry", "upstream"), ("celld<-nginx", "registry")):
@@ -214,13 +238,23 @@ def main() -> None:
                 cell.stop()
             nginx.stop()
             registry.stop()
+            if ballast is not None:
+                ballast.remove()
+                ballast.path.parent.rmdir()
 
     med = {name: statistics.median(values) for name, values in rates.items()}
-    print(f"intake of an uncached {args.size_mib} MiB blob, median of {args.rounds} rounds:")
+    pages = "warm pages (a ballast)" if args.warm else "cold pages (no ballast)"
+    print(
+        f"intake of an uncached {args.size_mib} MiB blob, median of {args.rounds} rounds, {pages}:"
+    )
     print(f"{'':<24} {'MiB/s':>8} {'/direct':>8} {'/nginx':>8}")
     for name in CONTENDERS:
         rate = med[name]
-        print(f"{name:<24} {rate:>8.0f} {rate / med['direct']:>8.2f} {rate / med['nginx']:>8.2f}")
+        rounds_ = " ".join(f"{v:.0f}" for v in rates[name])
+        print(
+            f"{name:<24} {rate:>8.0f} {rate / med['direct']:>8.2f} {rate / med['nginx']:>8.2f}"
+            f"   rounds: {rounds_}"
+        )
     for name in INTAKES:
         done = statistics.median(committed[name])
         print(

@@ -19,6 +19,10 @@ within a fraction of a second, before the host has taken them back (measured:
 that does not). The writers never see less free space than without a ballast
 but for `headroom`: a thread starved longer than `headroom` takes to fill would
 let a write fail with ENOSPC, which the storm reports as a failed pull.
+
+A writer to a disk's page cache draws on the same free pages: with `free=memfree`
+the ballast (any tmpfs) follows the machine's free memory instead, and `fill(size)`
+writes only what the writer will take (simulations/bench/intake.py).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 MiB = 1 << 20
@@ -37,6 +42,15 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def memfree() -> int:
+    """The machine's free memory (MemFree): what the page cache takes new pages from."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemFree:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemFree")
+
+
 class Ballast:
     """A file of touched pages in `directory`'s filesystem, shrunk as others fill it."""
 
@@ -46,8 +60,11 @@ class Ballast:
         headroom: int = 256 * MiB,
         step: int = 64 * MiB,
         poll: float = 0.005,
+        free: Callable[[], int] | None = None,
     ) -> None:
         self.path = directory / "ballast"
+        # what the ballast follows down: by default its own filesystem's free space
+        self.free = free if free is not None else (lambda: free_bytes(directory))
         self.headroom = headroom
         self.step = step
         self.poll = poll
@@ -58,14 +75,17 @@ class Ballast:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def fill(self) -> int:
-        """Write the ballast over the free space but `headroom` (touching every page):
-        the bytes written."""
+    def fill(self, size: int | None = None) -> int:
+        """Write the ballast up to `size` bytes (default: over the free space but
+        `headroom`), touching every page: the bytes written."""
         self.stop()
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             self.size = 0
-        want = max(0, free_bytes(self.path.parent) - self.headroom) // _CHUNK * _CHUNK
+        if size is None:
+            want = max(0, self.free() - self.headroom) // _CHUNK * _CHUNK
+        else:
+            want = max(0, size - self.size + _CHUNK - 1) // _CHUNK * _CHUNK
         chunk = b"\xa5" * _CHUNK  # not zeros: the pages are really written
         target = self.size + want
         while self.size < target:
@@ -73,20 +93,23 @@ class Ballast:
         self.filled, self.given_back = want, 0
         return want
 
-    def follow(self) -> None:
-        """Give the ballast back in steps as the filesystem fills, until `stop`."""
+    def follow(self, floor: int | None = None) -> None:
+        """Give the ballast back a step whenever the free space falls below `floor`
+        (default: `headroom - step`), until `stop`."""
         self._stop.clear()
-        self._thread = threading.Thread(target=self._follow, name="ballast", daemon=True)
+        low = self.headroom - self.step if floor is None else floor
+        self._thread = threading.Thread(
+            target=self._follow, args=(low,), name="ballast", daemon=True
+        )
         self._thread.start()
 
-    def _follow(self) -> None:
+    def _follow(self, low: int) -> None:
         # The storm keeps both cores busy; a late step could leave a writer with no
         # space, so this thread runs ahead of the storm's processes when it may.
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), -10)
-        low = self.headroom - self.step
         while not self._stop.wait(self.poll) and self._fd is not None:
-            if self.size and free_bytes(self.path.parent) < low:
+            if self.size and self.free() < low:
                 size = max(0, self.size - self.step)
                 os.ftruncate(self._fd, size)
                 self.given_back += self.size - size
