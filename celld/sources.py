@@ -64,7 +64,6 @@ log = logging.getLogger(__name__)
 
 INLINE_WRITE = 64 << 10  # writes up to this size stay on the event loop
 MAX_QUEUED = 8 << 20  # received bytes waiting for the writer thread, at most
-PARALLEL_HASH = 1 << 20  # batches this large hash sha256 in a thread of its own
 
 
 def central_repo(ns: str, name: str) -> str:
@@ -775,27 +774,34 @@ class Sources:
     async def _copy(self, fetch: Fetch, writer: BlobWriter, chunks: AsyncIterator[bytes]) -> None:
         """Moves bytes to disk as they arrive, hashing as it goes.
 
-        This task receives; `_drain` hashes and writes, in a worker thread once
-        chunks are large, so hashing and writing overlap the network instead of
-        taking turns with it, and never stall the loop. What arrives while the
-        writer is busy queues up (at most MAX_QUEUED bytes, then receiving
-        waits) and goes to it in one call: the busier the writer, the fewer
-        thread round trips per MiB. The first chunk goes alone, at once, so
-        waiters get the first bytes without delay.
+        This task receives; `_drain` writes (blake3 per piece on the way) and
+        `_digest` runs the sha256, each in a worker thread once batches are
+        large, so receiving, writing and hashing overlap instead of taking turns,
+        and never stall the loop. The two go at their own pace over the same
+        chunks, with no step in common: the sha256, the slowest stage, runs on
+        one core without a pause while the other takes the rest, and only the
+        commit waits for it. What arrives while a stage is busy queues up for it
+        (at most MAX_QUEUED bytes each, then receiving waits) and goes to it in
+        one call: the busier the stage, the fewer thread round trips per MiB.
+        The first chunk is written alone, at once, so waiters get the first
+        bytes without delay.
         """
-        queue = _Queue()
+        writes, digests = _Queue(), _Queue()
         failed: Exception | None = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._drain, fetch, writer, queue)
+            nursery.start_soon(self._drain, fetch, writer, writes)
+            nursery.start_soon(self._digest, writer, digests)
             try:
                 async for chunk in chunks:
-                    await queue.put(chunk)
+                    await writes.put(chunk)
+                    await digests.put(chunk)
             except Exception as exc:
                 # The source broke off: what it sent before is still the blob's
                 # beginning, so it is written (waiters get it) before the fetch fails.
                 failed = exc
             finally:
-                queue.close()
+                writes.close()
+                digests.close()
         if failed is not None:
             raise failed
 
@@ -803,21 +809,23 @@ class Sources:
         while batch := await queue.take():
             await self._write(fetch, writer, batch)
 
+    @staticmethod
+    async def _digest(writer: BlobWriter, queue: _Queue) -> None:
+        while batch := await queue.take():
+            if sum(map(len, batch)) <= INLINE_WRITE:
+                writer.hash_chunks(batch)
+            else:
+                await trio.to_thread.run_sync(writer.hash_chunks, batch)
+
     async def _write(self, fetch: Fetch, writer: BlobWriter, batch: list[bytes]) -> None:
-        """Hashes and writes one batch: small ones on the loop; large ones in two
-        worker threads at once, sha256 in one, blake3 and the write in the other
-        (each is about as slow as the other two together)."""
-        size = sum(map(len, batch))
-        if size <= INLINE_WRITE:
-            writer.write_chunks(batch)
-        elif size < PARALLEL_HASH:
-            await trio.to_thread.run_sync(writer.write_chunks, batch)
+        """Writes one batch (blake3 per piece on the way; the sha256 is `_digest`'s):
+        small ones on the loop, large ones in a worker thread."""
+        if sum(map(len, batch)) <= INLINE_WRITE:
+            writer.write_chunks(batch, sha256=False)
         else:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(trio.to_thread.run_sync, writer.hash_chunks, batch)
-                await trio.to_thread.run_sync(
-                    functools.partial(writer.write_chunks, batch, sha256=False)
-                )
+            await trio.to_thread.run_sync(
+                functools.partial(writer.write_chunks, batch, sha256=False)
+            )
         fetch.written = writer.written
         if writer.pieces is not None:
             done = fetch.pieces_done = writer.pieces.pieces_done
