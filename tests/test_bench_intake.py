@@ -1,8 +1,10 @@
 """The intake benchmark still runs end to end and prints every figure the README quotes.
 
 Not a timing test: a small blob, one round, and only the shape of the report is
-checked, so a change that breaks a contender (the registry, nginx as a peer,
-celld's intake on a HEAD or a GET) is caught here rather than at the next run.
+checked, so a change that breaks a contender (the registry, nginx, celld's
+intake on a HEAD or a GET, a cell taking a blob from its peer) is caught here
+rather than at the next run. The bench itself fails when a cell took a byte
+from anything but the source it stands for.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ CONTENDERS = [
     "nginx",
     "celld<-registry",
     "celld<-nginx",
+    "celld<-peer",
     "celld<-registry GET",
     "celld<-nginx GET",
     "celld<-registry committed",
@@ -43,6 +46,6 @@ def test_intake_bench_reports_every_contender():
     for name in CONTENDERS:
         line = rf"^{re.escape(name)} +{NUMBER} +{NUMBER} +{NUMBER}(   rounds: {NUMBER})?$"
         assert re.search(line, report, re.M), (name, report)
-    for name in ("celld<-registry", "celld<-nginx"):
+    for name in ("celld<-registry", "celld<-nginx", "celld<-peer", "celld<-peer giver"):
         assert re.search(rf"^{re.escape(name)} peak RSS: {NUMBER} MiB$", report, re.M), report
     assert set(Path("/dev/shm").glob("celld-intake-*")) == before  # its ballast removed

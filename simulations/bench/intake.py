@@ -19,8 +19,13 @@ figures measured side by side mean anything), for a blob of --size-mib:
   the blob: bytes fetched, sha256 verified, blake3 per piece computed (the
   PieceTable the cell can serve to peers), written to the store, committed.
 - celld<-nginx: the same from a second `celld serve` whose central registry is
-  nginx serving the blob's file at the registry path: the stand-in for a peer
-  sending a whole blob (the peer API is not in the daemon yet).
+  nginx serving the blob's file at the registry path: what a registry as fast
+  as a file server would give.
+- celld<-peer: a cell of a two-cell cluster takes in a blob the other cell
+  holds complete (taken from the registry before, untimed): pieces over the
+  peer API, each checked with blake3, the sha256 over the prefix as it grows,
+  as in a storm. Pieces land in any order, so the temp file is full before it
+  is all there: its figure is the committed one (fsync and rename included).
 
 How the intake is triggered and timed: a HEAD of the uncached blob through the
 cell's mirror. It answers once the fetch has its head, and the fetch goes on in
@@ -60,14 +65,17 @@ from pathlib import Path
 
 from simulations.bench.serve import Nginx, curl_many, peak_rss_mib
 from simulations.testbed.ballast import Ballast, memfree
-from tests.support.celld import Celld
+from tests.support.celld import Celld, Cluster, cluster_address
 from tests.support.registry import Registry
 
 REPO = "library/bench"
 NGINX_REPO = "docker.io/library/bench"  # celld.sources.central_repo("docker.io", REPO)
 SEED_CHUNK = 16 << 20
 INTAKES = ["celld<-registry", "celld<-nginx"]
-CONTENDERS = ["direct", "direct to file", "nginx", *INTAKES, *(f"{name} GET" for name in INTAKES)]
+PEER = "celld<-peer"
+CONTENDERS = [
+    "direct", "direct to file", "nginx", *INTAKES, PEER, *(f"{name} GET" for name in INTAKES)
+]  # fmt: skip
 
 
 def registry_file(registry: Registry, digest: str) -> Path:
@@ -132,6 +140,16 @@ def intake(cell: Celld, digest: str, size: int, timeout: float = 600.0) -> tuple
     raise TimeoutError(f"{digest} not committed in {cell.url} after {timeout}s")
 
 
+def wait_for_peer(cell: Celld, name: str, timeout: float = 30.0) -> None:
+    """Until `cell` sees the member `name` alive (the cluster formed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cell.peers().get(name, {}).get("state") == "alive":
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{cell.name} never saw {name} alive")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=1024)
@@ -153,11 +171,10 @@ def main() -> None:
             shm = Path(tempfile.mkdtemp(prefix="celld-intake-", dir="/dev/shm"))
             ballast = Ballast(shm, step=64 << 20, poll=0.002, free=memfree)
         try:
-            # Two blobs a round, each uncached in both cells: one taken in on
-            # a HEAD, one pulled with a GET.
+            # Three blobs a round, each uncached in the cells that time it: one
+            # taken in on a HEAD, one pulled with a GET, one taken from a peer.
             rounds = [
-                (seed_blob(registry, REPO, size), seed_blob(registry, REPO, size))
-                for _ in range(args.rounds)
+                tuple(seed_blob(registry, REPO, size) for _ in range(3)) for _ in range(args.rounds)
             ]
             os.sync()  # the pushes' dirty pages, written back now rather than while timed
             nginx.start(
@@ -177,15 +194,32 @@ def main() -> None:
                 registries=[f"http://127.0.0.1:{nginx.port}"],
             ).start()
 
+            key = tmp / "cluster.key"
+            key.write_text(os.urandom(32).hex() + "\n")
+            addrs = [cluster_address(i) for i in range(2)]
+            giver, taker = (
+                Celld(
+                    tmp / f"cell-{name}",
+                    name=name,
+                    key_file=key,
+                    cluster=Cluster(addr, tuple(a for a in addrs if a != addr)),
+                    upstreams={"docker.io": registry.url},
+                ).start()
+                for name, addr in zip(("giver", "taker"), addrs, strict=True)
+            )
+            cells["celld<-peer giver"], cells[PEER] = giver, taker
+            wait_for_peer(taker, giver.name)
+
             rates: dict[str, list[float]] = {name: [] for name in CONTENDERS}
             committed: dict[str, list[float]] = {name: [] for name in INTAKES}
-            for i, (head_digest, get_digest) in enumerate(rounds):
+            for i, (head_digest, get_digest, peer_digest) in enumerate(rounds):
                 direct = f"{registry.url}/v2/{REPO}/blobs/{head_digest}"
                 # One untimed read of each blob first: the registry's (and the
                 # page cache's) first read is slower, and whoever went first
                 # would pay for it.
                 curl_many(direct, 1, 1)
                 curl_many(f"{registry.url}/v2/{REPO}/blobs/{get_digest}", 1, 1)
+                intake(giver, peer_digest, size)  # untimed: the peer's copy
                 kept = tmp / "curl.out"  # beside the cells' stores: the same disk and memory
 
                 def to_file(url: str = direct, kept: Path = kept) -> float:
@@ -215,6 +249,12 @@ def main() -> None:
 
                     runs[name] = run_intake
                     runs[f"{name} GET"] = run_get
+
+                def run_peer(d: str = peer_digest) -> float:
+                    _, done = intake(taker, d, size)
+                    return mib / done
+
+                runs[PEER] = run_peer
                 first = i % len(CONTENDERS)
                 for name in CONTENDERS[first:] + CONTENDERS[:first]:
                     if ballast is not None:
@@ -229,9 +269,13 @@ def main() -> None:
                             ballast.stop()
             rss = {name: peak_rss_mib(cell.proc.pid) for name, cell in cells.items()}
             # Each cell took every byte from the source it stands for.
-            for name, kind in (("celld<-registry", "upstream"), ("celld<-nginx", "registry")):
+            for name, kind, blobs in (
+                ("celld<-registry", "upstream", 2),
+                ("celld<-nginx", "registry", 2),
+                (PEER, "peer", 1),
+            ):
                 fetched = cells[name].metric("celld_fetched_bytes_total", source=kind)
-                if fetched != 2 * args.rounds * size:
+                if fetched != blobs * args.rounds * size:
                     raise RuntimeError(f"{name} fetched {fetched:.0f} bytes from its {kind}")
         finally:
             for cell in cells.values():

@@ -63,7 +63,7 @@ def swarm_settings(
     the PiecePolicy; unset means pieces.py's default policy)."""
     own: dict[str, Any] = {
         "upload_slots": 4,
-        "upload_queue": 0,
+        "upload_queue": pc.UPLOAD_QUEUE,
         "connect_timeout": 1.0,
         "piece_size": None,
     }

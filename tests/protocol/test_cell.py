@@ -305,3 +305,21 @@ def test_timers_hedge_and_escalate_past_silent_homes_and_never_spin() -> None:
     (located,) = net.of(asker, Located)
     assert located.result.lease == pl.LeaseStatus.NONE and not located.result.answered_by
     assert cell.next_deadline() is None or cell.next_deadline() > net.now
+
+
+def test_a_cell_with_every_slot_taken_queues_one_request_and_starts_it_when_one_frees() -> None:
+    """The daemon's and the simulator's cells queue one request behind full upload
+    slots (UPLOAD_QUEUE): its asker is not sent a BUSY round trip and a back-off,
+    and the slot that frees starts it at once. The next asker is still refused."""
+    cell = Cell("seed", "z1", upload_slots=2, rng=random.Random(1))
+    cell.hold(D, N, 0.0)
+    statuses = [cell.piece_request(f"asker-{i}", D, i, 0.0).status for i in range(4)]
+    assert statuses == [
+        sw.PieceStatus.OK,
+        sw.PieceStatus.OK,
+        sw.PieceStatus.QUEUED,
+        sw.PieceStatus.BUSY,
+    ]
+    started = cell.upload_done("asker-0", D, 0, 0.1)
+    assert [(a.to, a.reply.index) for a in started if type(a) is StartUpload] == [("asker-2", 2)]
+    assert cell.piece_request("asker-3", D, 3, 0.1).status is sw.PieceStatus.QUEUED
