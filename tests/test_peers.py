@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -75,7 +76,9 @@ def cells(
                 lambda cell=cell: (
                     {n for n, m in cell.peers().items() if m["state"] == "alive"} == names
                 ),
-                15,
+                # gossip tells most within a second; a lost update is repaired by the
+                # next push-pull (30 s), which a loaded CI machine sometimes needs
+                35,
                 f"{cell.name} sees every cell",
             )
         return out
@@ -313,8 +316,13 @@ def test_a_slow_lease_holder_is_waited_for_while_its_read_moves(cells, hub, cent
             got = [via_a.result(), via_b.result()]
     for blobs in got:
         assert hashlib.sha256(blobs[layer.digest].read_bytes()).hexdigest() == layer.digest[7:]
-    assert len([t for t in proxy.blob_gets if layer.digest in t]) == 1, proxy.blob_gets
-    assert b.metric("celld_registry_reads_total") == 0
+    # every blob once from the registries: the layer by A under its lease; the config
+    # (both skopeos ask for it once the layer is in, at about the same moment) by
+    # whichever cell was granted its lease
+    sent = Counter(d for t in proxy.blob_gets for d in re.findall(r"sha256:[0-9a-f]{64}", t))
+    assert sent[layer.digest] == 1 and set(sent.values()) == {1}, proxy.blob_gets
+    for why in ("no_lease", "no_table", "unfinished", "stalled"):  # B waited, never gave up
+        assert b.metric("celld_registry_reads_total", why=why) == 0, why
     assert b.metric("celld_fetched_bytes_total", source="peer") >= len(layer.data)
 
 
