@@ -21,6 +21,7 @@ import pytest
 
 from protocol import wire
 from tests.support.celld import Celld, Cluster, cluster_address
+from tests.support.procs import wait_until
 
 KEY = bytes(range(32))
 
@@ -51,16 +52,6 @@ def start_cell(tmp_path: Path, key_file: Path) -> Iterator[Callable[..., Celld]]
     yield start
     for cell in cells:
         cell.stop()
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
-    """Seconds it took for `check` to hold; fails the test after `timeout`."""
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.05)
-    return time.monotonic() - start
 
 
 def states(cell: Celld) -> dict[str, str]:

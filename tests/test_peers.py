@@ -26,10 +26,11 @@ from celld.peering import TABLE_WAIT
 from protocol import peerauth
 from tests.support.celld import Celld, Cluster, cluster_address
 from tests.support.images import Blob, Image, make_image, push_image
+from tests.support.procs import wait_until
 from tests.support.proxy import FaultProxy
 from tests.support.registry import Registry
 from tests.support.skopeo import skopeo_copy, stored_blobs, write_registries_conf
-from tests.test_cluster import KEY, key_file, wait_until  # noqa: F401
+from tests.test_cluster import KEY, key_file  # noqa: F401
 
 MiB = 1 << 20
 

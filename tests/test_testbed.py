@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -307,26 +307,22 @@ def test_a_ballast_that_follows_free_memory_gives_back_what_writers_take(
 
     ballast = Ballast(small_tmpfs, step=4 * MiB, poll=0.001, free=free)
     try:
-        _follow_free_memory(ballast, taken, free)
+        assert ballast.fill(10 * MiB) == 12 * MiB  # whole 4 MiB chunks
+        assert ballast.fill(10 * MiB) == 0  # already that large
+        ballast.follow(floor=free() - ballast.step)
+        time.sleep(0.05)
+        assert ballast.given_back == 0  # nobody took memory yet
+        for took, back in ((6, 4), (6, 8), (1, 12), (20, 12)):  # free ends a step under
+            taken[0] += took * MiB
+            deadline = time.monotonic() + 5
+            while ballast.given_back < back * MiB and time.monotonic() < deadline:
+                time.sleep(0.001)
+            time.sleep(0.02)  # and no further
+            assert ballast.given_back == back * MiB, (took, back)
+        ballast.stop()
+        assert ballast.size == 0  # all of it went to the writers
     finally:
         ballast.remove()
-
-
-def _follow_free_memory(ballast: Ballast, taken: list[int], free: Callable[[], int]) -> None:
-    assert ballast.fill(10 * MiB) == 12 * MiB  # whole 4 MiB chunks
-    assert ballast.fill(10 * MiB) == 0  # already that large
-    ballast.follow(floor=free() - ballast.step)
-    time.sleep(0.05)
-    assert ballast.given_back == 0  # nobody took memory yet
-    for took, back in ((6, 4), (6, 8), (1, 12), (20, 12)):  # free ends a step under
-        taken[0] += took * MiB
-        deadline = time.monotonic() + 5
-        while ballast.given_back < back * MiB and time.monotonic() < deadline:
-            time.sleep(0.001)
-        time.sleep(0.02)  # and no further
-        assert ballast.given_back == back * MiB, (took, back)
-    ballast.stop()
-    assert ballast.size == 0  # all of it went to the writers
 
 
 def test_the_cluster_lines_are_the_ones_the_daemon_parses(tmp_path: Path) -> None:

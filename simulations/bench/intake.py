@@ -66,6 +66,7 @@ from pathlib import Path
 from simulations.bench.serve import Nginx, curl_many, peak_rss_mib
 from simulations.testbed.ballast import Ballast, memfree
 from tests.support.celld import Celld, Cluster, cluster_address
+from tests.support.procs import wait_until
 from tests.support.registry import Registry
 
 REPO = "library/bench"
@@ -140,16 +141,6 @@ def intake(cell: Celld, digest: str, size: int, timeout: float = 600.0) -> tuple
     raise TimeoutError(f"{digest} not committed in {cell.url} after {timeout}s")
 
 
-def wait_for_peer(cell: Celld, name: str, timeout: float = 30.0) -> None:
-    """Until `cell` sees the member `name` alive (the cluster formed)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cell.peers().get(name, {}).get("state") == "alive":
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"{cell.name} never saw {name} alive")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=1024)
@@ -208,7 +199,11 @@ def main() -> None:
                 for name, addr in zip(("giver", "taker"), addrs, strict=True)
             )
             cells["celld<-peer giver"], cells[PEER] = giver, taker
-            wait_for_peer(taker, giver.name)
+            wait_until(
+                lambda: taker.peers().get(giver.name, {}).get("state") == "alive",
+                30,
+                "the two cells form a cluster",
+            )
 
             rates: dict[str, list[float]] = {name: [] for name in CONTENDERS}
             committed: dict[str, list[float]] = {name: [] for name in INTAKES}

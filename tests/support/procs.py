@@ -10,10 +10,21 @@ import contextlib
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 _handed_out: set[int] = set()
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
+    """Seconds it took for `check` to hold; AssertionError after `timeout`."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.05)
+    return time.monotonic() - start
 
 
 def free_port() -> int:
