@@ -521,7 +521,8 @@ class Peering:
                     self.peer.grew(t.digest)
                     t.last_progress = time.monotonic()
                     self.metrics.peer_received_bytes.inc(t.table.span(index)[1])
-                    await self._advance(t)
+                    # The sha256 of the prefix runs beside the next request, not before it.
+                    self._spawn(self._advance, t)
                 outcome = ("got", got)
             except PeerError as exc:
                 log.info("piece %d of %s from %s: %s", index, t.digest, peer, exc)
@@ -571,7 +572,12 @@ class Peering:
     async def _advance(self, t: Transfer) -> None:
         """Hash the pieces that now follow the contiguous prefix, in order."""
         async with t.hashing:
-            await self._advance_locked(t)
+            try:
+                await self._advance_locked(t)
+            except ValueError:  # the transfer ended meanwhile: the writer is closed
+                pass
+            except OSError as exc:  # the temp file could not be read back: the end too
+                log.error("hashing %s: %s", t.digest, exc)
 
     async def _advance_locked(self, t: Transfer) -> None:
         count = t.count

@@ -60,7 +60,9 @@ candidates is chosen (uniformly, with the rng), then its holder among the ready 
 a peer in the same zone first, then the one with the fewest of our requests in flight,
 ties at random.
 Each peer takes at most `max_inflight_per_peer` requests, the download at most
-`max_inflight`. The defaults (2 a download, 1 a peer) keep few flows on every link:
+`max_inflight`, except that the only peer a download knows, when complete, takes the
+whole budget (one request at a time leaves its link idle a round trip and a write per
+piece: a cell's intake from one peer was half its intake from a registry). The defaults (2 a download, 1 a peer) keep few flows on every link:
 more flows share the same bandwidth, so each piece takes longer to become available
 to relay, and in the simulated Kraken storm 8 in flight cost 3 s at the median.
 
@@ -848,8 +850,18 @@ class Download:
         among those that can be asked for now. One pass over the peers and one over the
         ready ones a request."""
         cap = self.config.max_inflight_per_peer
-        random = self._rng.random
+        ahead = self.config.stream_ahead
         peers = self._peers.values()
+        if len(self._peers) == 1 and next(iter(peers)).complete:
+            # A lone complete peer: no other peer's link to spread over, so the whole
+            # budget goes to it, and its link never idles for a round trip between
+            # pieces; and nothing is rarer than anything else, so all of it in order
+            # (the sha256 follows the prefix: pieces out of order wait to be hashed),
+            # unless the config asks for rarest first only.
+            cap = max(cap, self.max_inflight)
+            if ahead:
+                ahead = max(ahead, self.max_inflight)
+        random = self._rng.random
         while self._n_inflight < self.max_inflight:
             # the pieces nobody was asked for; in the endgame (all asked for), the ones
             # in flight to fewer than endgame_copies peers, to ask a second peer
@@ -875,7 +887,7 @@ class Download:
                             seeded |= askable
             if not cand:
                 return
-            urgent = seeded & self._stream_window() if seeded else 0
+            urgent = seeded & self._stream_window(ahead) if seeded else 0
             if urgent:
                 bit = urgent & -urgent  # the runtime reads in order: the lowest first
                 index = bit.bit_length() - 1
@@ -901,13 +913,13 @@ class Download:
             best = holders[int(random() * len(holders))] if len(holders) > 1 else holders[0]
             self._request(best, index, now, out)
 
-    def _stream_window(self) -> int:
-        """The `stream_ahead` lowest pieces not held: what the runtime, streamed the
-        blob's verified prefix in order, waits for next (the first of them holds up its
-        next byte)."""
+    def _stream_window(self, ahead: int) -> int:
+        """The `ahead` lowest pieces not held: what the runtime, streamed the blob's
+        verified prefix in order, waits for next (the first of them holds up its next
+        byte)."""
         window = 0
         wanted = self._wanted
-        for _ in range(self.config.stream_ahead):
+        for _ in range(ahead):
             low = wanted & -wanted
             if not low:
                 break

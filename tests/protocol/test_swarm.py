@@ -160,7 +160,8 @@ def test_the_runtime_is_streamed_as_the_pieces_arrive_not_at_the_end(stream_ahea
 
 def test_requests_in_flight_are_bounded_per_peer_and_per_download() -> None:
     dl = download(64, max_inflight_per_peer=3, max_inflight=8)
-    assert len(asked(dl.add_providers([info("a", complete=True)], 0.0))) == 3
+    requests = asked(dl.add_providers([info("a", complete=True), info("b", 0b1)], 0.0))
+    assert Counter(peer for peer, _ in requests) == {"a": 3, "b": 1}
     dl = download(64, max_inflight_per_peer=3, max_inflight=8)
     peers = [info(f"p{i}", complete=True) for i in range(10)]
     requests = asked(dl.add_providers(peers, 0.0))
@@ -170,6 +171,22 @@ def test_requests_in_flight_are_bounded_per_peer_and_per_download() -> None:
     peer, index = requests[0]
     more = asked(dl.on_piece(peer, index, True, 0.1))
     assert len(more) == 1 and dl.inflight == 8
+
+
+def test_a_lone_complete_peer_takes_the_whole_budget_in_order() -> None:
+    # one request at a time to the only provider leaves its link idle between pieces
+    dl = download(16, max_inflight_per_peer=1, max_inflight=3)
+    first = asked(dl.add_providers([info("a", complete=True)], 0.0))
+    assert first == [("a", 0), ("a", 1), ("a", 2)]
+    assert asked(dl.on_piece("a", 1, True, 0.1)) == [("a", 3)]
+    # a second provider: the per-peer cap again, and the rarest for the rest of the budget
+    events = dl.add_providers([info("b", 0b110000)], 0.2)
+    more = asked(events) + asked(dl.on_piece("a", 0, True, 0.3))
+    assert len(more) == 1 and more[0][0] == "b" and more[0][1] in (4, 5)
+    assert dl.inflight == 3  # a: pieces 2 and 3 (asked before b came), and b's
+    # a partial lone peer is no seeder: nothing in order is free there
+    dl = download(16, max_inflight_per_peer=1, max_inflight=3)
+    assert len(asked(dl.add_providers([info("a", 0xFFFF)], 0.0))) == 1
 
 
 def test_a_peer_in_the_same_zone_is_preferred() -> None:
