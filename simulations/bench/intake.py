@@ -47,8 +47,9 @@ tmpfs touches twice the blob's size of pages, and while it runs gives them back
 in steps as the machine's free memory falls: every writer, celld or curl, takes
 pages still backed, as on a machine that owns its memory.
 
-Prints MiB/s (medians over rounds), the ratio of each to the direct GET and to
-nginx, and each cell's peak RSS. Run:
+Prints MiB/s (medians over rounds), the ratio of each to the direct GET, to
+nginx and to `direct to file` (the share of what this machine lets any writer
+keep, in the same rounds), and each cell's peak RSS. Run:
 python -m simulations.bench.intake [--size-mib 1024] [--rounds 3]
 """
 
@@ -286,19 +287,16 @@ def main() -> None:
     print(
         f"intake of an uncached {args.size_mib} MiB blob, median of {args.rounds} rounds, {pages}:"
     )
-    print(f"{'':<24} {'MiB/s':>8} {'/direct':>8} {'/nginx':>8}")
+    refs = (med["direct"], med["nginx"], med["direct to file"])
+    print(f"{'':<24} {'MiB/s':>8} {'/direct':>8} {'/nginx':>8} {'/to file':>8}")
+
+    def line(name: str, rate: float) -> str:
+        return f"{name:<24} {rate:>8.0f}" + "".join(f" {rate / ref:>8.2f}" for ref in refs)
+
     for name in CONTENDERS:
-        rate = med[name]
-        rounds_ = " ".join(f"{v:.0f}" for v in rates[name])
-        print(
-            f"{name:<24} {rate:>8.0f} {rate / med['direct']:>8.2f} {rate / med['nginx']:>8.2f}"
-            f"   rounds: {rounds_}"
-        )
+        print(line(name, med[name]) + "   rounds: " + " ".join(f"{v:.0f}" for v in rates[name]))
     for name in INTAKES:
-        done = statistics.median(committed[name])
-        print(
-            f"{name + ' committed':<24} {done:>8.0f} {done / med['direct']:>8.2f} {done / med['nginx']:>8.2f}"
-        )
+        print(line(name + " committed", statistics.median(committed[name])))
     for name, peak in rss.items():
         print(f"{name} peak RSS: {peak:.0f} MiB")
 
