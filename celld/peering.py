@@ -574,10 +574,12 @@ class Peering:
         async with t.hashing:
             try:
                 await self._advance_locked(t)
-            except ValueError:  # the transfer ended meanwhile: the writer is closed
-                pass
-            except OSError as exc:  # the temp file could not be read back: the end too
-                log.error("hashing %s: %s", t.digest, exc)
+            except (ValueError, OSError) as exc:
+                # Closed meanwhile (the transfer ended: nothing to say), or the temp
+                # file could not be read back: the transfer stalls, and the stall
+                # timeout takes the rest from the registries.
+                if not t.writer.closed:
+                    log.error("hashing %s: %s", t.digest, exc)
 
     async def _advance_locked(self, t: Transfer) -> None:
         count = t.count
