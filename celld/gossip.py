@@ -255,6 +255,9 @@ class Gossip:
             log.warning("a datagram from %s claims this cell's name %s", source, self.name)
             return
         self.last_heard[opened.sender] = now
+        stranger = self.membership.heard(opened.sender, source, now)  # a member we lack
+        if stranger:
+            self._flush(stranger, now)
         if kind in wire.MEMBERSHIP_MESSAGES:
             self._flush(self.membership.receive(msg, source, now), now)
         elif self.listener is not None:

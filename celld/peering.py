@@ -62,6 +62,7 @@ class TableMiss:
     ones that answered without one."""
 
     unreachable: frozenset[str]
+    unknown: frozenset[str] = frozenset()  # of those, ones its membership had no row for
 
 
 @dataclass(eq=False)
@@ -278,12 +279,14 @@ class Peering:
         deadline = trio.current_time() + TABLE_WAIT
         received: dict[str, int] = {}  # what each downloading provider said it had
         unreachable: set[str] = set()
+        unknown: set[str] = set()
         while names:
             for member in list(names):
                 addr = self.addr(member)
                 if addr is None:
                     names.remove(member)
                     unreachable.add(member)
+                    unknown.add(member)
                     continue
                 left = deadline - trio.current_time()
                 try:
@@ -302,33 +305,41 @@ class Peering:
             if trio.current_time() > deadline:
                 break
             await trio.sleep(TABLE_RETRY)
-        return TableMiss(frozenset(unreachable))
+        return TableMiss(frozenset(unreachable), frozenset(unknown))
 
     async def relocate(self, miss: TableMiss, digest: str) -> pl.LookupResult | None:
         """A new lookup of `digest` once every cell `table` could not reach has been
-        declared dead (or has left), and the homes answer without them, within
-        stall_timeout; None: one stayed alive to membership that long (or `table`
-        reached every cell it asked).
+        declared dead (or has left), and the homes answer without them, or the ones it
+        had never heard of are known now, within stall_timeout; None: one stayed alive
+        to membership that long (or `table` reached every cell it asked).
 
         A lease holder killed while this cell waited for its first piece is still alive
         to membership for a few seconds, and its homes hand the lease on only once it is
         not: reading the blob from the registries at once, without the lease, cost a
-        kill storm a second copy of the layer when the lease then went to another cell."""
+        kill storm a second copy of the layer when the lease then went to another cell.
+        A lease holder this cell had not heard of yet (its membership still converging)
+        is as good as any once it is known: before, it counted as gone, its homes kept
+        naming it, and the cell read the layer from the Hub after stall_timeout."""
         gone = miss.unreachable
         if not gone:
             return None
+
+        def known(member: str) -> bool:  # one `table` had no address for, known now
+            return member in miss.unknown and member in self.gossip.live_ids()
+
         with trio.move_on_after(self.stall_timeout):
-            while gone & self.gossip.live_ids():
+            while (gone - miss.unknown) & self.gossip.live_ids():
                 await trio.sleep(MEMBER_POLL)
-            log.info("%s: %s gone, looking up again", digest, ", ".join(sorted(gone)))
+            log.info("%s: %s unreachable, looking up again", digest, ", ".join(sorted(gone)))
             while True:
                 result = await self.locate(digest)
-                if result is None or result.lease_holder not in gone:
+                holder = result.lease_holder if result is not None else ""
+                if result is None or holder not in gone or known(holder):
                     break
                 await trio.sleep(MEMBER_POLL)  # a home that has not heard of the death
             if result is not None:
-                providers = tuple(p for p in result.providers if p.member not in gone)
-                result = dataclasses.replace(result, providers=providers)
+                kept = tuple(p for p in result.providers if p.member not in gone or known(p.member))
+                result = dataclasses.replace(result, providers=kept)
             return result
         return None
 

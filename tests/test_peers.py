@@ -356,7 +356,7 @@ def test_a_lease_holder_killed_before_its_first_piece_hands_the_lease_on(
     assert b.metric("celld_registry_reads_total") == b.metric(
         "celld_registry_reads_total", why="lease"
     )
-    assert "gone, looking up again" in b.log()
+    assert "unreachable, looking up again" in b.log()
     assert len([t for t in proxy.blob_gets if layer.digest in t]) == 2  # A's held read, B's
 
 

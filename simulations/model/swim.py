@@ -127,6 +127,15 @@ class SwimMembership:
         self._send(cell, m.receive(msg, self.w.addrs[src], self.w.engine.now))
         self._after(cell, m)
 
+    def heard(self, cell: int, src: int, sender: str) -> None:
+        m = self.m[cell]
+        if m is None:
+            return
+        out = m.heard(sender, self.w.addrs[src], self.w.engine.now)
+        if out:
+            self._send(cell, out)
+            self._after(cell, m)
+
     def _tick(self, arg: tuple[int, float]) -> None:
         cell, due = arg
         if self.due[cell] != due:

@@ -44,6 +44,7 @@ class Members(Protocol):
     def leave(self, cell: int) -> None: ...
     def live_view(self, cell: int) -> frozenset[str]: ...
     def receive(self, cell: int, src: int, msg: Any) -> None: ...
+    def heard(self, cell: int, src: int, sender: str) -> None: ...
     def summary(self) -> dict[str, object]: ...
 
 
@@ -119,6 +120,7 @@ class World:
                 self.metrics.count_error(got.reason.value)
                 return
             msg = got.msg
+            self.members.heard(cell, src, got.sender)  # as celld.gossip, for every datagram
             if type(msg) in MEMBERSHIP_TYPES:
                 self.members.receive(cell, src, msg)
             elif self.puller is not None:
@@ -407,6 +409,9 @@ class StaticMembership:
         self.w.left(cell)
 
     def receive(self, cell: int, src: int, msg: Any) -> None:
+        pass
+
+    def heard(self, cell: int, src: int, sender: str) -> None:
         pass
 
     def restart(self, cell: int) -> None:

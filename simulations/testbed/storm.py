@@ -373,35 +373,48 @@ class Storm:
             cell.wait_ready()
 
     def _wait_for_cluster(self, timeout: float = 30.0) -> None:
-        """Start the storm once every cell sees every other alive (`celld peers --json`,
-        issue 11), so the figures measure sharing, not gossip converging; say so
-        and go on when the daemon has no such command or the wait runs out."""
-        first = self.cellds[self.cell_hosts[0].role]
-        argv = [sys.executable, "-m", "celld", "peers", "--config", str(first.config_path)]
+        """Start the storm once every cell sees every other alive (`celld peers --json`
+        in each cell's namespace, issue 11), so the figures measure sharing, not gossip
+        converging; say so and go on when the daemon has no such command or the wait
+        runs out. (Asking only c01 once let a storm start with a cell blind to three
+        others, which then read a layer from the Hub beside its lease holder.)"""
         deadline = time.monotonic() + timeout
-        alive = -1
-        while time.monotonic() < deadline:
-            done = subprocess.run(
-                net.netns_exec(self.cell_hosts[0].netns, [*argv, "--json"]),
-                capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=REPO,
-            )  # fmt: skip
-            if done.returncode != 0:
-                self.out(f"cluster: `celld peers` answered {done.returncode}: not waiting for it")
-                return
-            try:
-                doc = json.loads(done.stdout)
-            except json.JSONDecodeError:
-                self.out("cluster: `celld peers --json` printed no JSON: not waiting for it")
-                return
-            members = doc.get("members", []) if isinstance(doc, dict) else doc
-            alive = sum(isinstance(m, dict) and m.get("state") == "alive" for m in members)
-            if (
-                alive >= len(self.cell_hosts) - 1
-            ):  # every other cell, whether or not it lists itself
-                self.out(f"cluster: {alive} members alive as c01 sees it")
-                return
-            time.sleep(0.5)
-        self.out(f"cluster: after {timeout:.0f} s c01 sees {alive} of {len(self.cell_hosts)} alive")
+        others = len(self.cell_hosts) - 1
+        waiting = list(self.cell_hosts)
+        alive: dict[str, int] = {}
+        while waiting and time.monotonic() < deadline:
+            for host in list(waiting):
+                cell = self.cellds[host.role]
+                argv = [sys.executable, "-m", "celld", "peers", "--config", str(cell.config_path)]
+                done = subprocess.run(
+                    net.netns_exec(host.netns, [*argv, "--json"]),
+                    capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=REPO,
+                )  # fmt: skip
+                if done.returncode != 0:
+                    self.out(
+                        f"cluster: `celld peers` answered {done.returncode}: not waiting for it"
+                    )
+                    return
+                try:
+                    doc = json.loads(done.stdout)
+                except json.JSONDecodeError:
+                    self.out("cluster: `celld peers --json` printed no JSON: not waiting for it")
+                    return
+                members = doc.get("members", []) if isinstance(doc, dict) else doc
+                seen = sum(
+                    isinstance(m, dict) and m.get("state") == "alive" and m.get("name") != host.role
+                    for m in members
+                )
+                alive[host.role] = seen
+                if seen >= others:
+                    waiting.remove(host)
+            if waiting:
+                time.sleep(0.5)
+        if not waiting:
+            self.out(f"cluster: every cell sees the {others} others alive")
+        else:
+            short = ", ".join(f"{h.role} {alive.get(h.role, 0)}" for h in waiting)
+            self.out(f"cluster: after {timeout:.0f} s some see fewer than {others} others: {short}")
 
     # -- one storm --------------------------------------------------------------
 
