@@ -255,13 +255,14 @@ class Gossip:
             log.warning("a datagram from %s claims this cell's name %s", source, self.name)
             return
         self.last_heard[opened.sender] = now
-        stranger = self.membership.heard(opened.sender, source, now)  # a member we lack
-        if stranger:
-            self._flush(stranger, now)
         if kind in wire.MEMBERSHIP_MESSAGES:
             self._flush(self.membership.receive(msg, source, now), now)
         elif self.listener is not None:
             self.listener.datagram(opened.sender, msg, now)
+        # After the message itself, which may have brought the sender's row (a push-pull)
+        stranger = self.membership.heard(opened.sender, source, now)
+        if stranger:
+            self._flush(stranger, now)
 
     def _send_to(self, addr: str, msg: Any, now: float) -> None:
         assert self._sock is not None

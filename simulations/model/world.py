@@ -120,11 +120,11 @@ class World:
                 self.metrics.count_error(got.reason.value)
                 return
             msg = got.msg
-            self.members.heard(cell, src, got.sender)  # as celld.gossip, for every datagram
             if type(msg) in MEMBERSHIP_TYPES:
                 self.members.receive(cell, src, msg)
             elif self.puller is not None:
                 self.puller.receive(cell, got.sender, msg)
+            self.members.heard(cell, src, got.sender)  # as celld.gossip, for every datagram
 
         return receive
 
