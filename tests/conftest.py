@@ -7,10 +7,19 @@ from pathlib import Path
 
 import pytest
 
+from celld.store import Store
 from tests.support.celld import Celld
 from tests.support.registry import Registry
 
 pytest_plugins = ["tests.support.fixtures", "tests.support.auth"]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """An empty blob store in the test's directory."""
+    s = Store.open(tmp_path / "data")
+    yield s
+    s.close()
 
 
 @pytest.fixture

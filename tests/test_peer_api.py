@@ -68,13 +68,6 @@ async def running(blobs, *, slots: int = 4, rate: float = 0) -> AsyncIterator[Ce
         nursery.cancel_scope.cancel()
 
 
-@pytest.fixture
-def store(tmp_path: Path):
-    s = Store.open(tmp_path / "data")
-    yield s
-    s.close()
-
-
 @contextlib.asynccontextmanager
 async def client(**kw) -> AsyncIterator[PeerClient]:
     c = PeerClient(kw.pop("cluster_key", KEY), kw.pop("cell", "asker"), **kw)

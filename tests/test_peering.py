@@ -3,9 +3,6 @@ celld.gossip whose live set the test moves, on trio's virtual clock."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
 import trio
 
 from celld.metrics import Metrics
@@ -26,13 +23,6 @@ class Members:
 
     def live_ids(self) -> frozenset[str]:
         return frozenset(self.live)
-
-
-@pytest.fixture
-def store(tmp_path: Path):
-    s = Store.open(tmp_path / "data")
-    yield s
-    s.close()
 
 
 def held_by(holder: str) -> LookupResult:

@@ -25,13 +25,6 @@ def files_under(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if not p.is_dir())
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.open(tmp_path / "data")
-    yield s
-    s.close()
-
-
 def test_write_commit_lookup_and_reopen(tmp_path: Path) -> None:
     data = os.urandom(300_000)
     digest = sha(data)
