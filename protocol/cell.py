@@ -94,6 +94,7 @@ Download. Replies for a digest the cell no longer downloads are ignored.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from protocol import placement as pl
@@ -275,6 +276,8 @@ class Cell:
                 if result is not None:
                     del self.lookups[msg.request_id]
                     self._lookup_result(msg.request_id, result, now, out)
+            elif msg.lease == pl.LeaseStatus.GRANTED and msg.lease_holder == self.name:
+                self._release_stray(msg.digest, (sender,), out)
         elif kind is pl.Announce:
             self.directory.receive_announce(sender, msg, now)
             self._sooner(self.directory.next_deadline())
@@ -386,9 +389,12 @@ class Cell:
         )
         self.downloads[digest] = dl
         self.uploader.add_seed(digest, piece_count, 0)
+        # A lease this cell was granted is announced as such from the start: the homes
+        # take an announcement without it from their lease holder as a release.
+        leased = located is not None and located.lease == pl.LeaseStatus.GRANTED
         out.extend(
             self.announcer.update(
-                digest, complete=False, pieces=0, piece_count=piece_count, now=now
+                digest, complete=False, pieces=0, piece_count=piece_count, now=now, lease=leased
             )
         )
         self._sooner(self.announcer.next_deadline())
@@ -581,6 +587,8 @@ class Cell:
     ) -> None:
         if result is None:
             return
+        if result.stray_grants:
+            self._release_stray(result.digest, result.stray_grants, out)
         if result.lease == pl.LeaseStatus.GRANTED:
             if self._give_back(result.digest, now, out, report=rid in self._reported):
                 self._reported.discard(rid)
@@ -592,6 +600,17 @@ class Cell:
         dl = self.downloads.get(result.digest)
         if dl is not None and not dl.complete:
             self._feed(dl, result, now, out)
+
+    def _release_stray(self, digest: Digest, homes: Iterable[MemberId], out: list[Action]) -> None:
+        """Homes granted this cell a lease it does not use (the lookup took another
+        answer, or theirs came after it ended): a Withdraw frees it, or every cell that
+        asks them would wait on this one for a blob it never reads, until the lease
+        expires. A cell that holds the lease already keeps it."""
+        dl = self.downloads.get(digest)
+        if digest in self._granted or (dl is not None and dl.lease):
+            return
+        withdraw = pl.Withdraw(digest)
+        out.extend(pl.Send(home, withdraw) for home in homes)
 
     def _give_back(self, digest: Digest, now: float, out: list[Action], *, report: bool) -> bool:
         """A lease granted while the cell reads another blob from the registries is given

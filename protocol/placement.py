@@ -196,6 +196,7 @@ class PlacementConfig:
     hedge_delay: float = 0.05
     lookup_timeout: float = 0.5  # then escalate (any home may grant the lease)
     lookup_give_up: float = 2.0  # then report whatever was heard (maybe nothing)
+    escalate_wait: float = 0.2  # an escalated grant waits this long for the other homes
     lease_defer: float = 0.2  # a cell already reading one blob gives a second lease back
 
 
@@ -342,6 +343,10 @@ class _Record:
 class _Lease:
     holder: MemberId
     expires: float
+    # The holder announced it (lease=True): it reads the blob. A grant alone is not
+    # proof: its reply may have been lost, and then the holder follows someone else.
+    confirmed: bool = False
+    granted: float = 0.0  # when this home granted it (unconfirmed leases)
 
 
 class _Bag:
@@ -480,11 +485,28 @@ class ProviderDirectory:
                 entry.lease = None
             return
         entry.complete.discard(sender)
-        if msg.lease and (lease is None or lease.holder == sender or lease.expires <= now):
-            # A renewal, or news of a lease another home granted. A different live holder
-            # keeps it (two grants raced); the announcer sees HELD on its next lookup.
-            entry.lease = _Lease(sender, now + self.config.lease_ttl)
-            heapq.heappush(self._expiry, (now + self.config.lease_ttl, msg.digest, _LEASE))
+        if msg.lease:
+            if (
+                lease is None
+                or lease.holder == sender
+                or lease.expires <= now
+                or not lease.confirmed
+            ):
+                # A renewal, or news of a lease another home granted. A different holder
+                # that confirmed keeps it (two grants raced; the announcer sees HELD on its
+                # next lookup); one only granted gives way to the cell that reads.
+                entry.lease = _Lease(sender, now + self.config.lease_ttl, confirmed=True)
+                heapq.heappush(self._expiry, (now + self.config.lease_ttl, msg.digest, _LEASE))
+        elif (
+            lease is not None
+            and lease.holder == sender
+            and (lease.confirmed or now - lease.granted >= self.config.lookup_timeout)
+        ):
+            # The holder downloads it without the lease: the grant's reply was lost, or it
+            # gave the lease back and the withdrawal was. Kept, the lease would send
+            # every asker to a cell that never reads the blob. (Sent just before the
+            # holder's lookup, such an announcement may arrive after the grant.)
+            entry.lease = None
 
     def receive_withdraw(self, sender: MemberId, msg: Withdraw, now: float) -> None:
         entry = self._entries.get(msg.digest)
@@ -563,7 +585,7 @@ class ProviderDirectory:
             status, holder = LeaseStatus.GRANTED, asker
             self.leases_granted += 1
             self._entries[msg.digest] = entry
-            entry.lease = _Lease(asker, now + self.config.lease_ttl)
+            entry.lease = _Lease(asker, now + self.config.lease_ttl, granted=now)
             heapq.heappush(self._expiry, (now + self.config.lease_ttl, msg.digest, _LEASE))
             self._by_member.setdefault(asker, set()).add(msg.digest)
 
@@ -778,15 +800,25 @@ class LookupResult:
     lease_holder: MemberId  # "" when none
     piece_count: int
     answered_by: tuple[MemberId, ...]
+    # homes that granted the asker the lease when the result is not GRANTED (a late
+    # authority or an escalated home): their grants are released (see Cell)
+    stray_grants: tuple[MemberId, ...] = ()
 
 
 class ProviderLookup:
     """One hedged lookup of a digest: ask `hedge_first` homes now, the rest after
     `hedge_delay`; the first *useful* reply wins: one that carries a lease decision
     (granted, held by someone, or a complete provider exists) or comes from the authority.
-    Providers listed by every reply heard are merged into the result. If the authority stays silent for `lookup_timeout`, every home is asked again
-    with `escalate` so that the lease is not stuck behind a dead first home; after
-    `lookup_give_up` the lookup ends with whatever it heard."""
+    Providers listed by every reply heard are merged into the result. If the authority
+    stays silent for `lookup_timeout`, every home is asked again with `escalate` so that
+    the lease is not stuck behind a dead first home; after `lookup_give_up` the lookup
+    ends with whatever it heard.
+
+    An escalated grant from a home that is not the authority is held for up to
+    `escalate_wait` until the other homes answered: a silent authority is more often a
+    lost datagram than a dead cell, and another home may know the holder it chose (the
+    asker's own directory, a home too, answers first and knows least). A reply that
+    names a holder, or the authority's, then wins over such a grant."""
 
     def __init__(
         self,
@@ -806,6 +838,8 @@ class ProviderLookup:
         self._started = 0.0
         self._asked: set[MemberId] = set()
         self._escalated = False
+        self._since_escalation: set[MemberId] = set()  # homes that answered the escalation
+        self._grant_held = False  # an escalated grant waits (see the class docstring)
         self._replies: list[tuple[MemberId, LookupReply]] = []
 
     @property
@@ -833,13 +867,15 @@ class ProviderLookup:
         if reply.digest != self.digest or sender not in self._asked:
             return None
         self._replies.append((sender, reply))
+        if self._escalated:
+            self._since_escalation.add(sender)
+        heard_all = self._escalated and len(self._since_escalation) >= len(self.homes)
+        if reply.lease == LeaseStatus.GRANTED and self._escalated and not reply.authority:
+            self._grant_held = True
+            return self._finish(now) if heard_all else None
         # A bare list from a home that cannot grant the lease is not final: if nobody is
         # fetching, this asker may be the one the authority sends upstream.
-        useful = (
-            reply.lease != LeaseStatus.NONE
-            or reply.authority
-            or (self._escalated and len(self._replies) >= len(self.homes))
-        )
+        useful = reply.lease != LeaseStatus.NONE or reply.authority or heard_all
         if useful:
             return self._finish(now)
         return None
@@ -850,7 +886,9 @@ class ProviderLookup:
             return []
         elapsed = now - self._started
         out: list[Send] = []
-        if elapsed >= self.config.lookup_give_up:
+        if elapsed >= self.config.lookup_give_up or (
+            self._grant_held and elapsed >= self._grant_deadline()
+        ):
             self._finish(now)
             return out
         if elapsed >= self.config.lookup_timeout and not self._escalated:
@@ -868,11 +906,22 @@ class ProviderLookup:
             return self._started + self.config.hedge_delay
         if not self._escalated:
             return self._started + self.config.lookup_timeout
+        if self._grant_held:
+            return self._started + min(self._grant_deadline(), self.config.lookup_give_up)
         return self._started + self.config.lookup_give_up
+
+    def _grant_deadline(self) -> float:
+        """Seconds from the start an escalated grant waits for the other homes."""
+        return self.config.lookup_timeout + self.config.escalate_wait
 
     def _finish(self, now: float) -> LookupResult:
         replies = [r for _, r in self._replies]
-        decided = [r for r in replies if r.lease != LeaseStatus.NONE]
+        # the authority's decision, else one naming a holder (or a complete provider),
+        # else a grant: see the class docstring
+        decided = sorted(
+            (r for r in replies if r.lease != LeaseStatus.NONE),
+            key=lambda r: (not r.authority, r.lease == LeaseStatus.GRANTED),
+        )
         best = decided[0] if decided else (replies[-1] if replies else None)
         providers: dict[MemberId, ProviderInfo] = {}
         for r in replies:
@@ -887,5 +936,10 @@ class ProviderLookup:
             lease_holder=best.lease_holder if best is not None else "",
             piece_count=max((r.piece_count for r in replies), default=0),
             answered_by=tuple(m for m, _ in self._replies),
+            stray_grants=tuple(
+                m
+                for m, r in self._replies
+                if r.lease == LeaseStatus.GRANTED and best is not None and best.lease != r.lease
+            ),
         )
         return self.result

@@ -169,6 +169,7 @@ class SwarmConfig:
     max_bad_pieces: int = 2
     max_failures: int = 3
     lookup_interval: float = 1.0
+    stall_lookup: float = 2.0  # no piece for this long: ask the homes (every lookup_interval)
     inflight_while_fetching: int = 1  # budget of a cell's other downloads, see registry_first
     stream_ahead: int = 1  # the runtime's next pieces, asked for before the rarest
 
@@ -402,6 +403,7 @@ class Download:
         # the lease holder died and no live one is known yet: look up every
         # lookup_interval, even while asking the other downloaders what they have
         self._holder_lost = False
+        self._progress_at = 0.0  # when a piece last arrived (or the download started)
         # counters for reports
         self.pieces_from: dict[MemberId, int] = {}
         self.duplicates = 0
@@ -506,6 +508,7 @@ class Download:
         if self.complete:
             self._check_done(out)
             return out
+        self._progress_at = now
         self._next_lookup = now + self.config.lookup_interval
         out.append(NeedProviders(self.digest))
         return out
@@ -595,6 +598,7 @@ class Download:
         if peer_id == UPSTREAM:
             self._upstream &= ~bit
             if ok:
+                self._progress_at = now
                 self._store(index, bit, UPSTREAM, out)
             else:
                 self._wanted |= bit & ~self.held  # re-plan it (from peers or upstream)
@@ -612,6 +616,7 @@ class Download:
             if have is not None:
                 self._learn(peer, have, complete)
         if ok:
+            self._progress_at = now
             if peer is not None:
                 peer.failures = 0
                 peer.backoff = 0.0
@@ -964,8 +969,14 @@ class Download:
 
     def _maybe_lookup(self, now: float, out: list[Event]) -> None:
         cfg = self.config
-        starving = self._holder_lost or (
-            not self._n_inflight and not self._upstream and not (self._queries and self._peers)
+        # Asking peers what they have is no progress when none has anything: a lease
+        # holder that never reads (its grant's reply was lost, and it follows another
+        # cell) would hold every cell's download for good, the homes never asked again.
+        stalled = not self._upstream and now - self._progress_at >= cfg.stall_lookup
+        starving = (
+            self._holder_lost
+            or stalled
+            or (not self._n_inflight and not self._upstream and not (self._queries and self._peers))
         )
         if not starving and len(self._peers) >= cfg.min_peers:
             return

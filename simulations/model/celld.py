@@ -196,7 +196,9 @@ class CelldPuller:
                 self._request_piece(node, a.peer, a.digest, a.index)
             elif kind is _Send:
                 dst = self.node_of_name.get(a.to)
-                if dst is not None:
+                if dst == node:  # as celld.peering: a cell's message to itself never leaves it
+                    self.receive(node, a.to, a.message)
+                elif dst is not None:
                     self.w.send_msg(node, dst, a.message)
             elif kind is _QueryHave:
                 self._query_have(node, a.peer, a.digest, a.want)

@@ -7,6 +7,7 @@ no socket: what these tests show is what celld/peering.py can rely on.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import deque
 
@@ -126,7 +127,9 @@ def test_the_first_asker_of_an_unheld_digest_gets_the_lease() -> None:
     lookups_after = len([s for s in net.of("a", pl.Send) if type(s.message) is pl.Lookup])
     assert lookups_after == lookups_before  # not asked twice
     announced = [s.message for s in net.of("a", pl.Send) if type(s.message) is pl.Announce]
-    assert announced[-1].lease  # the lease is announced, so the homes renew it
+    # the lease is announced, so the homes renew it; and from the first announcement on,
+    # since a holder announcing without it gives it up
+    assert announced and all(m.lease for m in announced)
 
 
 E = "sha256:" + "cd" * 32  # a second layer of the same image
@@ -267,6 +270,47 @@ def test_a_peer_sending_bad_pieces_is_banned_and_the_blob_completes_elsewhere() 
     later = [x for who, x in net.log[banned_at:] if who == "b" and type(x) is sw.RequestPiece]
     assert later and all(x.peer == "c" for x in later)
     assert len(asked) >= N
+
+
+def test_a_grant_the_cell_does_not_use_is_withdrawn_from_the_home_that_made_it() -> None:
+    """A grant that came after the lookup ended, or lost to a home naming another
+    holder, would leave the home sure that this cell reads the blob: every asker would
+    be sent to it. The cell withdraws it; one it uses it keeps."""
+    net = Link(["a", "b", "c"])
+    a = net.cells["a"]
+    late = pl.LookupReply(D, 999, (), pl.LeaseStatus.GRANTED, "a", N, False)
+    assert a.receive("b", late, net.now) == [pl.Send("b", pl.Withdraw(D))]
+
+    homes = a.announcer.homes(D)
+    net.dead = {homes[0]}  # the authority's answers are lost
+    net.run("a", a.lookup(D, net.now))
+    other = next(h for h in homes[1:] if h != "a")
+    net.cells[other].directory.receive_announce(
+        "c", pl.Announce(D, "z1", False, 0b1, N, 0, 30.0, lease=True), net.now
+    )
+    while not net.of("a", Located):
+        net.now = a.next_deadline()
+        net.run("a", a.tick(net.now))
+    (located,) = net.of("a", Located)
+    assert (located.result.lease, located.result.lease_holder) == (pl.LeaseStatus.HELD, "c")
+    withdrawn = [s.to for s in net.of("a", pl.Send) if type(s.message) is pl.Withdraw]
+    assert withdrawn  # an escalated home granted a: released, in the result or after
+    for home in homes[1:]:  # no home that answers is left holding a lease for a
+        assert net.cells[home].directory.lease_holder(D, net.now) != "a"
+
+    # a lease in use is kept whatever a late reply says
+    net.run(
+        "a",
+        a.download(
+            D,
+            N,
+            net.now,
+            located=dataclasses.replace(
+                located.result, lease=pl.LeaseStatus.GRANTED, lease_holder="a"
+            ),
+        ),
+    )
+    assert a.receive("b", late, net.now) == []
 
 
 def test_timers_hedge_and_escalate_past_silent_homes_and_never_spin() -> None:

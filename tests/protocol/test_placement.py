@@ -413,8 +413,12 @@ def test_a_silent_authority_makes_the_lookup_escalate_then_give_up() -> None:
     sends = look.poll(cfg.lookup_timeout)
     assert sorted(s.to for s in sends) == ["h1", "h2", "h3"]
     assert all(isinstance(s.message, Lookup) and s.message.escalate for s in sends)
-    granted = look.receive("h3", reply(LeaseStatus.GRANTED, holder="me"), 0.6)
-    assert granted is not None and granted.lease == LeaseStatus.GRANTED
+    # an escalated grant waits for the other homes (escalate_wait), then stands
+    assert look.receive("h3", reply(LeaseStatus.GRANTED, holder="me"), 0.6) is None
+    assert look.next_deadline() == cfg.lookup_timeout + cfg.escalate_wait
+    look.poll(cfg.lookup_timeout + cfg.escalate_wait)
+    assert look.result is not None and look.result.lease == LeaseStatus.GRANTED
+    assert look.result.stray_grants == ()
 
     silent = ProviderLookup(D, "z1", ["h1"], request_id=2, config=cfg)
     silent.start(0.0)
@@ -422,6 +426,55 @@ def test_a_silent_authority_makes_the_lookup_escalate_then_give_up() -> None:
     silent.poll(cfg.lookup_give_up)
     assert silent.result is not None and silent.result.lease == LeaseStatus.NONE
     assert silent.result.answered_by == ()
+
+
+def test_an_escalated_grant_gives_way_to_a_home_that_knows_the_holder() -> None:
+    """The authority's reply was lost, not the authority: the asker's escalation is
+    granted by a home that never heard of the lease, while another home knows who holds
+    it. The holder wins, and the grant is named so that the asker releases it (the
+    testbed's storms read a layer from the Hub twice, or stalled, on such grants)."""
+    cfg = PlacementConfig()
+    look = ProviderLookup(D, "z1", ["h1", "h2", "h3"], request_id=1, config=cfg)
+    look.start(0.0)
+    look.poll(cfg.lookup_timeout)  # h1's answer is lost: ask everyone, escalated
+    assert look.receive("h3", reply(LeaseStatus.GRANTED, holder="me"), 0.501) is None
+    result = look.receive("h2", reply(LeaseStatus.HELD, holder="other"), 0.502)
+    assert result is not None
+    assert (result.lease, result.lease_holder) == (LeaseStatus.HELD, "other")
+    assert result.stray_grants == ("h3",)
+
+    # every home answered: the grant stands at once, without waiting
+    every = ProviderLookup(D, "z1", ["h1", "h2"], request_id=1, config=cfg)
+    every.start(0.0)
+    every.poll(cfg.lookup_timeout)
+    assert every.receive("h2", reply(), 0.501) is None
+    done = every.receive("h1", reply(LeaseStatus.GRANTED, holder="me"), 0.502)
+    assert done is not None and done.lease == LeaseStatus.GRANTED
+
+
+def test_a_lease_only_granted_gives_way_and_a_holder_without_it_loses_it() -> None:
+    """A grant whose reply was lost leaves a lease with a cell that never reads: the
+    cell that does read (it announces lease=True) takes it over, and the granted cell's
+    announcement without the lease (it downloads from peers) ends it."""
+    cfg = PlacementConfig()
+    home = ProviderDirectory("h1", rng=random.Random(0), config=cfg)
+    ask = Lookup(D, "z1", 1)
+    assert home.receive_lookup("a", ask, 0.0, authority=True).lease == LeaseStatus.GRANTED
+    home.receive_announce("b", announce(False, lease=True), 0.1)
+    assert home.lease_holder(D, 0.1) == "b"
+    # b confirmed: a later grant elsewhere (a's announcement with the lease) does not move it
+    home.receive_announce("a", announce(False, lease=True), 0.2)
+    assert home.lease_holder(D, 0.2) == "b"
+
+    other = ProviderDirectory("h1", rng=random.Random(0), config=cfg)
+    assert other.receive_lookup("a", ask, 0.0, authority=True).lease == LeaseStatus.GRANTED
+    # an announcement a sent before its lookup may arrive after the grant: kept
+    other.receive_announce("a", announce(False), 0.01)
+    assert other.lease_holder(D, 0.01) == "a"
+    # later, a announces that it downloads without the lease: the lease is free again
+    other.receive_announce("a", announce(False), 1.0)
+    assert other.lease_holder(D, 1.0) is None
+    assert other.receive_lookup("c", ask, 1.1, authority=True).lease == LeaseStatus.GRANTED
 
 
 def test_racing_askers_hedging_to_all_homes_get_one_lease() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import random
 from collections import Counter
 from collections.abc import Callable
@@ -1053,3 +1054,29 @@ def test_the_lease_passes_on_when_its_holder_dies(blob: bytes) -> None:
     assert len(cluster.upstream_pieces) <= n + 5
     live = [c for c in cluster.cells.values() if c.alive]
     assert len(live) == 29 and all(cluster.has_the_blob(c) for c in live)
+
+
+def test_a_download_that_gets_nothing_for_a_while_asks_the_homes_again() -> None:
+    """Peers that park every have query and answer it with nothing are no progress. A
+    lease holder that never reads (the grant's reply was lost and it follows another
+    cell) once held every cell of a simulated storm for good: their parked queries kept
+    them from starving, so none asked the homes again, where the lease had expired."""
+    dl = download(4, min_peers=SWARM.min_peers)
+    dl.start(0.0)
+    t = 0.0
+    crowd = [info("holder")] + [info(f"follower-{i}") for i in range(6)]
+    events = dl.add_providers(crowd, t, lease_holder="holder")
+    parked: list[tuple[float, str]] = []  # (when the uploader answers, asker's peer)
+    lookups = []
+    while t < 6.0:
+        parked += [(t + SWARM.have_wait, q.peer) for q in of_type(events, QueryHave)]
+        lookups += [t for _ in of_type(events, NeedProviders)]
+        t = round(t + 0.05, 2)
+        events = dl.poll(t)
+        for due, peer in [p for p in parked if p[0] <= t]:
+            parked.remove((due, peer))
+            events += dl.on_have(peer, 0, False, t)  # parked for have_wait: still nothing
+    late = [x for x in lookups if x >= SWARM.stall_lookup]
+    assert len(late) >= 3, f"asked the homes at {lookups} only"  # every lookup_interval
+    gaps = [b - a for a, b in itertools.pairwise(lookups)]
+    assert all(g >= SWARM.lookup_interval - 1e-9 for g in gaps)  # paced, not a flood
