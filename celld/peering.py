@@ -63,6 +63,7 @@ class TableMiss:
 
     unreachable: frozenset[str]
     unknown: frozenset[str] = frozenset()  # of those, ones its membership had no row for
+    asked: frozenset[str] = frozenset()  # every cell it named (see Peering.look_again)
 
 
 @dataclass(eq=False)
@@ -276,6 +277,7 @@ class Peering:
         if result.lease_holder and result.lease_holder not in names:
             names.append(result.lease_holder)
         names = [n for n in names if n != self.name]
+        asked = frozenset(names)
         deadline = trio.current_time() + TABLE_WAIT
         received: dict[str, int] = {}  # what each downloading provider said it had
         unreachable: set[str] = set()
@@ -305,7 +307,30 @@ class Peering:
             if trio.current_time() > deadline:
                 break
             await trio.sleep(TABLE_RETRY)
-        return TableMiss(frozenset(unreachable), frozenset(unknown))
+        return TableMiss(frozenset(unreachable), frozenset(unknown), asked)
+
+    async def look_again(self, miss: TableMiss, digest: str) -> pl.LookupResult | None:
+        """A new lookup of `digest` after every cell `table` named answered without a
+        table, when it names a cell that was not asked or grants this cell the lease;
+        None: the registries. The homes may have named a holder that never read the
+        blob (its grant's reply was lost, and it followed another cell): by now the
+        cell that does read has announced the lease, and its homes name it."""
+        result = await self.locate(digest)
+        if result is None:
+            return None
+        named = {p.member for p in result.providers} | {result.lease_holder}
+        fresh = named - miss.asked - {"", self.name}
+        if result.lease != pl.LeaseStatus.GRANTED and not fresh:
+            return None
+        log.info(
+            "%s: no piece table from %s; the homes now name %s",
+            digest,
+            ", ".join(sorted(miss.asked)) or "nobody",
+            "this cell for the lease"
+            if result.lease == pl.LeaseStatus.GRANTED
+            else ", ".join(sorted(fresh)),
+        )
+        return result
 
     async def relocate(self, miss: TableMiss, digest: str) -> pl.LookupResult | None:
         """A new lookup of `digest` once every cell `table` could not reach has been

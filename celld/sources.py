@@ -493,6 +493,7 @@ class Sources:
         peering = self.peering
         assert peering is not None
         result = await peering.locate(digest)
+        looked_again = False
         while result is not None:
             if result.lease == LeaseStatus.GRANTED or not (result.providers or result.lease_holder):
                 granted = result.lease == LeaseStatus.GRANTED
@@ -513,6 +514,9 @@ class Sources:
                 return result, got
             # A provider that died meanwhile: once membership knows, the lease moves.
             relocated = await peering.relocate(got, digest)
+            if relocated is None and not looked_again:
+                looked_again = True  # once: a crowd's providers are a new sample each time
+                relocated = await peering.look_again(got, digest)
             if relocated is None:
                 log.warning(
                     "no piece table of %s from its providers (%s; lease %s%s; answered by"

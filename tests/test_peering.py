@@ -79,3 +79,31 @@ async def test_a_known_holder_that_stops_answering_is_waited_for_until_declared_
         result = await peering.relocate(TableMiss(frozenset({"holder"})), DIGEST)
     assert result is not None and result.lease_holder == "successor"
     assert asked and asked[0] - start >= 4.0  # no lookup while it was still alive
+
+
+async def test_after_every_named_cell_answered_without_a_table_the_homes_are_asked_once_more(
+    store: Store, autojump_clock: trio.abc.Clock
+) -> None:
+    """A 50 Mbit/s storm: the homes named as lease holder a cell that never read the
+    layer (its grant's reply was lost), five cells got no table from it and read the
+    layer from the Hub, 2.25 copies in all, while another cell was reading it under the
+    lease. Asked again, the homes name that cell; the same names again mean the
+    registries, as before."""
+    members = Members({"me", "home", "phantom", "reader"})
+    peering = Peering("me", "z", KEY, store, Metrics(), members, stall_timeout=30.0)  # type: ignore[arg-type]
+    answers = [held_by("reader")]
+
+    async def locate(digest: str) -> LookupResult:
+        return answers.pop(0)
+
+    peering.locate = locate  # type: ignore[method-assign]
+    miss = TableMiss(frozenset(), asked=frozenset({"phantom"}))
+    result = await peering.look_again(miss, DIGEST)
+    assert result is not None and result.lease_holder == "reader"
+
+    answers.append(held_by("phantom"))  # nothing new: to the registries
+    assert await peering.look_again(miss, DIGEST) is None
+
+    granted = LookupResult(DIGEST, (), LeaseStatus.GRANTED, "me", 4, ("home",))
+    answers.append(granted)  # the stale lease ended: this cell reads it, under the lease
+    assert await peering.look_again(miss, DIGEST) == granted
