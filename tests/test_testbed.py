@@ -17,6 +17,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ import pytest
 
 from celld.config import Listen, from_dict, load_cluster_key
 from simulations.testbed import net
-from simulations.testbed.ballast import Ballast, MiB, free_bytes
+from simulations.testbed.ballast import Ballast, MiB, filesystem_type, free_bytes
 from simulations.testbed.storm import cluster_lines
 
 REPO = Path(__file__).resolve().parents[1]
@@ -290,6 +291,17 @@ def test_the_ballast_gives_its_pages_back_as_a_writer_fills_the_tmpfs(small_tmpf
     ballast.remove()
     assert not ballast.path.exists()
     assert free_bytes(small_tmpfs) >= 64 * MiB - 41 * MiB
+
+
+def test_the_ballast_refuses_a_directory_that_is_not_a_tmpfs() -> None:
+    """Its tmpfs unmounted under a running storm, the ballast once filled the disk
+    under it (73 GB of /tmp): it writes nothing anywhere but on a tmpfs."""
+    with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as on_disk:  # the checkout
+        assert filesystem_type(Path(on_disk)) != "tmpfs"
+        ballast = Ballast(Path(on_disk))
+        with pytest.raises(RuntimeError, match="not a tmpfs"):
+            ballast.fill()
+        assert not ballast.path.exists()
 
 
 def test_a_ballast_that_follows_free_memory_gives_back_what_writers_take(

@@ -51,6 +51,21 @@ def memfree() -> int:
     raise RuntimeError("/proc/meminfo has no MemFree")
 
 
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem `path` is on (its longest mount point in mountinfo)."""
+    target = os.path.realpath(path)
+    best, kind = "", ""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            mount = fields[4].replace("\\040", " ")
+            fstype = fields[fields.index("-") + 1]
+            inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+            if inside and len(mount) >= len(best):
+                best, kind = mount, fstype
+    return kind
+
+
 class Ballast:
     """A file of touched pages in `directory`'s filesystem, shrunk as others fill it."""
 
@@ -77,8 +92,15 @@ class Ballast:
 
     def fill(self, size: int | None = None) -> int:
         """Write the ballast up to `size` bytes (default: over the free space but
-        `headroom`), touching every page: the bytes written."""
+        `headroom`), touching every page: the bytes written. Only on a tmpfs: on a
+        disk, "all but the headroom" is the disk (a storm whose tmpfs was unmounted
+        under it once wrote 73 GB into /tmp)."""
         self.stop()
+        kind = filesystem_type(self.path.parent)
+        if kind != "tmpfs":
+            raise RuntimeError(
+                f"ballast: {self.path.parent} is on {kind or 'no known filesystem'}, not a tmpfs"
+            )
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             self.size = 0
