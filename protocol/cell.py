@@ -605,9 +605,12 @@ class Cell:
         """Homes granted this cell a lease it does not use (the lookup took another
         answer, or theirs came after it ended): a Withdraw frees it, or every cell that
         asks them would wait on this one for a blob it never reads, until the lease
-        expires. A cell that holds the lease already keeps it."""
+        expires. A cell that holds the lease already keeps it, and one still asking
+        waits for that answer: the home may be granting it again right now."""
         dl = self.downloads.get(digest)
         if digest in self._granted or (dl is not None and dl.lease):
+            return
+        if any(look.digest == digest for look in self.lookups.values()):
             return
         withdraw = pl.Withdraw(digest)
         out.extend(pl.Send(home, withdraw) for home in homes)

@@ -280,6 +280,10 @@ def test_a_grant_the_cell_does_not_use_is_withdrawn_from_the_home_that_made_it()
     a = net.cells["a"]
     late = pl.LookupReply(D, 999, (), pl.LeaseStatus.GRANTED, "a", N, False)
     assert a.receive("b", late, net.now) == [pl.Send("b", pl.Withdraw(D))]
+    # while a lookup of D is out, its answer decides: the home may be granting again
+    a.lookups[998] = pl.ProviderLookup(D, "z1", ["b"], request_id=998)
+    assert a.receive("b", late, net.now) == []
+    del a.lookups[998]
 
     homes = a.announcer.homes(D)
     net.dead = {homes[0]}  # the authority's answers are lost
