@@ -607,13 +607,17 @@ class Cell:
         asks them would wait on this one for a blob it never reads, until the lease
         expires. A cell that holds the lease already keeps it, and one still asking
         waits for that answer: the home may be granting it again right now."""
-        dl = self.downloads.get(digest)
-        if digest in self._granted or (dl is not None and dl.lease):
+        if self._holds_lease(digest):
             return
         if any(look.digest == digest for look in self.lookups.values()):
             return
         withdraw = pl.Withdraw(digest)
         out.extend(pl.Send(home, withdraw) for home in homes)
+
+    def _holds_lease(self, digest: Digest) -> bool:
+        """This cell kept a grant of `digest`'s lease, or its download reads under it."""
+        dl = self.downloads.get(digest)
+        return digest in self._granted or (dl is not None and dl.lease)
 
     def _give_back(self, digest: Digest, now: float, out: list[Action], *, report: bool) -> bool:
         """A lease granted while the cell reads another blob from the registries is given
@@ -628,8 +632,7 @@ class Cell:
         meantime, and the image enters the swarm through several cells. Asked again, the
         cell keeps what it is granted: a lone cell pays `lease_defer` once for each
         layer after the first."""
-        dl = self.downloads.get(digest)
-        if not self.placement.lease_defer or digest in self._granted or (dl and dl.lease):
+        if not self.placement.lease_defer or self._holds_lease(digest):
             return False  # off, or a lease this cell holds already (a renewed ask)
         if digest in self._declined:
             self._declined.discard(digest)  # the second answer stands

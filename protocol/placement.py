@@ -936,10 +936,8 @@ class ProviderLookup:
             lease_holder=best.lease_holder if best is not None else "",
             piece_count=max((r.piece_count for r in replies), default=0),
             answered_by=tuple(m for m, _ in self._replies),
-            stray_grants=tuple(
-                m
-                for m, r in self._replies
-                if r.lease == LeaseStatus.GRANTED and best is not None and best.lease != r.lease
-            ),
+            stray_grants=()
+            if best is None or best.lease == LeaseStatus.GRANTED
+            else tuple(m for m, r in self._replies if r.lease == LeaseStatus.GRANTED),
         )
         return self.result
