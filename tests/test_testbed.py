@@ -350,6 +350,45 @@ def test_the_cluster_lines_are_the_ones_the_daemon_parses(tmp_path: Path) -> Non
     assert len(load_cluster_key(config)) == 32  # type: ignore[arg-type]
 
 
+def test_every_host_runs_the_congestion_control_the_run_names() -> None:
+    """Both ends of a connection between two hosts, the dialer and the accepted
+    socket, run the run's congestion control, not the root namespace's."""
+    root = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    other = next(cc for cc in ("reno", "cubic", "bbr") if cc != root)
+    assert other in net.congestion_controls()
+    bed = net.Testbed(secrets.token_hex(2), tcp=other)
+    try:
+        bed.build()
+        a, b = bed.add_host("c01", 10, 10**9), bed.add_host("c02", 11, 10**9)
+        probe = (
+            "import socket, sys\n"
+            "def cc(s): return s.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)"
+            ".rstrip(b'\\0').decode()\n"
+            "if sys.argv[1] == 'listen':\n"
+            "    srv = socket.create_server((sys.argv[2], 9100)); print('up', flush=True)\n"
+            "    conn, _ = srv.accept(); print(cc(conn), flush=True)\n"
+            "else:\n"
+            "    print(cc(socket.create_connection((sys.argv[2], 9100))))\n"
+        )
+        server = subprocess.Popen(
+            net.netns_exec(b.netns, [sys.executable, "-c", probe, "listen", b.address]),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert server.stdout.readline().strip() == "up"  # type: ignore[union-attr]
+            dial = net.netns_exec(a.netns, [sys.executable, "-c", probe, "dial", b.address])
+            done = subprocess.run(dial, capture_output=True, text=True, timeout=30)
+            assert done.stdout.strip() == other, done.stderr
+            assert server.stdout.readline().strip() == other  # type: ignore[union-attr]
+        finally:
+            server.kill()
+            server.wait()
+    finally:
+        bed.destroy()
+    assert net.leftovers(bed.rid) == []
+
+
 def test_tbf_settings_scale_with_the_rate() -> None:
     assert net.parse_rate("200mbit") == 200_000_000
     assert net.parse_rate("10gbit") == 10**10

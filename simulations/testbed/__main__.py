@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="keep the tmpfs's pages touched through each storm (see ballast.py)",
     )
+    s.add_argument(
+        "--tcp",
+        default="cubic",
+        help="every host's TCP congestion control: cubic (Linux's default), bbr, reno..., "
+        "or 'system' for whatever the machine's root namespace runs",
+    )
     c = sub.add_parser("cleanup", help="remove what runs left behind")
     c.add_argument("--run-id", help="only this run")
     c.add_argument("--all", action="store_true", help="also runs whose owner still lives")
@@ -80,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--cells: expected 1 to 240")
     if not 0 <= args.kill < args.cells:
         parser.error("--kill: expected fewer than --cells")
+    tcp = None if args.tcp == "system" else args.tcp
+    if tcp is not None and tcp not in net.congestion_controls():
+        parser.error(f"--tcp: {tcp} is not one of {' '.join(net.congestion_controls())}")
     if args.layers < 1 or args.image_mib <= 0:
         parser.error("--layers and --image-mib: expected positive numbers")
     opts = StormOptions(
@@ -98,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         run_id=args.run_id,
         workdir=args.workdir,
         keep=args.keep,
+        tcp=tcp,
         json_out=args.json_out,
         timeout=args.timeout,
         tmpfs=args.tmpfs,

@@ -9,6 +9,10 @@ added, so nothing a host sends can leave the testbed.
 
 Shaping is tc tbf on the egress of both ends of each veth (the host's end
 shapes its upload, the bridge's end its download): this kernel has no netem.
+Every host's TCP runs the congestion control the run names, set on its one route
+(`congctl`): a new namespace otherwise inherits the root namespace's, which on
+this machine is BBR, and the sysctl of a namespace cannot take one the root does
+not allow, while a route's can.
 Must never touch a namespace or link without the testbed's prefix.
 """
 
@@ -45,6 +49,12 @@ def parse_rate(text: str) -> int:
     return int(float(m[1]) * _RATE_UNITS[m[2].lower()])
 
 
+def congestion_controls() -> list[str]:
+    """The TCP congestion controls this kernel can run now (built in or loaded)."""
+    path = Path("/proc/sys/net/ipv4/tcp_available_congestion_control")
+    return path.read_text().split()
+
+
 def tbf_args(rate_bps: int) -> list[str]:
     """tbf settings that reach the rate with TCP over veth: the bucket holds 4 ms of
     the rate (at least 64 KiB, so one GSO segment of 64 KiB passes whole) and the
@@ -79,6 +89,7 @@ class Testbed:
     """The network of one run. `build()` then `add_host()`; `destroy()` undoes all."""
 
     rid: str
+    tcp: str | None = None  # congestion control of every host's TCP (None: the root's)
     hosts: dict[str, Host] = field(default_factory=dict)
 
     @property
@@ -117,6 +128,27 @@ class Testbed:
         run([*br, "link", "set", host.veth_bridge, "master", self.bridge, "up"])
         run(["ip", "-n", netns, "addr", "add", f"{host.address}/24", "dev", host.veth])
         run(["ip", "-n", netns, "link", "set", host.veth, "up"])
+        if self.tcp:
+            run(
+                [
+                    "ip",
+                    "-n",
+                    netns,
+                    "route",
+                    "replace",
+                    f"{SUBNET}.0/24",
+                    "dev",
+                    host.veth,
+                    "proto",
+                    "kernel",
+                    "scope",
+                    "link",
+                    "src",
+                    host.address,
+                    "congctl",
+                    self.tcp,
+                ]
+            )
         for ns, dev in ((netns, host.veth), (self.bridge_netns, host.veth_bridge)):
             run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", *tbf_args(rate_bps)])
         self.hosts[role] = host

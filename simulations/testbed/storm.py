@@ -80,6 +80,7 @@ class StormOptions:
     timeout: float = 1800.0
     tmpfs: bool = True  # the work dir on a tmpfs of its own, when it fits in memory
     warm: bool = True  # a Ballast in that tmpfs through each storm: see ballast.py
+    tcp: str | None = "cubic"  # every host's congestion control (None: the machine's)
 
 
 def spawn_in(
@@ -290,7 +291,7 @@ class Storm:
         self.link_bps = net.parse_rate(opts.link)
         self.hub_bps = net.parse_rate(opts.hub_link or opts.link)
         self.central_bps = net.parse_rate(opts.central_link or opts.link)
-        self.bed = net.Testbed(self.rid)
+        self.bed = net.Testbed(self.rid, tcp=opts.tcp)
         self.procs: list[subprocess.Popen] = []
         self.registries: list[NsRegistry] = []
         self.cellds: dict[str, NsCelld] = {}
@@ -313,7 +314,7 @@ class Storm:
             self.bed.add_host(f"c{i + 1:02d}", 10 + i, self.link_bps) for i in range(o.cells)
         ]
         self.out(
-            f"network: bridge {self.bed.bridge} in {self.bed.bridge_netns}, {len(self.bed.hosts)} hosts on {net.SUBNET}.0/24, tbf both ways"
+            f"network: bridge {self.bed.bridge} in {self.bed.bridge_netns}, {len(self.bed.hosts)} hosts on {net.SUBNET}.0/24, tbf both ways, TCP {o.tcp or 'as the machine'}"
         )
 
         sizes = layer_sizes(o.image_mib, o.layers)
@@ -746,6 +747,7 @@ class Storm:
                         {
                             "run_id": self.rid,
                             "image_digest": self.image.digest,  # type: ignore[union-attr]
+                            "tcp": self.opts.tcp,
                             "storms": results,
                         },
                         indent=1,
