@@ -147,3 +147,18 @@ def test_a_storm_over_lossy_links_finishes_everywhere_from_about_one_copy(
     run = _testbed_storm(loss, seed)
     assert run["pull"]["completed"] == 8
     assert run["bytes"]["origin_copies"] <= (1.05 if loss <= 0.05 else 1.25)
+
+
+def test_the_testbed_storm_where_the_links_bind_stays_near_the_physical_limit() -> None:
+    """`testbed_8_50mbit` is the testbed's 50 Mbit/s storm, the one the README pairs with
+    the real cells (their p50 within a few percent of it). The protocol alone must keep
+    it near the links' limit, since the real storm only adds frames and CPU to it."""
+    with open(SCENARIOS / "testbed_8_50mbit.toml", "rb") as f:
+        doc = tomllib.load(f)
+    doc["strategies"] = ["celld"]
+    run = simulate(parse(doc, "testbed_8_50mbit"))["runs"]["celld"]
+    limit = 4 * 67.1e6 / 6.25e6  # the image over one cell's link
+    assert run["pull"]["completed"] == 8
+    assert run["bytes"]["origin_copies"] == pytest.approx(1.0)
+    assert limit < run["pull"]["completion_s"]["p50"]
+    assert run["pull"]["completion_s"]["p99"] <= 1.25 * limit
