@@ -85,7 +85,13 @@ peer for pieces in flight (up to `endgame_copies` requests a piece); the first c
 arrive cancels the others.
 
 Failures. A request that passes its deadline or fails counts against the peer and goes
-back to the pool; `max_failures` in a row drop the peer. "Busy" backs off from that peer
+back to the pool; `max_failures` in a row drop the peer. The deadline follows the
+pieces' measured time (`timeout_factor` times its moving average, never under
+`request_timeout`) and doubles when a request sent with it times out, up to
+`max_request_timeout`, as TCP's retransmission timer does: a fixed one collapses a cell
+whose link is slower than it assumed. A late cell pulling a 12-layer image from idle peers over 50 Mbit/s asks for 24
+pieces at once, each then takes ~8 s, every request timed out at 4 s and was asked
+again, and the cell never finished (the simulator, until this). "Busy" backs off from that peer
 (doubling, jittered) and asks elsewhere; the download is woken when the back-off ends
 only if it still has requests to spend then (otherwise the next reply wakes it). A piece that fails verification is charged to
 the peer that sent it (`BadPiece`); at `max_bad_pieces` the peer is banned for this blob
@@ -155,7 +161,11 @@ class SwarmConfig:
     max_inflight: int = 2
     max_peers: int = 24
     min_peers: int = 4
-    request_timeout: float = 4.0  # seconds for one piece (2-4 MiB at 0.5-1 MB/s)
+    request_timeout: float = 4.0  # seconds for one piece (2-4 MiB at 0.5-1 MB/s), at first
+    # ... then `timeout_factor` times the pieces' measured time, doubled after each
+    # timeout, at most max_request_timeout: see Download's "Failures"
+    timeout_factor: float = 3.0
+    max_request_timeout: float = 60.0
     busy_backoff: float = 0.02  # first back-off after "busy"; doubles, jittered
     # ... and at least this share of the time a piece takes to arrive (measured): a busy
     # uploader frees a slot about once per piece time / its slots, so asking sooner
@@ -320,6 +330,7 @@ class ProviderLike(Protocol):
 
 class _Peer:
     __slots__ = (
+        "asked",
         "backoff",
         "bad",
         "busy_until",
@@ -340,6 +351,7 @@ class _Peer:
         self.have = 0
         self.complete = False
         self.inflight: dict[int, float] = {}  # index -> deadline
+        self.asked: dict[int, float] = {}  # index -> when it was asked for
         self.requested = 0  # bitmap of self.inflight's keys
         self.busy_until = 0.0
         self.backoff = 0.0
@@ -381,6 +393,7 @@ class Download:
         self._copies: dict[int, list[MemberId]] = {}
         self._n_inflight = 0
         self._piece_time = 0.0  # moving average of request-to-arrival, for busy back-offs
+        self._timeout = config.request_timeout  # a request's deadline, from when it is sent
         self._peers: dict[MemberId, _Peer] = {}
         self._banned: set[MemberId] = set()
         self._planes: list[int] = []
@@ -606,11 +619,16 @@ class Download:
             return out
         peer = self._peers.get(peer_id)
         if peer is not None:
-            deadline = peer.inflight.get(index)
-            if ok and deadline is not None:
-                took = now - (deadline - self.config.request_timeout)
+            asked = peer.asked.get(index)
+            if ok and asked is not None:
+                took = now - asked
                 self._piece_time = (
                     took if not self._piece_time else (0.8 * self._piece_time + 0.2 * took)
+                )
+                cfg = self.config
+                self._timeout = min(
+                    cfg.max_request_timeout,
+                    max(cfg.request_timeout, cfg.timeout_factor * self._piece_time),
                 )
             self._unrequest(peer, index)
             if have is not None:
@@ -707,6 +725,10 @@ class Download:
             peer = self._peers.get(peer_id)
             if kind == _T_REQUEST:
                 if peer is not None and peer.inflight.get(index) == when:
+                    if when - peer.asked[index] >= self._timeout * (1 - 1e-9):
+                        # sent with the current deadline: double it (once for all the
+                        # requests that one congested link times out together)
+                        self._timeout = min(self.config.max_request_timeout, 2 * self._timeout)
                     self._unrequest(peer, index)
                     out.append(CancelPiece(peer_id, self.digest, index))
                     self._failed(peer, now, out)
@@ -739,6 +761,7 @@ class Download:
     def _unrequest(self, peer: _Peer, index: int) -> None:
         if peer.inflight.pop(index, None) is None:
             return
+        del peer.asked[index]
         bit = 1 << index
         peer.requested &= ~bit
         self._n_inflight -= 1
@@ -751,8 +774,9 @@ class Download:
             self._inflight &= ~bit
 
     def _request(self, peer: _Peer, index: int, now: float, out: list[Event]) -> None:
-        deadline = now + self.config.request_timeout
+        deadline = now + self._timeout
         peer.inflight[index] = deadline
+        peer.asked[index] = now
         bit = 1 << index
         peer.requested |= bit
         self._n_inflight += 1

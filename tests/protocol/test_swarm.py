@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
+import math
 import random
 from collections import Counter
 from collections.abc import Callable
@@ -222,6 +223,41 @@ def test_a_timed_out_request_is_cancelled_and_asked_of_another_peer() -> None:
     # the late copy from the first peer is still welcome if it wins
     assert of_type(dl.on_piece(first, 0, True, 2.1), DownloadComplete)
     assert CancelPiece(other, D, 0) in dl.on_piece(other, 0, True, 2.2) or dl.complete
+
+
+def test_pieces_slower_than_the_first_deadline_still_arrive() -> None:
+    """Every piece takes 5 s from its request, over a link slower than the 2 s the
+    deadline first assumes. The deadline doubles after a round of timeouts (once for
+    the round, not once per request) and then follows the measured piece time, so
+    the download completes after two wasted rounds. A fixed deadline cancelled every
+    request and asked again forever: a late cell pulling a many-layer image from idle
+    peers on a slow link never finished."""
+    dl = download(8, max_inflight=3, request_timeout=2.0)
+    pending: dict[tuple[str, int], float] = {}  # (peer, piece) -> when it arrives
+    timed_out = 0
+
+    def act(events: list, now: float, *, timers: bool = False) -> None:
+        nonlocal timed_out
+        for e in events:
+            if isinstance(e, RequestPiece):
+                pending[(e.peer, e.index)] = now + 5.0
+            elif isinstance(e, CancelPiece):  # a deadline passed, or endgame's spare copy
+                timed_out += timers
+                pending.pop((e.peer, e.index), None)
+
+    peers = [info(p, complete=True) for p in ("a", "b", "c")]
+    act(dl.add_providers(peers, 0.0), 0.0)
+    now = 0.0
+    while not dl.complete and now < 300.0:
+        now = min([*pending.values(), dl.next_deadline() or math.inf])
+        for key, at in sorted(pending.items(), key=lambda kv: kv[1]):
+            if at <= now and key in pending:
+                del pending[key]
+                act(dl.on_piece(key[0], key[1], True, now), now)
+        act(dl.poll(now), now, timers=True)
+    assert dl.complete, f"{dl.held.bit_count()} of 8 pieces after {now:.0f} s"
+    assert timed_out <= 6  # two rounds of the three requests in flight
+    assert sorted(dl.peers) == ["a", "b", "c"]  # nobody dropped for a slow link
 
 
 def test_a_peer_that_keeps_failing_is_dropped() -> None:
