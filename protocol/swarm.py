@@ -725,9 +725,10 @@ class Download:
             peer = self._peers.get(peer_id)
             if kind == _T_REQUEST:
                 if peer is not None and peer.inflight.get(index) == when:
-                    if when - peer.asked[index] >= self._timeout * (1 - 1e-9):
-                        # sent with the current deadline: double it (once for all the
-                        # requests that one congested link times out together)
+                    if when >= peer.asked[index] + self._timeout:
+                        # sent with the current deadline (`_request` added the same two
+                        # floats): double it, once for all the requests that one
+                        # congested link times out together
                         self._timeout = min(self.config.max_request_timeout, 2 * self._timeout)
                     self._unrequest(peer, index)
                     out.append(CancelPiece(peer_id, self.digest, index))
