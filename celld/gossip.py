@@ -198,7 +198,7 @@ class Gossip:
     # -- what the daemon asks --------------------------------------------------------
 
     def send(self, to: str, msg: Any) -> None:
-        """A placement datagram to member `to` (by name); unknown or dead: dropped."""
+        """A placement or swarm datagram to member `to` (by name); unknown or dead: dropped."""
         m = self.membership.member(to)
         if m is None or m.status in (Status.DEAD, Status.LEFT):
             self.metrics.dropped.labels("no_route").inc()

@@ -11,18 +11,21 @@ Endpoints (digests are "sha256:<hex>"; bitmaps travel as hex of pieces.bitmap_to
     GET /v1/blobs/<digest>/pieces          the piece table (PieceTable.encode); ?wait=S:
                                            held up to min(S, TABLE_PARK) for a first piece
     GET /v1/blobs/<digest>/pieces/<index>  one verified piece; 404 when not held, 503 busy
-    GET /v1/blobs/<digest>/have?want=<hex> the holder's bitmap, long-polled up to have_wait
 
 Every answer about a known blob carries `Celld-Size`, `Celld-Piece-Size`, `Celld-Pieces`,
 `Celld-Have` and `Celld-Complete`, so an asker learns what this cell holds from any reply
-(the swarm's PieceReply and HaveReply, over HTTP).
+(the swarm's PieceReply, over HTTP). Have queries are not requests here: a HaveQuery is
+one datagram and its answer another (celld.peering, through celld.gossip), as in the
+simulator. A long poll over HTTP cost both cells about a millisecond of CPU each and
+held a connection for up to have_wait; a storm asks thousands of them.
 
 Where blobs come from is not this module's business: a `BlobSource` finds a digest as
 `Complete` (a stored file) or `Partial` (the temp file of a download, with the pieces
 verified so far), and nothing else is ever read. Who may upload is protocol.swarm's
 `Uploader`, the same object the cell's downloads and announcements use: a piece (or a
 whole blob) takes an upload slot while it is sent, BUSY is a 503 so the asker goes
-elsewhere, and a slot that frees starts a queued upload and wakes parked have queries.
+elsewhere, and a slot that frees starts a queued upload and answers parked have queries
+(`send_have`, the transport's).
 `upload_rate` paces all uploads together with one token bucket.
 Private blobs are served like any other: only cells of the cluster pass the MAC, and a
 cell serves what it got to its own runtime only with the app's pull token (celld.mirror).
@@ -68,7 +71,7 @@ from protocol.pieces import (
     piece_span,
 )
 from protocol.ranges import ByteRange, Unsatisfiable, parse_range
-from protocol.swarm import HaveQuery, HaveReply, PieceCancel, PieceRequest, PieceStatus, Uploader
+from protocol.swarm import HaveReply, PieceCancel, PieceRequest, PieceStatus, Uploader
 
 __all__ = [
     "BlobSource",
@@ -96,9 +99,8 @@ QUEUE_WAIT = (
 TABLE_PARK = 1.0
 MAX_SPARE = 8  # piece buffers a PeerClient keeps for reuse (2-4 MiB each, usually)
 MAX_TABLES = 64  # complete tables kept in memory (16 KiB each at 512 pieces)
-MAX_WANT_HEX = 2 * ((1 << 20) + 7) // 8  # protocol.pieces.MAX_PIECES bits, hex
 
-_ROUTE = re.compile(rb"/v1/blobs/(sha256:[0-9a-f]{64})(?:/(pieces)(?:/([0-9]{1,9}))?|/(have))?")
+_ROUTE = re.compile(rb"/v1/blobs/(sha256:[0-9a-f]{64})(?:/(pieces)(?:/([0-9]{1,9}))?)?")
 
 
 # ---------------------------------------------------------------------------------------
@@ -291,8 +293,9 @@ class Peer:
     """Serves the peer API (celld.http.serve(host, port, peer.handle)).
 
     `uploader` is the cell's protocol.swarm.Uploader (shared with its downloads); `blobs`
-    finds what may be served; `now` is the cluster's clock (Unix time: MACs and the
-    uploader's have_wait use it); `upload_rate` in bytes/s, 0 for no cap."""
+    finds what may be served; `now` is the cluster's clock (Unix time: MACs use it);
+    `send_have` carries the answer to a parked have query to its asker (a datagram);
+    `upload_rate` in bytes/s, 0 for no cap."""
 
     def __init__(
         self,
@@ -302,6 +305,7 @@ class Peer:
         metrics: Metrics,
         *,
         now: Callable[[], float] = time.time,
+        send_have: Callable[[str, HaveReply], None] = lambda to, reply: None,
         upload_rate: float = 0,
         queue_wait: float = QUEUE_WAIT,
         max_tables: int = MAX_TABLES,
@@ -311,6 +315,7 @@ class Peer:
         self.blobs = blobs
         self.metrics = metrics
         self.now = now
+        self.send_have = send_have
         self.upload_rate = upload_rate
         self.queue_wait = queue_wait
         self.max_tables = max_tables
@@ -318,18 +323,21 @@ class Peer:
         self._tables: OrderedDict[str, PieceTable] = OrderedDict()
         self._hashing: dict[str, trio.Event] = {}
         self._queued: dict[tuple[str, str, int], trio.Event] = {}
-        self._parked: dict[tuple[str, str], trio.Event] = {}
         self._growing: dict[str, trio.Event] = {}  # digest -> parked table requests
 
     # -- what the cell's downloads call ---------------------------------------
 
     def wake(self, replies: Iterable[tuple[str, HaveReply]]) -> None:
-        """Answers parked have queries: pass what Uploader.piece_added, add_seed,
-        wake_parked and poll return (each parked request re-reads the bitmap)."""
+        """Answers parked have queries: pass what Uploader.add_seed and wake_parked
+        return (the cell's own Cell.tick and piece_added answer the others)."""
         for requester, reply in replies:
-            event = self._parked.pop((requester, reply.digest), None)
-            if event is not None:
-                event.set()
+            self.send_have(requester, reply)
+
+    def refresh(self, digest: str) -> None:
+        """Brings the uploader's view of `digest` up to what this cell holds, before a
+        have query is answered from it: a source may have gained pieces (or the whole
+        blob) that the cell's downloads did not report."""
+        self._find(digest)
 
     def grew(self, digest: str) -> None:
         """This cell verified more pieces of `digest`: parked table requests look again."""
@@ -367,8 +375,6 @@ class Peer:
             response.headers.append(("Allow", "GET"))
             return "other", response
         digest = match[1].decode("ascii")
-        if match[4]:
-            return "have", await self._have(cell, digest, query)
         if match[3] is not None:
             return "piece", await self._piece(cell, digest, int(match[3]))
         if match[2]:
@@ -591,35 +597,6 @@ class Peer:
             self._release(*slot)
             raise
 
-    async def _have(self, cell: str, digest: str, query: bytes) -> Response:
-        hit = self._find(digest)
-        if hit is None:
-            return _error(404, "this cell does not hold that blob")
-        _, layout = hit
-        want_hex = parse_qs(query.decode("latin-1")).get("want", [""])[-1]
-        try:
-            if len(want_hex) > MAX_WANT_HEX:
-                raise ValueError
-            want = bitmap_from_bytes(bytes.fromhex(want_hex), layout.count)
-        except ValueError:
-            want = None
-        if want is None:
-            return _error(400, f"want must be the hex of a {layout.count}-piece bitmap", layout)
-        reply = self.uploader.on_have_query(cell, HaveQuery(digest, want), self.now())
-        if reply is None:  # parked: until a piece it wants lands and a slot is free
-            key = (cell, digest)
-            event = self._parked[key] = trio.Event()
-            with trio.move_on_after(self.uploader.have_wait):
-                await event.wait()
-            if self._parked.get(key) is event:
-                del self._parked[key]
-            self.wake(self.uploader.poll(self.now()))
-            hit = self._find(digest)
-            if hit is None:
-                return _error(404, "this cell no longer holds that blob")
-            _, layout = hit
-        return Response(200, [("Content-Type", "application/octet-stream"), *layout.headers()])
-
 
 # ---------------------------------------------------------------------------------------
 # The client side
@@ -654,13 +631,6 @@ class PieceResult:
     have: int  # the peer's bitmap, from the reply
     complete: bool
     data: bytes | bytearray = b""  # only for OK; PeerClient.recycle once written
-
-
-@dataclass(frozen=True)
-class HaveResult:
-    have: int
-    complete: bool
-    count: int
 
 
 @dataclass
@@ -827,22 +797,6 @@ class PeerClient:
             if len(buf) == size:
                 return self._spare.pop(i)
         return bytearray(size)
-
-    async def have(
-        self, addr: str, digest: str, want: int, count: int, *, wait: float = 1.0
-    ) -> HaveResult:
-        """The peer's bitmap once it holds one of `want` (or after it parked the query
-        up to its have_wait; `wait` is ours, added to the timeout)."""
-        want_hex = bitmap_to_bytes(want, count).hex()
-        target = f"/v1/blobs/{digest}/have?want={want_hex}".encode()
-        async with self._get(addr, target, self.timeout + wait) as response:
-            have, complete, got = _have_of(response)
-            if response.status not in (200, 404):
-                raise self._refused(addr, response)
-            await self._read(response, 1 << 16, self.timeout)  # the connection stays open
-            if response.status == 404:
-                return HaveResult(0, False, count)
-        return HaveResult(have, complete, got)
 
     @contextlib.asynccontextmanager
     async def blob(self, addr: str, digest: str, *, start: int = 0) -> AsyncIterator[BlobBody]:

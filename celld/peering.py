@@ -5,9 +5,9 @@ and lookups), the task that runs its timers, and carrying out every action it re
 a placement datagram goes out through celld.gossip (or straight back in, when the cell
 is a home of its own digest); a piece request becomes a signed GET to the peer
 (celld.peer.PeerClient) whose verified bytes are written where they belong in the
-download's temp file; a have-query a long poll; a parked query's answer wakes the peer
-server. The simulator (simulations/model/celld.py) is the other transport of the same
-Cell, with the same parameters: what differs is only how bytes and datagrams travel.
+download's temp file; a have query and its answer (parked or not) are datagrams too, as
+in the simulator (simulations/model/celld.py), the other transport of the same Cell, with
+the same parameters: what differs is only how bytes and datagrams travel.
 
 Also owns what a download looks like to the rest of the daemon (`Transfer`): its temp
 file, the piece table that checks every piece (blake3) before it is written, the pieces
@@ -122,7 +122,9 @@ class Peering:
         self.clock = clock
         self.cell = Cell(name, zone, upload_slots=upload_slots, rng=random.Random(name))
         self.client = PeerClient(key, name)
-        self.peer = Peer(key, self.cell.uploader, self, metrics, upload_rate=upload_rate)
+        self.peer = Peer(
+            key, self.cell.uploader, self, metrics, send_have=gossip.send, upload_rate=upload_rate
+        )
         self.transfers: dict[str, Transfer] = {}
         self._located: dict[str, list[trio.MemorySendChannel[pl.LookupResult]]] = {}
         self._leases: dict[str, pl.LookupResult] = {}
@@ -179,6 +181,14 @@ class Peering:
             self._announced.get(sender, set()).discard(msg.digest)
         if isinstance(msg, pl.Announce | pl.Withdraw | pl.Lookup | pl.LookupReply):
             self._do(self.cell.receive(sender, msg, now))
+        elif isinstance(msg, sw.HaveQuery):
+            self.peer.refresh(msg.digest)
+            reply = self.cell.have_query(sender, msg.digest, msg.want, now)
+            if reply is not None:
+                self.gossip.send(sender, reply)
+            self._do([])  # parked: the cell's timer answers it after have_wait at the latest
+        elif isinstance(msg, sw.HaveReply):
+            self._do(self.cell.have_arrived(sender, msg, now))
 
     def peers(self) -> list[GossipPeer]:
         """`celld peers`: gossip's rows, with the blobs each member announced to this
@@ -490,9 +500,10 @@ class Peering:
                 if scope is not None:
                     scope.cancel()
             elif kind is sw.QueryHave:
-                self._spawn(self._query, a.peer, a.digest, a.want)
+                # a lost query or answer: the download's query deadline asks again
+                self.gossip.send(a.peer, sw.HaveQuery(a.digest, a.want))
             elif kind is SendHave:
-                self.peer.wake([(a.to, a.reply)])
+                self.gossip.send(a.to, a.reply)
             elif kind is Located:
                 for send in self._located.pop(a.result.digest, []):
                     send.send_nowait(a.result)
@@ -629,20 +640,6 @@ class Peering:
         if n > 0:
             await trio.to_thread.run_sync(t.writer.advance, n)
         t.notify()
-
-    async def _query(self, peer: str, digest: str, want: int) -> None:
-        t = self.transfers.get(digest)
-        addr = self.addr(peer)
-        if t is None or addr is None:
-            return
-        try:
-            got = await self.client.have(
-                addr, digest, want, t.count, wait=self.cell.swarm.have_wait
-            )
-        except PeerError:
-            return  # the download's query deadline passes; it asks again or elsewhere
-        reply = sw.HaveReply(digest, got.have, got.complete)
-        self._do(self.cell.have_arrived(peer, reply, self.clock()))
 
 
 def _pieces(size: int) -> int:

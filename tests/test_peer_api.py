@@ -151,7 +151,6 @@ async def test_table_matches_the_bytes_and_every_piece_verifies(store: Store) ->
         with pytest.raises(PeerError) as err:
             await c.table(cell.addr, unknown)
         assert err.value.status == 404
-        assert (await c.have(cell.addr, unknown, 1, 1)).have == 0
 
 
 async def test_a_lying_peer_piece_is_bad_never_ok(store: Store) -> None:
@@ -270,8 +269,6 @@ async def test_an_empty_blob(store: Store) -> None:
         assert await read_blob(c, cell.addr, digest) == b""
         table = (await c.table(cell.addr, digest)).table
         assert table.count == 0 and table.complete
-        answer = await c.have(cell.addr, digest, 0, 0)
-        assert answer.complete and answer.count == 0
 
 
 async def test_the_rate_cap_holds_across_uploads(store: Store) -> None:
@@ -383,44 +380,12 @@ async def test_a_partial_blob_serves_only_verified_pieces(tmp_path: Path) -> Non
             await read_blob(c, cell.addr, digest)
         assert err.value.status == 404
 
-        # a have query for the hole waits for it, then answers at once when it lands
-        answers: list = []
-
-        async def ask() -> None:
-            answers.append(await c.have(cell.addr, digest, 0b010, 3))
-
-        start = trio.current_time()
-        async with trio.open_nursery() as n:
-            n.start_soon(ask)
-            await trio.sleep(0.2)
-            assert answers == []
-            with temp.open("r+b") as f:
-                f.seek(psize)
-                f.write(data[psize : 2 * psize])
-            state["held"] = 0b111
-            cell.peer.wake(cell.uploader.piece_added(digest, 1))
-        assert trio.current_time() - start < 0.8  # well before have_wait (1 s)
-        assert answers[0].have == 0b111 and answers[0].complete
+        # the hole lands: the next request for it is served
+        with temp.open("r+b") as f:
+            f.seek(psize)
+            f.write(data[psize : 2 * psize])
+        state["held"] = 0b111
         assert (await c.piece(cell.addr, digest, 1, full)).answer is PieceAnswer.OK
-
-
-async def test_a_parked_have_query_answers_after_have_wait(tmp_path: Path) -> None:
-    digest, data = _blob(size=PIECE + PIECE // 4)  # two pieces
-    temp = tmp_path / "downloading"
-    temp.write_bytes(data)
-    full = PieceTable.from_bytes(data)
-    half = PieceTable(full.blob_size, full.piece_size, (full.hashes[0], None))
-
-    class Downloading:
-        def find(self, d: str):
-            return Partial(temp, len(data), full.piece_size, half, 0b01) if d == digest else None
-
-    async with running(Downloading()) as cell, client() as c:
-        start = trio.current_time()
-        answer = await c.have(cell.addr, digest, 0b10, 2)
-        waited = trio.current_time() - start
-        assert answer.have == 0b01 and not answer.complete and answer.count == 2
-        assert 0.9 < waited < 3.0
 
 
 async def test_garbage_gets_clean_4xx_never_a_traceback(

@@ -1,13 +1,22 @@
-"""celld.peering's waits for membership, driven without sockets: a stand-in for
-celld.gossip whose live set the test moves, on trio's virtual clock."""
+"""celld.peering driven without sockets, on trio's virtual clock: its waits for
+membership, with a stand-in for celld.gossip whose live set the test moves, and its have
+queries, carried between cells as datagrams sealed and opened by protocol.wire."""
 
 from __future__ import annotations
+
+import hashlib
+import math
+import random
+from pathlib import Path
 
 import trio
 
 from celld.metrics import Metrics
 from celld.peering import Peering, TableMiss
 from celld.store import Store
+from protocol import swarm as sw
+from protocol import wire
+from protocol.pieces import MiB, bitmap_full, piece_count, piece_size_for
 from protocol.placement import LeaseStatus, LookupResult, ProviderInfo
 
 KEY = bytes(range(32))
@@ -23,6 +32,9 @@ class Members:
 
     def live_ids(self) -> frozenset[str]:
         return frozenset(self.live)
+
+    def send(self, to: str, msg: object) -> None:
+        pass
 
 
 def held_by(holder: str) -> LookupResult:
@@ -107,3 +119,113 @@ async def test_after_every_named_cell_answered_without_a_table_the_homes_are_ask
     granted = LookupResult(DIGEST, (), LeaseStatus.GRANTED, "me", 4, ("home",))
     answers.append(granted)  # the stale lease ended: this cell reads it, under the lease
     assert await peering.look_again(miss, DIGEST) == granted
+
+
+class Net:
+    """Datagrams between the Peerings of one test, each sealed by its sender's
+    protocol.wire.Codec and opened by its receiver's, as celld.gossip does, and delivered
+    by a task (never inside the sender's call)."""
+
+    def __init__(self) -> None:
+        self.links: dict[str, Link] = {}
+        self.sent: list[tuple[float, str, str, object]] = []  # (when, from, to, message)
+        self._in, self._out = trio.open_memory_channel[tuple[str, bytes]](math.inf)
+
+    async def deliver(self) -> None:
+        async for to, data in self._out:
+            link = self.links[to]
+            opened = link.codec.open(data, trio.current_time())
+            assert isinstance(opened, wire.Decoded), opened
+            assert link.listener is not None
+            link.listener.datagram(opened.sender, opened.msg, trio.current_time())
+
+
+class Link:
+    """What Peering uses of celld.gossip, on a Net."""
+
+    def __init__(self, net: Net, name: str) -> None:
+        self.net, self.name = net, name
+        self.codec = wire.Codec(KEY, name, now=0.0)
+        self.listener: Peering | None = None
+        net.links[name] = self
+
+    def live_ids(self) -> frozenset[str]:
+        return frozenset(self.net.links)
+
+    def send(self, to: str, msg: object) -> None:
+        now = trio.current_time()
+        self.net.sent.append((now, self.name, to, msg))
+        if to in self.net.links:
+            self.net._in.send_nowait((to, self.codec.seal(msg, now)))
+
+
+def cell_on(net: Net, name: str, root: Path) -> Peering:
+    store = Store.open(root / name)
+    return Peering(name, "z", KEY, store, Metrics(), Link(net, name), clock=trio.current_time)  # type: ignore[arg-type]
+
+
+def have_replies(net: Net, to: str) -> list[tuple[float, sw.HaveReply]]:
+    return [(t, m) for t, _, dst, m in net.sent if dst == to and isinstance(m, sw.HaveReply)]
+
+
+async def test_a_have_query_is_a_datagram_and_its_answer_brings_piece_requests(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """B downloads a blob whose only known provider, A, was announced holding nothing
+    yet: B asks A what it has in one datagram, A (whose store holds the blob) answers in
+    another, and B asks A for pieces."""
+    data = random.Random(1).randbytes(5 * MiB)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    count = piece_count(len(data), piece_size_for(len(data)))
+    assert count >= 2
+    net = Net()
+    a, b = cell_on(net, "a", tmp_path), cell_on(net, "b", tmp_path)
+    a.store.put_bytes(digest, data)
+    asked: list[tuple[str, int]] = []
+    b._request = lambda peer, d, index: asked.append((peer, index))  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(net.deliver)
+        await nursery.start(a.run)
+        await nursery.start(b.run)
+        located = LookupResult(
+            digest, (ProviderInfo("a", "z", False, 0, 0),), LeaseStatus.HELD, "a", count, ("a",)
+        )
+        b._do(b.cell.download(digest, count, trio.current_time(), located=located))
+        await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    queries = [m for _, src, dst, m in net.sent if isinstance(m, sw.HaveQuery)]
+    assert queries and all(q.digest == digest for q in queries)
+    (_, reply), *_ = have_replies(net, "b")
+    assert reply == sw.HaveReply(digest, bitmap_full(count), True)
+    assert asked and {peer for peer, _ in asked} == {"a"}
+
+
+async def test_a_parked_have_query_is_answered_when_the_piece_lands_or_after_have_wait(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """A holds pieces 0 and 2 of 4; B's query for piece 1 waits at A and is answered the
+    moment A gets it; C's, for piece 3, after have_wait with what A holds by then."""
+    digest = "sha256:" + "cd" * 32
+    net = Net()
+    a = cell_on(net, "a", tmp_path)
+    for name in ("b", "c"):
+        Link(net, name).listener = a  # never delivered to: the test reads net.sent
+    wait = a.cell.swarm.have_wait
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(net.deliver)
+        await nursery.start(a.run)
+        a.cell.uploader.add_seed(digest, 4, 0b0101)
+        start = trio.current_time()
+        a.datagram("b", sw.HaveQuery(digest, 0b0010), start)
+        a.datagram("c", sw.HaveQuery(digest, 0b1000), start)
+        await trio.sleep(wait / 4)
+        assert have_replies(net, "b") == have_replies(net, "c") == []  # parked
+        a.peer.wake(a.cell.uploader.piece_added(digest, 1))
+        await trio.sleep(2 * wait)
+        nursery.cancel_scope.cancel()
+    assert have_replies(net, "b") == [(start + wait / 4, sw.HaveReply(digest, 0b0111, False))]
+    assert have_replies(net, "c") == [(start + wait, sw.HaveReply(digest, 0b0111, False))]
+    # a blob the cell does not hold is answered at once: nothing held
+    other = "sha256:" + "ef" * 32
+    a.datagram("b", sw.HaveQuery(other, 1), trio.current_time())
+    assert have_replies(net, "b")[-1][1] == sw.HaveReply(other, 0, False)

@@ -202,11 +202,16 @@ class NsCelld(Celld):
         return {labels["source"]: int(v) for labels, v in self.samples("celld_fetched_bytes_total")}
 
     def peer_requests(self) -> dict[str, int]:
-        """The peer API requests this cell answered, by "endpoint outcome"."""
-        return {
+        """The peer API requests this cell answered, by "endpoint outcome", and the have
+        queries it was sent ("have query": datagrams, not requests)."""
+        counts = {
             f"{labels['endpoint']} {labels['outcome']}": int(v)
             for labels, v in self.samples("celld_peer_requests_total")
         }
+        for labels, v in self.samples("celld_gossip_datagrams_received_total"):
+            if labels["kind"] == "HaveQuery":
+                counts["have query"] = int(v)
+        return counts
 
     def registry_reads(self) -> dict[str, int]:
         """Blobs this cell read whole from the registries, by why (lease, no_lease, ...)."""
@@ -675,7 +680,7 @@ class Storm:
 
                 p(
                     f"   peer requests  piece {n('piece ok')} (busy {n('piece error_503')}, missing {n('piece error_404')}),"
-                    f" have {n('have ok') + n('have error_404')}, table {n('table ok')} (404 {n('table error_404')})"
+                    f" have queries {n('have query')}, table {n('table ok')} (404 {n('table error_404')})"
                 )
             reads = fig["registry_reads"]
             if reads:
