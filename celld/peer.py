@@ -10,7 +10,8 @@ Endpoints (digests are "sha256:<hex>"; bitmaps travel as hex of pieces.bitmap_to
     GET /v1/blobs/<digest>                 a complete blob, sendfile, Range supported
     GET /v1/blobs/<digest>/pieces          the piece table (PieceTable.encode); ?wait=S:
                                            held up to min(S, TABLE_PARK) for a first piece
-    GET /v1/blobs/<digest>/pieces/<index>  one verified piece; 404 when not held, 503 busy
+    GET /v1/blobs/<digest>/pieces/<index>  one verified piece, its blake3 hash in
+                                           `Celld-Piece-Hash`; 404 when not held, 503 busy
 
 Every answer about a known blob carries `Celld-Size`, `Celld-Piece-Size`, `Celld-Pieces`,
 `Celld-Have` and `Celld-Complete`, so an asker learns what this cell holds from any reply
@@ -18,6 +19,13 @@ Every answer about a known blob carries `Celld-Size`, `Celld-Piece-Size`, `Celld
 one datagram and its answer another (celld.peering, through celld.gossip), as in the
 simulator. A long poll over HTTP cost both cells about a millisecond of CPU each and
 held a connection for up to have_wait; a storm asks thousands of them.
+
+A piece's hash travels with it. An asker whose table lacks that hash (the table it got
+was partial: its sender was still downloading) checks the piece against the hash its
+sender gives beside it. That is the trust of a fresh table from the same sender, which
+the asker used to fetch first, a request before most pieces of a storm (940 for 1,500
+pieces, 12 cells): the sender vouches for the bytes and their hash alike, and the blob's
+sha256 decides in the end either way.
 
 Where blobs come from is not this module's business: a `BlobSource` finds a digest as
 `Complete` (a stored file) or `Partial` (the temp file of a download, with the pieces
@@ -573,8 +581,23 @@ class Peer:
         hit = self._open_found(digest)
         if hit is None:
             return _error(404, "this cell does not hold that blob")
-        fd, _, layout = hit
+        fd, found, layout = hit
         if index >= layout.count or not (layout.have >> index) & 1:
+            os.close(fd)
+            return _error(404, f"this cell does not hold piece {index}", layout)
+        try:
+            # a stored blob may have no table yet: hashed once, as for a table request
+            table = found.table or await self._complete_table(digest, fd, layout)
+        except CorruptBlob:
+            os.close(fd)
+            log.error("the stored %s no longer matches its digest: not serving it", digest)
+            self.blobs.corrupt(digest)
+            return _error(404, "this cell's copy of that blob is damaged")
+        except BaseException:
+            os.close(fd)
+            raise
+        expected = table.hashes[index]
+        if expected is None:  # a held piece's hash is known: never, but never send it bare
             os.close(fd)
             return _error(404, f"this cell does not hold piece {index}", layout)
         taken = await self._slot(cell, digest, index)
@@ -590,6 +613,7 @@ class Peer:
             offset, length = piece_span(index, layout.size, layout.piece_size)
             headers = [("Content-Type", "application/octet-stream"), *layout.headers()]
             headers.append(("Celld-Piece", str(index)))
+            headers.append(("Celld-Piece-Hash", expected.hex()))
             return self._send(200, headers, fd, ByteRange(offset, offset + length - 1),
                               "piece", slot)  # fmt: skip
         except BaseException:
@@ -631,6 +655,7 @@ class PieceResult:
     have: int  # the peer's bitmap, from the reply
     complete: bool
     data: bytes | bytearray = b""  # only for OK; PeerClient.recycle once written
+    learned: bytes | None = None  # OK with a hash the table lacked: the sender's, checked
 
 
 @dataclass
@@ -763,8 +788,9 @@ class PeerClient:
         return TableReply(table, frozenset(unquote(s) for s in private.split(",") if s))
 
     async def piece(self, addr: str, digest: str, index: int, table: PieceTable) -> PieceResult:
-        """Piece `index`, checked against `table` (which must know its hash): a piece that
-        does not verify is BAD, never OK."""
+        """Piece `index`, checked against `table`, or when `table` lacks its hash against
+        the one the peer sent beside it (then `learned`, for the caller's table): a piece
+        that does not verify is BAD, never OK."""
         target = f"/v1/blobs/{digest}/pieces/{index}".encode()
         async with self._get(addr, target, self.timeout) as response:
             have, complete, _ = _have_of(response)
@@ -775,6 +801,16 @@ class PeerClient:
                 return PieceResult(answer, have, complete)
             if response.status != 200:
                 raise self._refused(addr, response)
+            learned = None
+            if table.hashes[index] is None:
+                try:
+                    learned = bytes.fromhex(response.header(b"celld-piece-hash") or "")
+                except ValueError:
+                    learned = b""
+                checked = table.with_hash(index, learned)
+                if not isinstance(checked, PieceTable):
+                    raise PeerError(f"{addr}: piece {index} without a hash", response.status)
+                table = checked
             _, expected = table.span(index)
             length = response.header(b"content-length")
             if length != str(expected):
@@ -783,7 +819,7 @@ class PeerClient:
         if not table.verify(index, data):
             self.recycle(data)
             return PieceResult(PieceAnswer.BAD, have, complete)
-        return PieceResult(PieceAnswer.OK, have, complete, data)
+        return PieceResult(PieceAnswer.OK, have, complete, data, learned)
 
     def recycle(self, data: bytes | bytearray) -> None:
         """The caller is done with an OK piece's `data`: its buffer takes a later piece.

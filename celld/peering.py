@@ -555,10 +555,14 @@ class Peering:
                 if addr is None:
                     raise PeerError(f"{peer} has no address")
                 assert t.table is not None
-                if t.table.hashes[index] is None:
-                    await self._refresh_table(t, peer, addr)
                 got = await self.client.piece(addr, t.digest, index, t.table)
                 if got.answer is PieceAnswer.OK:
+                    if got.learned is not None:  # before `held`: find() serves its hash
+                        merged = t.table.with_hash(index, got.learned)
+                        if not isinstance(merged, PieceTable):
+                            self.client.recycle(got.data)
+                            raise PeerError(f"{peer}'s hash of piece {index} disagrees")
+                        t.table = merged
                     start, _ = t.table.span(index)
                     await trio.to_thread.run_sync(t.writer.write_at, start, got.data)
                     self.client.recycle(got.data)
@@ -605,16 +609,6 @@ class Peering:
             reply = sw.PieceReply(t.digest, index, status, got.have, got.complete)
             self._do(self.cell.piece_refused(peer, reply, now))
         t.notify()
-
-    async def _refresh_table(self, t: Transfer, peer: str, addr: str) -> None:
-        """A partial table grows as its holder verifies pieces: merge the newer one."""
-        fresh = (await self.client.table(addr, t.digest)).table
-        assert t.table is not None
-        merged = t.table.merge(fresh)
-        if isinstance(merged, PieceTable):
-            t.table = merged
-        else:
-            raise PeerError(f"{peer}'s piece table disagrees with {t.table_from}'s")
 
     async def _advance(self, t: Transfer) -> None:
         """Hash the pieces that now follow the contiguous prefix, in order."""

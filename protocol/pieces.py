@@ -271,6 +271,19 @@ class PieceTable:
             merged.append(a if a is not None else b)
         return PieceTable(self.blob_size, self.piece_size, tuple(merged))
 
+    def with_hash(self, index: int, piece_hash: bytes) -> PieceTable | PieceTableError:
+        """This table with piece `index`'s hash, as a peer sent it beside the piece (the
+        same trust as its table: see celld.peer); an error if this table knows another."""
+        known = self.hashes[index]
+        if known == piece_hash:
+            return self
+        if known is not None:
+            return PieceTableError("tables disagree on a piece hash")
+        if len(piece_hash) != HASH_SIZE:
+            return PieceTableError("not a piece hash")
+        hashes = (*self.hashes[:index], piece_hash, *self.hashes[index + 1 :])
+        return PieceTable(self.blob_size, self.piece_size, hashes)
+
     def encode(self) -> bytes:
         """Header, then (partial tables only) the known bitmap, then the known hashes in
         index order: 32 bytes a piece, 32 KiB for a 1,024-piece blob."""

@@ -154,20 +154,53 @@ async def test_table_matches_the_bytes_and_every_piece_verifies(store: Store) ->
 
 
 async def test_a_lying_peer_piece_is_bad_never_ok(store: Store) -> None:
-    """The server holds other bytes under the digest: the client's check catches it."""
+    """The server holds other bytes under the digest, and the right table: the client's
+    check catches them. Without a table, the server hashes its copy before it sends a
+    piece with its hash, finds it damaged, and drops it instead."""
     digest, data = _blob()
     _, other = _blob(seed=2)
     path = store.data_dir / "liar"
     path.write_bytes(other)
+    table = PieceTable.from_bytes(data)
+    damaged: list[str] = []
 
     class Liar:
-        def find(self, d: str):
-            return Complete(path, SIZE) if d == digest else None
+        stored_table: PieceTable | None = table
 
-    table = PieceTable.from_bytes(data)
-    async with running(Liar()) as cell, client() as c:
+        def find(self, d: str):
+            return Complete(path, SIZE, table=self.stored_table) if d == digest else None
+
+        def corrupt(self, d: str) -> None:
+            damaged.append(d)
+
+    liar = Liar()
+    async with running(liar) as cell, client() as c:
         result = await c.piece(cell.addr, digest, 1, table)
         assert result.answer is PieceAnswer.BAD and result.data == b""
+        partial = PieceTable(table.blob_size, table.piece_size, (table.hashes[0], None, None))
+        result = await c.piece(cell.addr, digest, 1, partial)  # the liar's hash: still BAD
+        assert result.answer is PieceAnswer.BAD and result.learned is None
+        liar.stored_table = None
+        result = await c.piece(cell.addr, digest, 1, partial)
+        assert result.answer is PieceAnswer.MISSING and damaged == [digest]
+
+
+async def test_a_piece_brings_the_hash_a_partial_table_lacks(store: Store) -> None:
+    """An asker that got a partial table (its sender was still downloading) takes the
+    other pieces' hashes from the replies that carry them, and checks each piece."""
+    digest, data = _blob()
+    store.put_bytes(digest, data)
+    full = PieceTable.from_bytes(data)
+    first = PieceTable(full.blob_size, full.piece_size, (full.hashes[0], None, None))
+    async with running(StoreBlobs(store)) as cell, client() as c:
+        for i in (1, 2):
+            result = await c.piece(cell.addr, digest, i, first)
+            assert result.answer is PieceAnswer.OK and result.learned == full.hashes[i]
+            offset, length = full.span(i)
+            assert result.data == data[offset : offset + length]
+        known = await c.piece(cell.addr, digest, 0, first)
+        assert known.answer is PieceAnswer.OK and known.learned is None
+        assert cell.value("celld_peer_requests_total", endpoint="table", outcome="ok") == 0
 
 
 async def test_bad_macs_get_401_and_are_counted(store: Store) -> None:

@@ -181,6 +181,15 @@ def test_merging_partial_tables_unites_them_and_disagreement_is_an_error() -> No
     assert isinstance(a.merge(PieceTable(12, 6, (None, None))), PieceTableError)
 
 
+def test_a_hash_sent_beside_its_piece_fills_a_gap_and_never_overwrites() -> None:
+    table = PieceTable(12, 4, (b"a" * 32, None, None))
+    assert table.with_hash(1, b"b" * 32) == PieceTable(12, 4, (b"a" * 32, b"b" * 32, None))
+    assert table.with_hash(0, b"a" * 32) is table
+    assert isinstance(table.with_hash(0, b"x" * 32), PieceTableError)  # disagrees
+    assert isinstance(table.with_hash(1, b"short"), PieceTableError)
+    assert isinstance(table.with_hash(1, b""), PieceTableError)  # none was sent
+
+
 def test_an_empty_blob_has_no_pieces_and_a_complete_table() -> None:
     table = PieceTable.from_bytes(b"")
     assert table.count == 0 and table.complete
