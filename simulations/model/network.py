@@ -10,6 +10,8 @@ Latency of one datagram = the base latency of the zone pair (same zone lower) pl
 lognormal jitter drawn per datagram (plus a fixed extra for a far registry). A bulk
 transfer runs as a flow; the caller delays its start by the latency of its request. Loss drops each datagram independently with the
 scenario's probability; flows are TCP and are not lost, only slowed by sharing.
+A node may have an intake too (its CPU: see scenario.Cells), one more resource that
+every flow into it crosses; nodes may share one (cells on one machine).
 A crashed node neither sends nor receives, and every flow it takes part in fails. A
 partition splits nodes into groups: datagrams across groups are dropped and flows
 across groups fail when it starts.
@@ -58,6 +60,7 @@ class Network:
         "extra",
         "flows",
         "group",
+        "intake",
         "link",
         "names",
         "receivers",
@@ -93,6 +96,7 @@ class Network:
         self.extra: list[float] = []
         self.up: list[Resource] = []
         self.down: list[Resource] = []
+        self.intake: list[Resource | None] = []
         self.alive: list[bool] = []
         self.group: list[int] = []
         self.receivers: list[Receiver | None] = []
@@ -103,16 +107,23 @@ class Network:
         self.dropped_partition = 0
 
     def add_node(
-        self, name: str, zone: int, upload: float, download: float, extra_latency: float = 0.0
+        self,
+        name: str,
+        zone: int,
+        upload: float,
+        download: float,
+        extra_latency: float = 0.0,
+        intake: Resource | None = None,
     ) -> int:
         """A node with its link capacities; `extra_latency` is added to each of its hops
-        (a registry far away)."""
+        (a registry far away); `intake` bounds what flows into it together (its CPU)."""
         node = len(self.names)
         self.names.append(name)
         self.zone.append(zone)
         self.extra.append(extra_latency)
         self.up.append(Resource(f"{name}.up", upload))
         self.down.append(Resource(f"{name}.down", download))
+        self.intake.append(intake)
         self.alive.append(True)
         self.group.append(0)
         self.receivers.append(None)
@@ -180,9 +191,12 @@ class Network:
     ) -> Flow:
         """Move `size` bytes from src to dst (through `via`'s links if given) as one flow."""
         if via is None:
-            resources = (self.up[src], self.down[dst])
+            resources: tuple[Resource, ...] = (self.up[src], self.down[dst])
         else:
             resources = (self.up[src], self.down[via], self.up[via], self.down[dst])
+        intake = self.intake[dst]
+        if intake is not None:
+            resources = (*resources, intake)
         flow = self.flows.start(resources, size, on_end, src=src, dst=dst, tag=tag)
         if not (self.reachable(src, dst) and (via is None or self.reachable(src, via))):
             self.flows.abort(flow)

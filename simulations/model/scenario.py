@@ -12,7 +12,8 @@ A scenario file (every table is optional except [cells]):
     seed = 1
     strategies = ["celld", "central-only", "spegel"]   # the first is the subject
 
-    [cells]        count, zones (list of names, assigned round robin), upload, download
+    [cells]        count, zones (list of names, assigned round robin), upload, download,
+                   intake ("0": unlimited, the default) and intake_shared (see Cells)
     [network]      same_zone_ms, cross_zone_ms, jitter_median_ms, jitter_sigma, loss,
                    rebalance_quantum_ms
     [upstream]     bandwidth, latency_ms            (the image's home registry: the Hub)
@@ -91,10 +92,18 @@ def parse_size(value: object, key: str) -> float:
 
 @dataclass(frozen=True)
 class Cells:
+    """`intake`: the bytes/s a cell's CPU can take in (fetch, verify, write, and hand to
+    its runtime), over all its downloads; 0 for no limit. `intake_shared`: one CPU for
+    every cell, `intake` being all of theirs together: the testbed, whose cells run on
+    one machine. Measure it where the links do not bind (the testbed's storm with
+    `--link 10gbit`: cells x image / p50), then let the links bind to see which wins."""
+
     count: int
     zones: tuple[str, ...]
     upload: float
     download: float
+    intake: float = 0.0
+    intake_shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -202,7 +211,7 @@ def parse(doc: dict[str, Any], default_name: str = "scenario") -> Scenario:
     _check_keys(doc, top, "top level")
 
     c = _table(doc, "cells")
-    _check_keys(c, {"count", "zones", "upload", "download"}, "cells")
+    _check_keys(c, {"count", "zones", "upload", "download", "intake", "intake_shared"}, "cells")
     count = c.get("count")
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise ScenarioError("cells.count: expected a positive integer")
@@ -214,7 +223,11 @@ def parse(doc: dict[str, Any], default_name: str = "scenario") -> Scenario:
         zones=tuple(zones),
         upload=parse_size(c.get("upload", "125MB/s"), "cells.upload"),
         download=parse_size(c.get("download", "125MB/s"), "cells.download"),
+        intake=parse_size(c.get("intake", "0"), "cells.intake"),
+        intake_shared=c.get("intake_shared", False),
     )
+    if not isinstance(cells.intake_shared, bool):
+        raise ScenarioError("cells.intake_shared: expected true or false")
 
     n = _table(doc, "network")
     _check_keys(

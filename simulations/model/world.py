@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from protocol.wire import MEMBERSHIP_MESSAGES, Codec, DecodeError, Message
 from simulations.model.baselines import CentralOnly, Spegel
 from simulations.model.engine import Engine
-from simulations.model.flows import Flow
+from simulations.model.flows import Flow, Resource
 from simulations.model.metrics import Metrics, Tracked, r
 from simulations.model.network import Network
 from simulations.model.rng import derive, derive_bytes
@@ -59,8 +59,14 @@ class World:
         self.n_initial = sc.cells.count
         self.n_cells = self.n_initial + sum(f.count for f in sc.faults if f.kind == "join")
         zones = sc.cells.zones
+        rate, shared = sc.cells.intake, None
+        if rate and sc.cells.intake_shared:
+            shared = Resource("cells.intake", rate)
         for i in range(self.n_cells):
-            self.net.add_node(f"cell-{i}", i % len(zones), sc.cells.upload, sc.cells.download)
+            intake = shared or (Resource(f"cell-{i}.intake", rate) if rate else None)
+            self.net.add_node(
+                f"cell-{i}", i % len(zones), sc.cells.upload, sc.cells.download, intake=intake
+            )
         self.central = self.net.add_node(
             "central", -1, sc.central.bandwidth, sc.central.bandwidth, sc.central.latency_s
         )

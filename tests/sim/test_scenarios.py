@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from simulations.model import ScenarioError, load, simulate
-from simulations.model.scenario import parse
+from simulations.model.scenario import parse, parse_size
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "simulations" / "scenarios"
 
@@ -118,6 +118,8 @@ def test_every_shipped_scenario_parses() -> None:
         ({"cells": {"count": 3}, "strategies": ["bittorrent"]}, "strategies"),
         ({"cells": {"count": 3}, "faults": [{"kind": "crash", "cells": [9]}]}, "faults[0].cells"),
         ({"cells": {"count": 3}, "colour": "blue"}, "colour"),
+        ({"cells": {"count": 3, "intake_shared": "yes"}}, "cells.intake_shared"),
+        ({"cells": {"count": 3, "intake": "quick"}}, "cells.intake"),
     ],
 )
 def test_bad_scenarios_are_refused_naming_the_key(doc: dict, message: str) -> None:
@@ -179,3 +181,27 @@ def test_a_late_cell_pulling_many_layers_from_idle_peers_finishes() -> None:
     assert run["pull"]["completed"] == 8
     assert run["strategy"]["cancelled"] < 200
     assert run["bytes"]["origin_copies"] == pytest.approx(1.0)
+
+
+def test_cells_on_one_machine_share_its_intake() -> None:
+    """The testbed's cells run on one machine, whose CPU the links never see: with
+    `intake_shared`, everything flowing into the cells together is bounded by `intake`,
+    so a storm takes at least cells x image / intake however fast the links. An intake
+    of each cell's own above its link changes nothing."""
+    with open(SCENARIOS / "testbed_8.toml", "rb") as f:
+        doc = tomllib.load(f)
+    doc["strategies"] = ["celld"]
+    image = sum(parse_size(layer, "") for layer in doc["image"]["layers"])
+
+    def p50(**cells: object) -> float:
+        d = {**doc, "cells": {**doc["cells"], **cells}}
+        return simulate(parse(d, "testbed_8_intake"))["runs"]["celld"]["pull"]["completion_s"][
+            "p50"
+        ]
+
+    links = p50()
+    assert p50(intake="50MB/s") == links  # each cell's own: twice its link
+    floor = 8 * image / 50e6
+    shared = p50(intake="50MB/s", intake_shared=True)
+    assert floor * 0.95 <= shared <= floor * 1.3
+    assert links < floor / 1.5
