@@ -431,6 +431,13 @@ def test_eight_cold_pulls_cost_the_registries_about_one_copy(cells, hub, central
     assert reads["lease"] >= len(image.blobs), reads
     from_peers = sum(c.metric("celld_fetched_bytes_total", source="peer") for c in fleet)
     assert from_peers >= 5 * sum(len(b.data) for b in image.blobs)
+    # Cells with nothing to take yet asked what the others hold, in datagrams, answered
+    queries, answers = (
+        sum(c.metric("celld_gossip_datagrams_received_total", kind=k) for c in fleet)
+        for k in ("HaveQuery", "HaveReply")
+    )
+    print(f"have queries {queries:.0f}, answers {answers:.0f}")
+    assert queries > 0 and answers > 0
     for cell in fleet:
         for blob in image.blobs:
             assert cell.blob_stored(blob.digest)
