@@ -534,14 +534,10 @@ class Peer:
             return response
         fd, found, layout = hit
         try:
-            if isinstance(found, Partial):
-                table = found.table
-            else:
-                table = found.table or await self._complete_table(digest, fd, layout)
+            # a partial blob's table always; a stored one's, hashed once if not known
+            table = found.table or await self._complete_table(digest, fd, layout)
         except CorruptBlob:
-            log.error("the stored %s no longer matches its digest: not serving it", digest)
-            self.blobs.corrupt(digest)
-            return _error(404, "this cell's copy of that blob is damaged")
+            return self._damaged(digest)
         finally:
             os.close(fd)
         headers = [("Content-Type", "application/octet-stream"), *layout.headers()]
@@ -551,6 +547,13 @@ class Peer:
                 ("Celld-Private", ",".join(quote(s, safe="") for s in sorted(found.private)))
             )
         return Response(200, headers, table.encode())
+
+    def _damaged(self, digest: str) -> Response:
+        """A stored blob failed its digest while being hashed: out of the store, and the
+        asker told so (it goes to another peer)."""
+        log.error("the stored %s no longer matches its digest: not serving it", digest)
+        self.blobs.corrupt(digest)
+        return _error(404, "this cell's copy of that blob is damaged")
 
     async def _complete_table(self, digest: str, fd: int, layout: _Layout) -> PieceTable:
         """The table of a stored blob, hashed once in a worker thread and kept (one
@@ -586,18 +589,16 @@ class Peer:
             os.close(fd)
             return _error(404, f"this cell does not hold piece {index}", layout)
         try:
-            # a stored blob may have no table yet: hashed once, as for a table request
+            # the piece's hash goes with it (the same table as a table request's)
             table = found.table or await self._complete_table(digest, fd, layout)
         except CorruptBlob:
             os.close(fd)
-            log.error("the stored %s no longer matches its digest: not serving it", digest)
-            self.blobs.corrupt(digest)
-            return _error(404, "this cell's copy of that blob is damaged")
+            return self._damaged(digest)
         except BaseException:
             os.close(fd)
             raise
         expected = table.hashes[index]
-        if expected is None:  # a held piece's hash is known: never, but never send it bare
+        if expected is None:  # a held piece always has one; never send a piece without
             os.close(fd)
             return _error(404, f"this cell does not hold piece {index}", layout)
         taken = await self._slot(cell, digest, index)
