@@ -10,7 +10,7 @@ table it was checked against.
 
 How to drive it::
 
-    size = piece_size_for(blob_size)                  # the policy (2 MiB ... 16 MiB)
+    size = piece_size_for(blob_size)                  # the policy (1 MiB ... 16 MiB)
     hasher = PieceHasher(blob_size, size)
     for chunk in stream:                              # any chunking, in order
         for index, digest in hasher.feed(chunk):      # pieces completed by this chunk
@@ -25,15 +25,18 @@ Bitmaps are plain Python ints: bit i set = piece i held. Big-int operations run 
 `bitmap_to_bytes(bits, count)`: ceil(count / 8) bytes, little-endian (bit i of the int is
 bit i % 8 of byte i // 8).
 
-Why 2 MiB, growing to 16 MiB. A piece is the unit a cell can relay onward, so its
+Why 1 MiB, growing to 16 MiB. A piece is the unit a cell can relay onward, so its
 transfer time is the store-and-forward delay of every hop of the swarm, and an uploader
 shares its link among its 4 slots: a 4 MiB piece took 0.7 s a hop between the testbed's
 cells at 200 Mbit/s, and the storm's last pieces from the Hub reach the last cells in
-2-3 hops, most of its time over the physical limit. 2 MiB halves that: side by side on
-the testbed (8 cells, 64 MiB layers) p99/limit 1.37-1.42 against 1.45-1.48 with 4 MiB,
-and the simulated testbed_8 p99 12.9 s against 13.6 s; 1 MiB was no better there (1.40,
-1.42: twice the requests and "busy" answers on cells short of CPU). Past 512 pieces (a
-GiB) the pieces grow instead, so the table (32 bytes a piece) and the bitmap (one bit a
+2-3 hops, most of its time over the physical limit. Where the links bind (50 Mbit/s:
+every cell's downlink as fast as the Hub's, so what it idles waiting for a hop is never
+made up) 1 MiB beats 2 MiB side by side on the testbed: 12 cells p99/limit 1.23-1.28
+against 1.28-1.32, 8 cells 1.18 against 1.23 (simulated testbed_12_50mbit: p99 51.8 s
+against 54.0). It costs twice the requests per byte, ~15% more daemon CPU, so where the
+testbed's 2 cores bind (8 cells at 200 Mbit/s) it is slower: 1.94-2.00 against 1.81-1.89
+(4 MiB, then 2 MiB, were chosen there: README, "Testbed"). Past 512 pieces (512 MiB)
+the pieces grow instead, so the table (32 bytes a piece) and the bitmap (one bit a
 piece, 64 bytes at 512, which fits beside other fields in a 1,400-byte datagram) stay
 small: Kraken's 1.5 GB layers get 4 MiB pieces (its own are 4 MB), 14 ms at its 300 MB/s.
 16 MiB caps the relay delay (56 ms a hop at 300 MB/s). Beyond 8 GiB the count grows past
@@ -82,7 +85,7 @@ class PiecePolicy:
     capped at max_size. Powers of two keep piece boundaries aligned with page and Range
     arithmetic."""
 
-    min_size: int = 2 * MiB
+    min_size: int = 1 * MiB
     max_size: int = 16 * MiB
     target_count: int = 512
 

@@ -244,7 +244,7 @@ async def test_bad_macs_get_401_and_are_counted(store: Store) -> None:
 async def test_a_busy_cell_says_503_and_serves_again_once_free(store: Store) -> None:
     digest, data = _blob()
     store.put_bytes(digest, data)
-    async with running(StoreBlobs(store), slots=1, rate=8 * MiB) as cell:
+    async with running(StoreBlobs(store), slots=1, rate=4 * MiB) as cell:
         async with client(cell="a") as a, client(cell="b") as b:
             table = PieceTable.from_bytes(data)
             first: list = []
@@ -272,7 +272,7 @@ async def test_a_queued_upload_starts_when_the_slot_frees(store: Store) -> None:
     store.put_bytes(digest, data)
     metrics = Metrics()
     uploader = Uploader("server", slots=1, queue=1)
-    peer = Peer(KEY, uploader, StoreBlobs(store), metrics, upload_rate=8 * MiB)  # a piece: 0.25 s
+    peer = Peer(KEY, uploader, StoreBlobs(store), metrics, upload_rate=4 * MiB)  # a piece: 0.25 s
     table = PieceTable.from_bytes(data)
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(serve, "127.0.0.1", 0, peer.handle)

@@ -331,17 +331,19 @@ def test_a_lease_holder_killed_before_its_first_piece_hands_the_lease_on(
     cells, hub, central, tmp_path
 ):
     """The lease holder dies while the other cell waits for its first piece (its Hub
-    read held 1 MiB in): the other cell cannot reach it, waits until membership
+    read held half a piece in): the other cell cannot reach it, waits until membership
     declares it dead, looks up again and reads the layer under the lease it is then
     granted. (Before, it read the layer at once without the lease: in a kill storm the
     lease then went to a third cell too, and the Hub sent the layer twice more.)"""
     _, layer, ref = one_layer(hub, "library/handover", 12 * MiB)
-    with FaultProxy(hub.host, hold_after=1 * MiB, affects=re.escape(layer.digest)) as proxy:
+    with FaultProxy(hub.host, hold_after=MiB // 2, affects=re.escape(layer.digest)) as proxy:
         a, b = cells(2, upstream=proxy.url)
         conf = write_registries_conf(tmp_path / "via-a.conf", {"docker.io": a.host})
         with ThreadPoolExecutor(2) as pool:
             pool.submit(skopeo_copy, f"docker.io/{ref}", tmp_path / "via-a", registries_conf=conf)
-            wait_until(lambda: proxy.held, 30, "A holds the lease and is 1 MiB into the layer")
+            wait_until(
+                lambda: proxy.held, 30, "A holds the lease and is half a piece into the layer"
+            )
             via_b = pool.submit(pull, b, ref, tmp_path / "via-b")
             wait_until(
                 lambda: a.metric("celld_peer_requests_total", endpoint="table") >= 1,

@@ -32,10 +32,12 @@ GiB = 1024 * MiB
 # -- policy ------------------------------------------------------------------------------
 
 
-def test_layers_up_to_a_gib_use_2_mib_pieces() -> None:
-    assert piece_size_for(0) == 2 * MiB
-    assert piece_size_for(1) == 2 * MiB
-    assert piece_size_for(64 * MiB) == 2 * MiB  # the testbed's layers: 32 pieces
+def test_layers_up_to_512_mib_use_1_mib_pieces() -> None:
+    assert piece_size_for(0) == 1 * MiB
+    assert piece_size_for(1) == 1 * MiB
+    assert piece_size_for(64 * MiB) == 1 * MiB  # the testbed's layers: 64 pieces
+    assert piece_size_for(512 * MiB) == 1 * MiB
+    assert piece_size_for(512 * MiB + 1) == 2 * MiB
     assert piece_size_for(1 * GiB) == 2 * MiB
 
 
@@ -47,7 +49,7 @@ def test_piece_size_grows_to_keep_at_most_512_pieces_then_caps_at_16_mib() -> No
     assert piece_size_for(2 * GiB + 1) == 8 * MiB
     assert piece_size_for(4 * GiB + 1) == 16 * MiB
     assert piece_size_for(100 * GiB) == 16 * MiB
-    for size in (1, 300 * MiB, 1 * GiB + 1, 3 * GiB, 8 * GiB):
+    for size in (1, 300 * MiB, 600 * MiB, 1 * GiB + 1, 3 * GiB, 8 * GiB):
         assert piece_count(size, piece_size_for(size)) <= 512
 
 
