@@ -105,7 +105,7 @@ QUEUE_WAIT = (
 # does not hold yet (a lease holder whose registry read has just begun): the asker's
 # one parked request rather than a 404 every TABLE_RETRY (celld.peering).
 TABLE_PARK = 1.0
-MAX_SPARE = 8  # piece buffers a PeerClient keeps for reuse (2-4 MiB each, usually)
+MAX_SPARE = 8  # piece buffers a PeerClient keeps for reuse (1-2 MiB each, usually)
 MAX_TABLES = 64  # complete tables kept in memory (16 KiB each at 512 pieces)
 
 _ROUTE = re.compile(rb"/v1/blobs/(sha256:[0-9a-f]{64})(?:/(pieces)(?:/([0-9]{1,9}))?)?")
@@ -825,13 +825,21 @@ class PeerClient:
     def recycle(self, data: bytes | bytearray) -> None:
         """The caller is done with an OK piece's `data`: its buffer takes a later piece.
         A fresh 4 MiB bytearray costs a zero fill and ~1,000 page faults with the GIL
-        held: in the testbed's storm, a fifth of a cell's Python time."""
-        if isinstance(data, bytearray) and len(self._spare) < MAX_SPARE:
+        held: in the testbed's storm, a fifth of a cell's Python time.
+
+        Only whole pieces (a power of two, the policy's sizes) are kept, the newest
+        first: a blob's short last piece fits no other blob, and kept it would take a
+        place for good, until a long-lived daemon's spares were all such and every
+        piece paid for a fresh buffer."""
+        size = len(data)
+        if isinstance(data, bytearray) and size and size & (size - 1) == 0:
             self._spare.append(data)
+            if len(self._spare) > MAX_SPARE:
+                del self._spare[0]  # the oldest: the sizes in use are the latest ones
 
     def _buffer(self, size: int) -> bytearray:
-        for i, buf in enumerate(self._spare):
-            if len(buf) == size:
+        for i in range(len(self._spare) - 1, -1, -1):
+            if len(self._spare[i]) == size:
                 return self._spare.pop(i)
         return bytearray(size)
 

@@ -21,6 +21,7 @@ from celld.http import serve
 from celld.http_client import Origin, Pool, Timeouts
 from celld.metrics import Metrics
 from celld.peer import (
+    MAX_SPARE,
     Complete,
     Partial,
     Peer,
@@ -145,6 +146,16 @@ async def test_table_matches_the_bytes_and_every_piece_verifies(store: Store) ->
                 assert result.data is recycled  # reused, and holding this piece's bytes
             c.recycle(result.data)
             recycled = result.data
+        async with client(cell="long-lived") as d:
+            # other blobs' short last pieces handed back, then whole pieces of other
+            # sizes: a whole piece of this size is still kept, and the one reused
+            for n in range(MAX_SPARE):
+                d.recycle(bytearray(PIECE // 2 + n + 1))
+            whole = (await d.piece(cell.addr, digest, 0, table)).data
+            d.recycle(whole)
+            for n in range(MAX_SPARE - 1):
+                d.recycle(bytearray(PIECE >> (n + 1)))
+            assert (await d.piece(cell.addr, digest, 1, table)).data is whole
         missing = await c.piece(cell.addr, digest, 3, table)
         assert missing.answer is PieceAnswer.MISSING and missing.have == 0b111
         unknown = "sha256:" + "0" * 64
