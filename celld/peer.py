@@ -7,11 +7,16 @@ check gets 401 and is counted by reason, and nothing about a blob is said to it.
 
 Endpoints (digests are "sha256:<hex>"; bitmaps travel as hex of pieces.bitmap_to_bytes)::
 
-    GET /v1/blobs/<digest>                 a complete blob, sendfile, Range supported
-    GET /v1/blobs/<digest>/pieces          the piece table (PieceTable.encode); ?wait=S:
+    GET /v2/blobs/<digest>                 a complete blob, sendfile, Range supported
+    GET /v2/blobs/<digest>/pieces          the piece table (PieceTable.encode); ?wait=S:
                                            held up to min(S, TABLE_PARK) for a first piece
-    GET /v1/blobs/<digest>/pieces/<index>  one verified piece, its blake3 hash in
+    GET /v2/blobs/<digest>/pieces/<index>  one verified piece, its blake3 hash in
                                            `Celld-Piece-Hash`; 404 when not held, 503 busy
+
+The version moves with protocol.wire's VERSION: v2 counts pieces of the 1 MiB policy
+(protocol.pieces), v1 those of 2 MiB. A v1 cell that still believes a restarted v2 cell
+alive (a rolling upgrade, until its probes fail) gets 404, "not held", rather than the
+bytes of another span, which it would take for a bad piece and ban the sender for.
 
 Every answer about a known blob carries `Celld-Size`, `Celld-Piece-Size`, `Celld-Pieces`,
 `Celld-Have` and `Celld-Complete`, so an asker learns what this cell holds from any reply
@@ -108,7 +113,8 @@ TABLE_PARK = 1.0
 MAX_SPARE = 8  # piece buffers a PeerClient keeps for reuse (1-2 MiB each, usually)
 MAX_TABLES = 64  # complete tables kept in memory (16 KiB each at 512 pieces)
 
-_ROUTE = re.compile(rb"/v1/blobs/(sha256:[0-9a-f]{64})(?:/(pieces)(?:/([0-9]{1,9}))?)?")
+API = "/v2"  # see the module docstring: the pieces' layout is part of the version
+_ROUTE = re.compile(API.encode() + rb"/blobs/(sha256:[0-9a-f]{64})(?:/(pieces)(?:/([0-9]{1,9}))?)?")
 
 
 # ---------------------------------------------------------------------------------------
@@ -771,7 +777,7 @@ class PeerClient:
         """The peer's piece table of `digest` (partial while it downloads), and the app
         scopes the blob is private to there. `wait`: a peer that holds no piece yet
         answers once it does, or 404 after up to that long (its TABLE_PARK at most)."""
-        target = f"/v1/blobs/{digest}/pieces".encode()
+        target = f"{API}/blobs/{digest}/pieces".encode()
         if wait > 0:
             target += f"?wait={wait:g}".encode()
         async with self._get(addr, target, self.timeout + wait) as response:
@@ -792,7 +798,7 @@ class PeerClient:
         """Piece `index`, checked against `table`, or when `table` lacks its hash against
         the one the peer sent beside it (then `learned`, for the caller's table): a piece
         that does not verify is BAD, never OK."""
-        target = f"/v1/blobs/{digest}/pieces/{index}".encode()
+        target = f"{API}/blobs/{digest}/pieces/{index}".encode()
         async with self._get(addr, target, self.timeout) as response:
             have, complete, _ = _have_of(response)
             if response.status in (404, 503):
@@ -848,7 +854,7 @@ class PeerClient:
         """A complete blob from `start`; the caller reads `chunks()` inside the block and
         checks the sha256. Each read has the client's timeout (a slow, steady stream is
         fine); a peer that does not hold it whole is PeerError(status=404)."""
-        target = f"/v1/blobs/{digest}".encode()
+        target = f"{API}/blobs/{digest}".encode()
         extra = [(b"range", f"bytes={start}-".encode())] if start else []
         async with self._get(addr, target, self.timeout, extra) as response:
             if response.status not in (200, 206) or (start and response.status != 206):

@@ -48,7 +48,10 @@ import blake3
 
 from protocol import placement, swarm
 
-VERSION = 1
+# 2: pieces of 1 MiB (protocol.pieces). A have query's and a reply's bitmaps count other
+# pieces than version 1's (2 MiB), so the two must not share: each drops the other's
+# datagrams as bad_version, and in a rolling upgrade each version shares among its own.
+VERSION = 2
 MAX_DATAGRAM = 1400
 MAC_LEN = 16
 KEY_LEN = 32

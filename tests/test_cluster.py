@@ -154,7 +154,9 @@ def test_forged_stale_and_replayed_datagrams_are_dropped_and_counted(start_cell)
     insider = wire.Codec(KEY, "cell-x", now=now)
     stale = insider.seal(wire.Gossip(()), now - 120)
     fresh = insider.seal(wire.Gossip(()), now)
+    older = bytes([1]) + insider.seal(wire.Gossip(()), now)[1:]  # a cell of 2 MiB pieces
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(older, target)
         s.sendto(b"\x01garbage", target)
         s.sendto(b"\x00" * 2000, target)
         s.sendto(forger.seal(wire.Gossip(()), now), target)
@@ -170,6 +172,7 @@ def test_forged_stale_and_replayed_datagrams_are_dropped_and_counted(start_cell)
     assert dropped("oversized") == 1
     assert dropped("bad_mac") == 1
     assert dropped("stale") == 1
+    assert dropped("bad_version") == 1
     assert "Traceback" not in a.log()
     # nothing of it disturbed the cluster
     assert states(a) == {"cell-a": "alive", "cell-b": "alive", "cell-c": "alive"}

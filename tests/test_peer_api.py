@@ -102,13 +102,31 @@ async def test_whole_blob_by_sendfile_is_intact(store: Store) -> None:
         assert cell.uploader.load == 0  # the whole-blob slot was given back
 
 
+async def test_a_cell_of_the_previous_version_is_told_not_held(store: Store) -> None:
+    """A v1 cell (2 MiB pieces) may still ask a restarted v2 cell until its probes fail:
+    it gets 404, "not held", never the bytes of a span it would check as another piece."""
+    digest, data = _blob()
+    store.put_bytes(digest, data)
+    async with running(StoreBlobs(store)) as cell:
+        pool = Pool()
+        for path in ("", "/pieces", "/pieces/0"):
+            target = f"/v1/blobs/{digest}{path}".encode()
+            headers = peerauth.sign(KEY, "old", b"GET", target, time.time(), os.urandom(16))
+            r = await pool.get(_origin(cell.addr), target, headers, TIMEOUTS)
+            assert r.status == 404
+            assert r.header(b"celld-have") is None  # nothing said about the blob
+            await r.aclose()
+        await pool.aclose()
+        assert cell.value("celld_peer_sent_bytes_total", endpoint="piece") == 0
+
+
 async def test_range_resumes_a_blob(store: Store) -> None:
     digest, data = _blob()
     store.put_bytes(digest, data)
     async with running(StoreBlobs(store)) as cell, client() as c:
         assert await read_blob(c, cell.addr, digest, start=SIZE - 5000) == data[-5000:]
         pool = Pool()
-        target = f"/v1/blobs/{digest}".encode()
+        target = f"/v2/blobs/{digest}".encode()
         headers = peerauth.sign(KEY, "raw", b"GET", target, time.time(), os.urandom(16))
         r = await pool.get(_origin(cell.addr), target, [*headers, (b"range", b"bytes=5-9")],
                            TIMEOUTS)  # fmt: skip
@@ -227,7 +245,7 @@ async def test_bad_macs_get_401_and_are_counted(store: Store) -> None:
                 await late.table(cell.addr, digest)
             assert err.value.status == 401
         pool = Pool()
-        target = f"/v1/blobs/{digest}/pieces".encode()
+        target = f"/v2/blobs/{digest}/pieces".encode()
         r = await pool.get(_origin(cell.addr), target, [], TIMEOUTS)  # unsigned
         assert r.status == 401
         assert "missing" in json.loads(await r.read(4096))["errors"][0]["detail"]
@@ -240,7 +258,7 @@ async def test_bad_macs_get_401_and_are_counted(store: Store) -> None:
             await r.aclose()
         assert statuses == [200, 401]
         # a MAC made for one path does not open another
-        other = f"/v1/blobs/{digest}".encode()
+        other = f"/v2/blobs/{digest}".encode()
         headers = peerauth.sign(KEY, "raw", b"GET", target, time.time(), os.urandom(16))
         r = await pool.get(_origin(cell.addr), other, headers, TIMEOUTS)
         assert r.status == 401
@@ -439,7 +457,7 @@ async def test_garbage_gets_clean_4xx_never_a_traceback(
     store.put_bytes(digest, data)
     rng = random.Random(7)
     alphabet = "abcdef0123456789/%:?=&.-_~sha256pieceshavewantv1blobs"
-    parts = ["/v1/blobs/", digest, "/pieces", "/pieces/", "/have", "?want=", "/", "..", "%00",
+    parts = ["/v2/blobs/", digest, "/pieces", "/pieces/", "/have", "?want=", "/", "..", "%00",
              "9" * 12, "-1", "zz", "sha256:", "?", "&want=ff"]  # fmt: skip
 
     def target() -> str:

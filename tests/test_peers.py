@@ -174,7 +174,7 @@ def test_eviction_withdraws_and_peers_stop_asking(cells, hub, tmp_path):
 
 def test_peer_api_refuses_unsigned_forged_and_replayed_requests(cells):
     (a,) = cells(1)
-    target = f"/v1/blobs/sha256:{'0' * 64}"
+    target = f"/v2/blobs/sha256:{'0' * 64}"
     url = f"http://{a.cluster.listen}{target}"
     r = httpx.get(url, timeout=10)
     assert r.status_code == 401

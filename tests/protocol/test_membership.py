@@ -306,7 +306,7 @@ def test_messages_with_a_bad_mac_are_dropped_and_counted() -> None:
     kill = Gossip((Dead("c3", 99, "c0"),))
     for i in range(5):
         net.inject("c1", "c0", forger.seal(kill, net.now), net.now + 0.01 * i)
-    net.inject("c1", "c0", b"\x01garbage" * 10, net.now + 0.1)
+    net.inject("c1", "c0", bytes([wire.VERSION]) + b"garbage" * 10, net.now + 0.1)
     net.run_until(net.now + 2)
     c1 = net.cells["c1"]
     assert c1.codec.errors[Reason.BAD_MAC] == 6

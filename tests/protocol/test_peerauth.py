@@ -13,7 +13,7 @@ from protocol.peerauth import Authenticated, Reason, Rejected, Verifier, peer_ke
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
 NOW = 1_700_000_000.0
-TARGET = b"/v1/blobs/sha256:" + b"a" * 64 + b"/pieces/3"
+TARGET = b"/v2/blobs/sha256:" + b"a" * 64 + b"/pieces/3"
 
 names = st.text(min_size=1, max_size=40).filter(lambda s: len(peerauth.quote(s, safe="")) <= 255)
 methods = st.sampled_from([b"GET", b"HEAD", b"POST", b"DELETE"])

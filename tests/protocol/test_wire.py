@@ -165,7 +165,9 @@ def test_each_reason_is_reported() -> None:
 
     assert reason(good[:10]) is Reason.TRUNCATED
     assert reason(good + bytes(1400)) is Reason.OVERSIZED
-    assert reason(b"\x02" + good[1:]) is Reason.BAD_VERSION
+    assert reason(bytes([wire.VERSION + 1]) + good[1:]) is Reason.BAD_VERSION
+    # version 1 counted pieces of 2 MiB: its have bitmaps mean other bytes
+    assert reason(b"\x01" + good[1:]) is Reason.BAD_VERSION
     assert reason(good, key=bytes(32)) is Reason.BAD_MAC
     assert reason(good[:-1] + bytes([good[-1] ^ 1])) is Reason.BAD_MAC
     assert reason(good, now=NOW + 31, replay=ReplayWindow()) is Reason.STALE
