@@ -591,42 +591,41 @@ class Peer:
         if hit is None:
             return _error(404, "this cell does not hold that blob")
         fd, found, layout = hit
-        if index >= layout.count or not (layout.have >> index) & 1:
-            os.close(fd)
-            return _error(404, f"this cell does not hold piece {index}", layout)
+        sending = False  # from _send on, the response owns the fd
         try:
-            # the piece's hash goes with it (the same table as a table request's)
-            table = found.table or await self._complete_table(digest, fd, layout)
-        except CorruptBlob:
-            os.close(fd)
-            return self._damaged(digest)
-        except BaseException:
-            os.close(fd)
-            raise
-        expected = table.hashes[index]
-        if expected is None:  # a held piece always has one; never send a piece without
-            os.close(fd)
-            return _error(404, f"this cell does not hold piece {index}", layout)
-        taken = await self._slot(cell, digest, index)
-        if taken is not PieceStatus.OK:
-            os.close(fd)
+            if index >= layout.count or not (layout.have >> index) & 1:
+                return _error(404, f"this cell does not hold piece {index}", layout)
+            try:
+                # the piece's hash goes with it (the same table as a table request's)
+                table = found.table or await self._complete_table(digest, fd, layout)
+            except CorruptBlob:
+                return self._damaged(digest)
+            expected = table.hashes[index]
+            if expected is None:  # a held piece always has one; never send a piece without
+                return _error(404, f"this cell does not hold piece {index}", layout)
+            taken = await self._slot(cell, digest, index)
             if taken is PieceStatus.BUSY:
                 return _error(503, "every upload slot is taken", layout)
-            return _error(404, f"this cell does not hold piece {index}", layout)
-        slot = (cell, digest, index)
-        try:
-            # the bitmap may have grown while the upload waited for its slot
-            layout = self._shown(digest, _Layout.of(self.blobs.find(digest) or hit[1]))
-            offset, length = piece_span(index, layout.size, layout.piece_size)
-            headers = [("Content-Type", "application/octet-stream"), *layout.headers()]
-            headers.append(("Celld-Piece", str(index)))
-            headers.append(("Celld-Piece-Hash", expected.hex()))
-            return self._send(200, headers, fd, ByteRange(offset, offset + length - 1),
-                              "piece", slot)  # fmt: skip
-        except BaseException:
-            os.close(fd)
-            self._release(*slot)
-            raise
+            if taken is not PieceStatus.OK:
+                return _error(404, f"this cell does not hold piece {index}", layout)
+            slot = (cell, digest, index)
+            try:
+                # the bitmap may have grown while the upload waited for its slot
+                layout = self._shown(digest, _Layout.of(self.blobs.find(digest) or found))
+                offset, length = piece_span(index, layout.size, layout.piece_size)
+                headers = [("Content-Type", "application/octet-stream"), *layout.headers()]
+                headers.append(("Celld-Piece", str(index)))
+                headers.append(("Celld-Piece-Hash", expected.hex()))
+                response = self._send(200, headers, fd, ByteRange(offset, offset + length - 1),
+                                      "piece", slot)  # fmt: skip
+            except BaseException:
+                self._release(*slot)
+                raise
+            sending = True
+            return response
+        finally:
+            if not sending:
+                os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------
