@@ -97,6 +97,12 @@ class Metrics:
             "Piece bytes received from peers and verified (blake3) before being written",
             registry=r,
         )
+        self.peer_tables_hashed = Counter(
+            "celld_peer_tables_hashed",
+            "Piece tables hashed from a stored blob's file on a peer's first ask (a blob"
+            " stored before this process started: one fetched here keeps its table)",
+            registry=r,
+        )
         self.registry_reads = Counter(
             "celld_registry_reads",
             "Blobs a cluster cell read from the registries, by why: lease (granted it),"

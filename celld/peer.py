@@ -574,6 +574,7 @@ class Peer:
                 break
             await busy.wait()
         self._hashing[digest] = done = trio.Event()
+        self.metrics.peer_tables_hashed.inc()
         try:
             table = await trio.to_thread.run_sync(
                 _hash_fd, fd, layout.size, layout.piece_size, digest, abandon_on_cancel=False

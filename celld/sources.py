@@ -601,6 +601,7 @@ class Sources:
                 raise DigestMismatch(fetch.digest, "the bytes the peers sent")
             fetch.verified = True
             fetch.notify()
+            writer.table = t.table  # every piece checked against it, and the digest matches
             entry = await trio.to_thread.run_sync(writer.commit)
             for scope in scopes[1:]:
                 await trio.to_thread.run_sync(self.store.mark_private, fetch.digest, scope)

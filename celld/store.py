@@ -211,6 +211,10 @@ class BlobWriter:
         # blake3 per piece, once the blob's size is known (`expect`): the table a
         # cell serves to peers, built from the same pass over the bytes as sha256.
         self.pieces: PieceHasher | None = None
+        # Or, for pieces from peers (written with `write_at`), the table each was
+        # checked against: kept beside the blob if its digest matches, so the cell
+        # serves it without hashing the whole file again on a peer's first ask.
+        self.table: PieceTable | None = None
 
     def expect(self, size: int) -> PieceHasher:
         """The blob will be `size` bytes: hash its pieces as they are written."""
@@ -328,8 +332,11 @@ class BlobWriter:
         try:
             os.close(fd)
             entry = self._store._publish(self._hex, self.path, self.written, self)
+            table = self.table
             if self.pieces is not None and self.pieces.blob_size == self.written:
-                self._store._tables[self.digest] = self.pieces.finish()
+                table = self.pieces.finish()
+            if table is not None and table.complete and table.blob_size == self.written:
+                self._store._tables[self.digest] = table
             return entry
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -716,6 +723,8 @@ class Store:
         with self.new_writer(
             digest, media_type=media_type, source=source, private_scope=private_scope
         ) as writer:
+            if data:
+                writer.expect(len(data))  # its piece table too: peers ask for it first
             writer.write(data)
             return writer.commit()
 

@@ -149,6 +149,28 @@ def test_b_pulls_from_a_and_no_registry_sends_a_blob(cells, hub, central, tmp_pa
     assert b.metric("celld_mirror_served_total", kind="blob", source="store") >= 2
 
 
+def test_a_cell_serves_what_it_took_from_peers_without_hashing_it_again(cells, hub, tmp_path):
+    """B took the image from A piece by piece: it keeps the table every piece was checked
+    against, so serving C costs it no second pass over the file (a storm's cells each
+    re-hashed every layer they had finished, on the first ask after)."""
+    image = make_image((3 * MiB, 200_000))
+    push_image(hub.url, "library/relay", "1", image)
+    a, b, c = cells(3)
+    ref = f"library/relay@{image.digest}"
+    pull(a, ref, tmp_path / "via-a")
+    pull(b, ref, tmp_path / "via-b")
+    a.stop()  # SIGTERM: A leaves, and C can only take the image from B
+    wait_until(lambda: c.peers()["cell-0"]["state"] == "left", 15, "C hears A leave")
+    hub_before = len(blob_gets(hub))
+
+    got = pull(c, ref, tmp_path / "via-c")
+    assert blobs_of(image) <= set(got)
+    assert len(blob_gets(hub)) == hub_before
+    assert c.metric("celld_fetched_bytes_total", source="peer") >= len(image.layers[0].data)
+    assert b.metric("celld_peer_sent_bytes_total") >= len(image.layers[0].data)
+    assert b.metric("celld_peer_tables_hashed_total") == 0
+
+
 def test_eviction_withdraws_and_peers_stop_asking(cells, hub, tmp_path):
     image = make_image((2 * MiB,))
     push_image(hub.url, "library/gone", "1", image)
@@ -402,6 +424,8 @@ def test_a_restarted_cell_rejoins_and_announces_its_store(cells, hub, tmp_path):
     got = pull(b, f"library/back@{image.digest}", tmp_path / "via-b")
     assert blobs_of(image) <= set(got)
     assert len(blob_gets(hub)) == hub_before
+    # what A fetched before its restart has no table in memory: hashed on B's first ask
+    assert a.metric("celld_peer_tables_hashed_total") >= 1
 
 
 def test_eight_cold_pulls_cost_the_registries_about_one_copy(cells, hub, central, tmp_path):

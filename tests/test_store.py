@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from celld import store as store_mod
-from celld.store import BlobEntry, DigestMismatch, Store, StoreFull, StoreLocked
+from celld.store import BlobEntry, BlobWriter, DigestMismatch, Store, StoreFull, StoreLocked
+from protocol.pieces import MiB, PieceTable
 
 
 def sha(data: bytes) -> str:
@@ -337,6 +338,36 @@ def test_no_write_call_hands_the_kernel_2_mib(
     w.commit()
     assert sizes and max(sizes) < 2 * piece
     assert store.lookup(sha(data)) is not None and store.lookup(sha(streamed)) is not None
+
+
+def test_a_blob_from_peers_keeps_the_table_its_pieces_were_checked_against(
+    store: Store,
+) -> None:
+    """A blob written piece by piece (write_at) keeps the table it came with, so the
+    cell serves it to other peers without hashing the file again; only a complete
+    table of the blob's size, and only once the digest matched."""
+    data = os.urandom(3 * MiB + 5)
+    table = PieceTable.from_bytes(data)
+
+    def pieced(blob: bytes, given: PieceTable | None, digest: str | None = None) -> BlobWriter:
+        w = store.new_writer(digest or sha(blob))
+        w.write_at(0, blob)
+        w.advance(len(blob))
+        w.table = given
+        return w
+
+    pieced(data, table).commit()
+    assert store.piece_table(sha(data)) == table
+
+    other = os.urandom(2 * MiB)
+    partial = PieceTable(table.blob_size, table.piece_size, (None, *table.hashes[1:]))
+    pieced(other, partial).commit()  # not complete: hashed on a peer's first ask instead
+    assert store.lookup(sha(other)) is not None and store.piece_table(sha(other)) is None
+
+    claimed = sha(b"other bytes")
+    with pytest.raises(DigestMismatch):
+        pieced(data, table, claimed).commit()
+    assert store.piece_table(claimed) is None
 
 
 @pytest.fixture
