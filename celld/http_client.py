@@ -137,12 +137,15 @@ class _Connection:
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise httpx.ReadError(f"reading the response: {_reason(exc)}") from exc
 
-    async def receive_body(self, remaining: int, buffers: _Buffers, timeout: float) -> bytes:
+    async def receive_body(
+        self, remaining: int, buffers: _Buffers, timeout: float, *, gather: bool = True
+    ) -> bytes:
         """Up to `remaining` body bytes: on a plain socket, all it holds, read into
         `buffers` after one checkpoint (so other tasks run between chunks however
         fast the sender is); b"" at its end. A wait ends once the socket holds
         BODY_LOWAT (or all the buffer takes), or after STREAM_LOWAT_WAIT with what
-        it has; `Response.chunks` sets the socket back to waking at once."""
+        it has; without `gather` (a body's first bytes), as soon as any are in.
+        `Response.chunks` sets the socket back to waking at once."""
         if type(self.stream) is not trio.SocketStream:
             return await self.receive(min(RECEIVE_SIZE, remaining), timeout)
         fd = self.sock.fileno()
@@ -154,7 +157,7 @@ class _Connection:
                     try:
                         return buffers.filled(os.readv(fd, [space]))
                     except BlockingIOError:
-                        self.lowat(min(len(space), BODY_LOWAT))
+                        self.lowat(min(len(space), BODY_LOWAT) if gather else 1)
                         with trio.move_on_after(STREAM_LOWAT_WAIT):
                             await trio.lowlevel.wait_readable(fd)
         except trio.TooSlowError as exc:
@@ -292,7 +295,10 @@ class Response:
         buffers = _Buffers(min(BODY_RECEIVE_MAX, remaining))
         try:
             while remaining:
-                data = await self._conn.receive_body(remaining, buffers, self._read)
+                first = remaining == self._length  # the runtime's first byte waits for none
+                data = await self._conn.receive_body(
+                    remaining, buffers, self._read, gather=not first
+                )
                 if not data:
                     raise httpx.RemoteProtocolError(
                         f"connection closed {remaining} bytes short of the Content-Length"

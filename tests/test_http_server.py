@@ -14,7 +14,16 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from celld.http import Request, Response, _accept_one, _Full, _plain_head, serve, serve_connection
+from celld.http import (
+    FileRange,
+    Request,
+    Response,
+    _accept_one,
+    _Full,
+    _plain_head,
+    serve,
+    serve_connection,
+)
 
 GET = b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -156,6 +165,45 @@ async def test_requests_one_at_a_time_and_in_pieces_get_h11s_bytes() -> None:
             while data := await client.receive_some(65536):
                 received += data
     assert bytes(received) == _expected(requests)
+
+
+async def test_a_file_body_to_a_slow_reader_arrives_whole_through_an_open_send_queue(
+    tmp_path,
+) -> None:
+    """A file body is bulk: its connection's unsent bytes are left to the kernel's
+    send buffer (trio caps them at 16 KiB, so a sender on a slow link woke every
+    ~64 KiB and spent its CPU on wake-ups: celld.http._SocketOutput.sendfile).
+    A reader slower than the sender still gets every byte, in order, as the send
+    waits for room between short writes."""
+    data = os.urandom(4 << 20)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+
+    async def handler(request: Request) -> Response:
+        return Response(200, [], FileRange(os.open(path, os.O_RDONLY), 0, len(data)))
+
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = await trio.open_tcp_stream(*listener.getsockname())
+    server = trio.SocketStream((await listener.accept())[0])
+    listener.close()
+    queue = socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT
+    assert server.socket.getsockopt(*queue) == 16384  # as trio leaves every stream
+    received = bytearray()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_connection, server, handler)
+        await client.send_all(b"GET /blob HTTP/1.1\r\nHost: x\r\n\r\n")
+        with trio.fail_after(30):
+            while not received.endswith(data[-1024:]) or len(received) < len(data):
+                received += await client.receive_some(256 << 10)
+                await trio.sleep(0.001)  # slower than loopback: the send buffer fills
+        assert server.socket.getsockopt(*queue) == 0  # the system's default: no cap
+        nursery.cancel_scope.cancel()
+    await client.aclose()
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert body == data
 
 
 async def test_a_client_that_closes_gets_connection_close_and_nothing_more() -> None:
