@@ -10,11 +10,10 @@ from anything but the source it stands for.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.procs import run_module
+
 NUMBER = r"[0-9]+(?:\.[0-9]+)?"
 CONTENDERS = [
     "direct",
@@ -32,15 +31,7 @@ CONTENDERS = [
 
 def test_intake_bench_reports_every_contender():
     before = set(Path("/dev/shm").glob("celld-intake-*"))
-    out = subprocess.run(
-        [sys.executable, "-m", "simulations.bench.intake", "--size-mib", "8", "--rounds", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    report = out.stdout
+    report = run_module("simulations.bench.intake", "--size-mib", "8", "--rounds", "1")
     header = "intake of an uncached 8 MiB blob, median of 1 rounds, warm pages (a ballast):"
     assert header in report, report
     for name in CONTENDERS:

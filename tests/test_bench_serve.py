@@ -8,13 +8,10 @@ reverse proxy, the TCP relay) is caught here rather than at the next bench run.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 from simulations.bench.serve import goal_line
+from tests.support.procs import run_module
 
-ROOT = Path(__file__).resolve().parent.parent
 NUMBER = r"[0-9]+(?:\.[0-9]+)?"
 
 
@@ -22,15 +19,7 @@ ARGS = ["--size-mib", "1", "--rounds", "1", "--ttfb-blobs", "2"]
 
 
 def test_serve_bench_reports_every_contender():
-    out = subprocess.run(
-        [sys.executable, "-m", "simulations.bench.serve", *ARGS],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    report = out.stdout
+    report = run_module("simulations.bench.serve", *ARGS)
     for clients in (1, 16):
         assert re.search(rf"^\s+{clients}( +{NUMBER}){{5}}$", report, re.M), report
     assert re.search(rf"^celld peak RSS: {NUMBER} MiB$", report, re.M), report

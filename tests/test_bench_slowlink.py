@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.procs import run_module
+
 NUMBER = r"[0-9]+(?:\.[0-9]+)?"
 LINES = [
     "nginx",
@@ -38,15 +37,7 @@ def _namespaces() -> set[str]:
 def test_slowlink_bench_reports_every_contender_and_cleans_up():
     before = _namespaces()
     argv = ["--rate", "400mbit", "--size-mib", "8", "--rounds", "1"]
-    out = subprocess.run(
-        [sys.executable, "-m", "simulations.bench.slowlink", *argv],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    report = out.stdout
+    report = run_module("simulations.bench.slowlink", *argv)
     header = "CPU-s per GiB of a 8 MiB blob over loopback shaped to 400mbit (tbf), median of 1"
     assert header in report, report
     for name in LINES:

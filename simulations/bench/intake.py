@@ -110,6 +110,35 @@ def seed_blob(registry: Registry, repo: str, size: int) -> str:
     return name
 
 
+def peer_pair(tmp: Path, registry: Registry) -> tuple[Celld, Celld]:
+    """Two cells of one cluster (a giver and a taker) whose upstream is `registry`,
+    started, once they see each other alive."""
+    key = tmp / "cluster.key"
+    key.write_text(os.urandom(32).hex() + "\n")
+    addrs = [cluster_address(i) for i in range(2)]
+    giver, taker = (
+        Celld(
+            tmp / f"cell-{name}",
+            name=name,
+            key_file=key,
+            cluster=Cluster(addr, tuple(a for a in addrs if a != addr)),
+            upstreams={"docker.io": registry.url},
+        ).start()
+        for name, addr in zip(("giver", "taker"), addrs, strict=True)
+    )
+    try:
+        wait_until(
+            lambda: taker.peers().get(giver.name, {}).get("state") == "alive",
+            30,
+            "the two cells form a cluster",
+        )
+    except BaseException:
+        giver.stop()
+        taker.stop()
+        raise
+    return giver, taker
+
+
 def intake(cell: Celld, digest: str, size: int, timeout: float = 600.0) -> tuple[float, float]:
     """(seconds until every byte is in the temp file, until committed) of the
     fetch a HEAD through the mirror starts."""
@@ -186,25 +215,7 @@ def main() -> None:
                 registries=[f"http://127.0.0.1:{nginx.port}"],
             ).start()
 
-            key = tmp / "cluster.key"
-            key.write_text(os.urandom(32).hex() + "\n")
-            addrs = [cluster_address(i) for i in range(2)]
-            giver, taker = (
-                Celld(
-                    tmp / f"cell-{name}",
-                    name=name,
-                    key_file=key,
-                    cluster=Cluster(addr, tuple(a for a in addrs if a != addr)),
-                    upstreams={"docker.io": registry.url},
-                ).start()
-                for name, addr in zip(("giver", "taker"), addrs, strict=True)
-            )
-            cells["celld<-peer giver"], cells[PEER] = giver, taker
-            wait_until(
-                lambda: taker.peers().get(giver.name, {}).get("state") == "alive",
-                30,
-                "the two cells form a cluster",
-            )
+            giver, taker = cells["celld<-peer giver"], cells[PEER] = peer_pair(tmp, registry)
 
             rates: dict[str, list[float]] = {name: [] for name in CONTENDERS}
             committed: dict[str, list[float]] = {name: [] for name in INTAKES}

@@ -37,11 +37,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from simulations.bench.intake import REPO, intake, registry_file, seed_blob
+from simulations.bench.intake import REPO, intake, peer_pair, registry_file, seed_blob
 from simulations.bench.serve import Nginx
 from simulations.testbed.net import run, tbf_args
-from tests.support.celld import Celld, Cluster, cluster_address
-from tests.support.procs import wait_until
+from tests.support.celld import Celld
 from tests.support.registry import Registry
 
 SENDERS = ["nginx", "celld giver"]
@@ -124,26 +123,10 @@ def inside(args: argparse.Namespace) -> None:
             nginx.start(
                 {f"blobs/{d}": registry_file(registry, d) for r in rounds for d in r}, registry.url
             )
-            key = tmp / "cluster.key"
-            key.write_text(os.urandom(32).hex() + "\n")
-            addrs = [cluster_address(i) for i in range(2)]
-            giver, taker = (
-                Celld(
-                    tmp / f"cell-{name}",
-                    name=name,
-                    key_file=key,
-                    cluster=Cluster(addr, tuple(a for a in addrs if a != addr)),
-                    upstreams={"docker.io": registry.url},
-                ).start()
-                for name, addr in zip(("giver", "taker"), addrs, strict=True)
-            )
+            giver, taker = peer_pair(tmp, registry)
+            cells += [giver, taker]
             holder = Celld(tmp / "cell-holder", upstreams={"docker.io": registry.url}).start()
-            cells += [giver, taker, holder]
-            wait_until(
-                lambda: taker.peers().get(giver.name, {}).get("state") == "alive",
-                30,
-                "the two cells form a cluster",
-            )
+            cells.append(holder)
             cost: dict[str, list[float]] = {name: [] for name in SENDERS + READERS}
             for i, (peer_digest, curl_digest, cell_digest) in enumerate(rounds):
                 intake(giver, peer_digest, size)  # untimed, unshaped: the giver's copy

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -113,3 +114,18 @@ class LoopbackProcess:
     def stop(self) -> None:
         stop_process(self.proc)
         self.proc = None
+
+
+def run_module(module: str, *args: str, timeout: float = 300) -> str:
+    """`python -m module args` from the checkout's root, as a user runs a bench or a
+    tool; its stdout, once it exited 0 (else the test fails with its stderr)."""
+    root = Path(__file__).resolve().parent.parent.parent
+    out = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
