@@ -39,7 +39,7 @@ from pathlib import Path
 
 from simulations.bench.intake import REPO, intake, peer_pair, registry_file, seed_blob
 from simulations.bench.serve import Nginx
-from simulations.testbed.net import run, tbf_args
+from simulations.testbed.net import parse_rate, run, tbf_args
 from tests.support.celld import Celld
 from tests.support.registry import Registry
 
@@ -88,19 +88,11 @@ def curl_cpu(url: str, size: int) -> float:
 
 def shape(rate: str) -> None:
     if rate != "0":
-        run(["tc", "qdisc", "replace", "dev", "lo", "root", *tbf_args(bits(rate))])
+        run(["tc", "qdisc", "replace", "dev", "lo", "root", *tbf_args(parse_rate(rate))])
 
 
 def unshape() -> None:
     run(["tc", "qdisc", "del", "dev", "lo", "root"], check=False)
-
-
-def bits(rate: str) -> int:
-    units = {"kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
-    for unit, factor in units.items():
-        if rate.endswith(unit):
-            return int(float(rate.removesuffix(unit)) * factor)
-    raise SystemExit(f"--rate {rate!r}: a number and kbit, mbit or gbit (or 0: unshaped)")
 
 
 def inside(args: argparse.Namespace) -> None:
@@ -189,7 +181,10 @@ def main() -> None:
     ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rate != "0":
-        bits(args.rate)
+        try:
+            parse_rate(args.rate)
+        except ValueError as exc:
+            raise SystemExit(f"--rate: {exc} (or 0: unshaped)") from None
     if args.inside:
         inside(args)
         return
