@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from celld.config import Listen, from_dict, load_cluster_key
-from simulations.testbed import net
+from simulations.testbed import links, net
 from simulations.testbed.ballast import Ballast, MiB, filesystem_type, free_bytes
 from simulations.testbed.storm import cluster_lines
 
@@ -130,6 +130,13 @@ def test_storm_through_celld_and_the_pull_through_cache(tmp_path: Path) -> None:
     cpu = celld["cpu_s"]
     assert 0 < cpu["celld"] <= cpu["busy"] <= cpu["all"]
     assert "celld" not in proxy["cpu_s"] and proxy["cpu_s"]["all"] > 0
+    # How busy the links were, from their counters sampled through the storm: a share
+    # of the rate, never much more (tbf lets a burst of 4 ms through, not a pull's worth).
+    for storm in (celld, proxy):
+        use = storm["link_use"]
+        assert 0 < use["cells_down_whole"] <= 1.05 and 0 < use["cells_down_middle"] <= 1.05
+        assert 0 < use["registry_up"] <= 1.05 and use["registry_busy_s"] > 0
+    assert [celld["link_use"]["registry"], proxy["link_use"]["registry"]] == ["hub", "central"]
     # The pull-through cache sends each cell a copy over the central's link.
     assert proxy["central_log"]["bytes"] == 3 * image
     assert proxy["central_wire_bytes"] >= 3 * image
@@ -144,6 +151,7 @@ def test_storm_through_celld_and_the_pull_through_cache(tmp_path: Path) -> None:
         "from central",
         "busiest link",
         "retransmitted",
+        "link use ",
         "cores ",
     ):
         assert out.count(needle) == 2, out
@@ -398,3 +406,16 @@ def test_tbf_settings_scale_with_the_rate() -> None:
     assert net.tbf_args(200_000_000)[4] == str(100_000)
     assert net.tbf_args(10**8 // 8)[4] == str(64 * 1024)
     assert net.tbf_args(10**10)[4] == str(5_000_000)
+
+
+def test_link_use_is_the_share_of_the_rate_between_two_samples() -> None:
+    """links.use reads the samples nearest inside the span; busy_span is where a link
+    carried at least a tenth of its rate."""
+    rate = 8_000_000  # 1 MB/s
+    samples = [(t, {"v": (int(min(max(t - 1, 0), 3) * 500_000), 0)}) for t in range(7)]
+    # rx grows 0.5 MB/s from t=1 to t=4, then stops
+    assert links.use(samples, "v", 0, rate, 0, 6) == pytest.approx(1.5e6 * 8 / (rate * 6))
+    assert links.use(samples, "v", 0, rate, 1.5, 3.5) == pytest.approx(0.5)
+    assert links.use(samples, "v", 0, rate, 2.5, 2.9) is None  # no two samples inside
+    assert links.busy_span(samples, "v", 0, rate) == (1, 4)
+    assert links.busy_span(samples, "v", 1, rate) is None

@@ -9,7 +9,8 @@ starts it stops, and the network it builds it removes, on success, error,
 Ctrl-C or SIGTERM alike.
 
 The figures are of three kinds: the veth byte counters of each host (the
-honest physical figure, TCP/IP headers and ACKs included), the registries'
+honest physical figure, TCP/IP headers and ACKs included; sampled through the
+storm by links.py, they also say how much of its rate each link carried), the registries'
 access logs (blob bytes they answered with), and the cells' own metrics (bytes
 by source, peer requests, whole reads from a registry by why). With `--cluster`
 (the default) the cells share, so the Hub sends about one copy in all; with
@@ -33,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simulations.testbed import net, pull
+from simulations.testbed import links, net, pull
 from simulations.testbed.ballast import Ballast
 from tests.support.celld import Celld
 from tests.support.images import Image, make_image, push_image
@@ -49,6 +50,7 @@ CLUSTER_PORT = 7946
 IMAGE_NAME = "library/storm"
 IMAGE_REF = f"docker.io/{IMAGE_NAME}:v1"
 MiB = 1 << 20
+LINK_SAMPLE_S = 0.1  # how often the link sampler reads the veths' counters
 # A registry's access line with the body bytes it wrote (the combined log format).
 ACCESS_BYTES = re.compile(
     r'"(?P<method>[A-Z]+) (?P<uri>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) (?P<bytes>\d+)'
@@ -282,6 +284,8 @@ class Phase:
     lease_reads: dict[str, int] = field(default_factory=dict)  # cell -> blobs read under a lease
     cpu: dict[str, float] = field(default_factory=dict)  # see _cpu_snapshot
     ballast: tuple[int, int] | None = None  # (bytes filled, given back during the storm)
+    start_at: float = 0.0  # the pulls' common start (Unix time)
+    link_samples: list[links.Sample] = field(default_factory=list)  # the veths' counters
 
 
 class Storm:
@@ -467,19 +471,11 @@ class Storm:
             argv += ["--mirror", mirror, "--dest", str(dests[host.role])]
             argv += ["--start-at", f"{start_at:.3f}", "--timeout", str(o.timeout)]
             (self.workdir / "pulls" / mode).mkdir(parents=True, exist_ok=True)
-            proc = subprocess.Popen(
-                net.netns_exec(host.netns, argv),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=REPO,
-                text=True,
-                start_new_session=True,
-            )
-            self.procs.append(proc)
-            workers[host.role] = proc
+            workers[host.role] = self._popen_in(host.netns, argv, stderr=subprocess.STDOUT)
         self.out(f"storm ({mode}): {len(workers)} cells pull {IMAGE_REF} at once")
+        sampler = self._sample_links()
         time.sleep(max(0.0, start_at - time.time()))
+        phase.start_at = start_at
         cpu_before = self._cpu_snapshot()
 
         if o.kill and mode == "celld":
@@ -504,6 +500,7 @@ class Storm:
                 result["late_s"] = max(0.0, result["started"] - start_at)
             phase.cells[role] = result
         cpu_after = self._cpu_snapshot()  # the daemons alive throughout (none killed)
+        phase.link_samples = self._sampled(sampler)
         if self.ballast is not None:
             self.ballast.stop()
             phase.ballast = (self.ballast.filled, self.ballast.given_back)
@@ -536,6 +533,36 @@ class Storm:
                             phase.lease_reads[role] = n
                 stop_process(cell.proc)
         return phase
+
+    def _sample_links(self) -> subprocess.Popen:
+        """The link sampler (links.py), in the bridge's namespace, where every host's
+        veth has its other end."""
+        devices = [h.veth_bridge for h in self.bed.hosts.values()]
+        argv = [sys.executable, "-m", "simulations.testbed.links", str(LINK_SAMPLE_S), *devices]
+        return self._popen_in(self.bed.bridge_netns, argv)
+
+    def _popen_in(self, netns: str, argv: list[str], stderr: int | None = None) -> subprocess.Popen:
+        """A process of the storm in `netns`, its output piped; stopped with the run."""
+        proc = subprocess.Popen(
+            net.netns_exec(netns, argv),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+            text=True,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def _sampled(self, proc: subprocess.Popen) -> list[links.Sample]:
+        proc.terminate()
+        try:
+            stdout, _ = proc.communicate(timeout=10)
+            return [(t, {d: tuple(v) for d, v in s.items()}) for t, s in json.loads(stdout)]
+        except (subprocess.TimeoutExpired, json.JSONDecodeError):
+            proc.kill()
+            return []  # the figures go without link use
 
     def _cpu_snapshot(self) -> dict[str, float]:
         """CPU seconds so far: of every core (busy, steal: what the hypervisor gave
@@ -607,7 +634,51 @@ class Storm:
         ]
         secs, role, way, nbytes = max(floors)
         fig["busiest_registry_link"] = {"host": role, "way": way, "bytes": nbytes, "seconds": secs}
+        fig["link_use"] = self._link_use(phase, ok, fig)
         return fig
+
+    def _link_use(self, phase: Phase, ok: dict[str, dict], fig: dict) -> dict:
+        """How much of their rate the links carried: each cell's download from the start
+        to its pull's end, and through the middle half of the median pull (no ramp, no
+        tail); the busiest registry's upload while it sent. Links short of their rate
+        with the cores idle mean the cells had too little to ask for; full links, that
+        the storm could not go faster on them."""
+        samples, start = phase.link_samples, phase.start_at
+        if not samples or not ok:
+            return {}
+        hosts = self.bed.hosts
+        whole = {
+            r: links.use(samples, hosts[r].veth_bridge, 1, self.link_bps, start, c["ended"])
+            for r, c in ok.items()
+        }
+        p50 = fig["p50_s"]
+        middle = {
+            r: links.use(
+                samples,
+                hosts[r].veth_bridge,
+                1,
+                self.link_bps,
+                start + p50 / 4,
+                start + 3 * p50 / 4,
+            )
+            for r in ok
+        }
+        registry = fig["busiest_registry_link"]["host"]
+        rate = self.hub_bps if registry == "hub" else self.central_bps
+        span = links.busy_span(samples, hosts[registry].veth_bridge, 0, rate)
+        sent = links.use(samples, hosts[registry].veth_bridge, 0, rate, *span) if span else None
+
+        def median(values: dict) -> float | None:
+            known = [v for v in values.values() if v is not None]
+            return percentile(known, 0.5) if known else None
+
+        return {
+            "cells_down_whole": median(whole),
+            "cells_down_middle": median(middle),
+            "registry": registry,
+            "registry_up": sent,
+            "registry_busy_s": span[1] - span[0] if span else None,
+        }
 
     def print_figures(self, fig: dict) -> None:
         o, img = self.opts, fig["image_bytes"]
@@ -657,6 +728,15 @@ class Storm:
             f"   busiest link   {b['host']} {b['way']} {size(b['bytes'])}: {b['seconds']:.2f} s at {rate}"
             " (a floor of the completion, like one cell's limit)"
         )
+        use = fig["link_use"]
+        if use.get("cells_down_whole") is not None:
+            line = (
+                f"   link use       cells' downloads {use['cells_down_whole']:.0%} of their rate from the start to their end"
+                f" (median), {use['cells_down_middle']:.0%} through the middle half of the median pull"
+            )
+            if use["registry_up"] is not None:
+                line += f"; {use['registry']}'s upload {use['registry_up']:.0%} for {use['registry_busy_s']:.1f} s"
+            p(line)
         rt = fig["retransmitted_segments"]
         p(
             f"   retransmitted  TCP segments: Hub {rt['hub']}, central {rt['central']}, cells {sum(v for k, v in rt.items() if k not in ('hub', 'central'))}"
