@@ -39,4 +39,10 @@ def test_intake_bench_reports_every_contender():
         assert re.search(line, report, re.M), (name, report)
     for name in ("celld<-registry", "celld<-nginx", "celld<-peer", "celld<-peer giver"):
         assert re.search(rf"^{re.escape(name)} peak RSS: {NUMBER} MiB$", report, re.M), report
+    # Each intake's CPU per GiB, the taker's and its giver's: every process did some work
+    cpu = re.search(r"^CPU-s per GiB taken in \(median; [^)]*\): (.*)$", report, re.M)
+    assert cpu, report
+    figures = dict(part.rsplit(" ", 1) for part in cpu.group(1).split(", "))
+    assert set(figures) == {"celld<-registry", "celld<-nginx", "celld<-peer", "celld<-peer giver"}
+    assert all(float(v) > 0 for v in figures.values()), report
     assert set(Path("/dev/shm").glob("celld-intake-*")) == before  # its ballast removed

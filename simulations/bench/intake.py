@@ -64,7 +64,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from simulations.bench.serve import Nginx, curl_many, peak_rss_mib
+from simulations.bench.serve import Nginx, cpu_seconds, curl_many, peak_rss_mib
 from simulations.testbed.ballast import Ballast, memfree
 from tests.support.celld import Celld, Cluster, cluster_address
 from tests.support.procs import wait_until
@@ -75,6 +75,7 @@ NGINX_REPO = "docker.io/library/bench"  # celld.sources.central_repo("docker.io"
 SEED_CHUNK = 16 << 20
 INTAKES = ["celld<-registry", "celld<-nginx"]
 PEER = "celld<-peer"
+GIVER = "celld<-peer giver"  # the cell it takes from (its CPU is counted too)
 CONTENDERS = [
     "direct", "direct to file", "nginx", *INTAKES, PEER, *(f"{name} GET" for name in INTAKES)
 ]  # fmt: skip
@@ -215,10 +216,13 @@ def main() -> None:
                 registries=[f"http://127.0.0.1:{nginx.port}"],
             ).start()
 
-            giver, taker = cells["celld<-peer giver"], cells[PEER] = peer_pair(tmp, registry)
+            giver, taker = cells[GIVER], cells[PEER] = peer_pair(tmp, registry)
 
             rates: dict[str, list[float]] = {name: [] for name in CONTENDERS}
             committed: dict[str, list[float]] = {name: [] for name in INTAKES}
+            # CPU-s per GiB taken in, by process: what a rate on busy cores cannot say
+            cpu: dict[str, list[float]] = {name: [] for name in [*INTAKES, PEER, GIVER]}
+            gib = size / 2**30
             for i, (head_digest, get_digest, peer_digest) in enumerate(rounds):
                 direct = f"{registry.url}/v2/{REPO}/blobs/{head_digest}"
                 # One untimed read of each blob first: the registry's (and the
@@ -245,7 +249,9 @@ def main() -> None:
                 for name in INTAKES:
 
                     def run_intake(cell=cells[name], name=name, d=head_digest) -> float:
+                        before = cpu_seconds(cell.proc.pid)
                         full, done = intake(cell, d, size)
+                        cpu[name].append((cpu_seconds(cell.proc.pid) - before) / gib)
                         committed[name].append(mib / done)
                         return mib / full
 
@@ -258,7 +264,11 @@ def main() -> None:
                     runs[f"{name} GET"] = run_get
 
                 def run_peer(d: str = peer_digest) -> float:
+                    pids = {PEER: taker.proc.pid, GIVER: giver.proc.pid}
+                    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
                     _, done = intake(taker, d, size)
+                    for name, pid in pids.items():
+                        cpu[name].append((cpu_seconds(pid) - before[name]) / gib)
                     return mib / done
 
                 runs[PEER] = run_peer
@@ -308,6 +318,10 @@ def main() -> None:
         print(line(name, med[name]) + "   rounds: " + " ".join(f"{v:.0f}" for v in rates[name]))
     for name in INTAKES:
         print(line(name + " committed", statistics.median(committed[name])))
+    print(
+        "CPU-s per GiB taken in (median; fetched, hashed, written, committed): "
+        + ", ".join(f"{name} {statistics.median(v):.2f}" for name, v in cpu.items())
+    )
     for name, peak in rss.items():
         print(f"{name} peak RSS: {peak:.0f} MiB")
 

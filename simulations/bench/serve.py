@@ -23,6 +23,7 @@ the same for every server. Run: python -m simulations.bench.serve [--size-mib 25
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -201,6 +202,20 @@ def ttfb(url: str) -> tuple[float, float]:
     ).stdout
     first, speed = out.split()
     return float(first), float(speed) / 2**20
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process's threads and its children still running (nginx's worker),
+    from the scheduler's own count (ns), not the 10 ms clock ticks of /proc/PID/stat."""
+    pids = [pid]
+    with contextlib.suppress(FileNotFoundError):
+        pids += [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    total = 0
+    for p in pids:
+        for task in Path(f"/proc/{p}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread ended
+                total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 def peak_rss_mib(pid: int) -> float:

@@ -27,7 +27,6 @@ python -m simulations.bench.slowlink [--rate 50mbit] [--size-mib 128] [--rounds 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import subprocess
@@ -38,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from simulations.bench.intake import REPO, intake, peer_pair, registry_file, seed_blob
-from simulations.bench.serve import Nginx
+from simulations.bench.serve import Nginx, cpu_seconds
 from simulations.testbed.net import parse_rate, run, tbf_args
 from tests.support.celld import Celld
 from tests.support.registry import Registry
@@ -47,20 +46,6 @@ SENDERS = ["nginx", "celld giver"]
 READERS = ["curl <- nginx", "celld taker", "curl <- registry", "celld lease holder"]
 PAIRS = [("celld giver", "nginx"), ("celld taker", "curl <- nginx")]
 PAIRS += [("celld lease holder", "curl <- registry")]
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time of a process's threads and its children still running (nginx's worker),
-    from the scheduler's own count (ns), not the 10 ms clock ticks of /proc/PID/stat."""
-    pids = [pid]
-    with contextlib.suppress(FileNotFoundError):
-        pids += [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    total = 0
-    for p in pids:
-        for task in Path(f"/proc/{p}/task").iterdir():
-            with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread ended
-                total += int((task / "schedstat").read_text().split()[0])
-    return total / 1e9
 
 
 def cpu_per_gib(pids: list[int], move: Callable[[], object], gib: float) -> list[float]:
