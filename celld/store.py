@@ -51,6 +51,7 @@ import re
 import shutil
 import sqlite3
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -58,9 +59,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-import sqlite_utils
-
 from protocol.pieces import PieceHasher, PieceTable
+
+# sqlite-utils imports numpy and pandas whenever it can, to map their types to columns.
+# Where numpy is installed (the venv of the tests and benches has it, for the
+# simulator's plots), that cost a daemon 16 MiB of its ~60 MiB, 0.12 s of start-up and
+# an OpenBLAS thread, for types the store never writes. So sqlite-utils is imported
+# with them hidden (an import of a module set to None fails, and sqlite-utils goes
+# without), and they stay importable for anything else in the process.
+_HIDDEN = [name for name in ("numpy", "pandas") if name not in sys.modules]
+sys.modules.update(dict.fromkeys(_HIDDEN))
+try:
+    import sqlite_utils
+finally:
+    for _name in _HIDDEN:
+        del sys.modules[_name]
 
 _DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
 _ALGO_RE = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*")

@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from celld import store as store_mod
 from celld.store import BlobEntry, BlobWriter, DigestMismatch, Store, StoreFull, StoreLocked
 from protocol.pieces import MiB, PieceTable
+from tests.support.celld import Celld
 
 
 def sha(data: bytes) -> str:
@@ -411,3 +413,23 @@ def test_real_full_disk(tiny_disk: Path) -> None:
     s = Store.open(tiny_disk / "data")
     assert sorted(e.digest for e in s.entries()) == sorted([sha(small), sha(other)])
     s.close()
+
+
+def test_the_daemon_does_not_load_numpy(tmp_path: Path) -> None:
+    """sqlite-utils imports numpy whenever it is installed (it is here, for the
+    simulator's plots): 16 MiB of a daemon's memory and a thread for nothing. A real
+    `celld serve` has no numpy mapped, and a process that imported celld.store can
+    still import numpy itself."""
+    cell = Celld(tmp_path / "cell", upstreams={"docker.io": "http://127.0.0.1:9"}).start()
+    try:
+        maps = Path(f"/proc/{cell.proc.pid}/maps").read_text()
+    finally:
+        cell.stop()
+    assert "numpy" not in maps and "openblas" not in maps
+    code = (
+        "import sys, celld.store, sqlite_utils.db as db; "
+        "assert 'numpy' not in sys.modules and db.np is None; "
+        "import numpy; print(numpy.__name__)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "numpy", done.stderr
