@@ -8,8 +8,8 @@ SIGTERM prints the samples as one JSON line. A sample reads two small files a de
 well under a millisecond for a whole testbed: an `ip -s link` a host a sample would
 start ten processes a tenth of a second on the cores the cells share.
 
-`use()` turns two hosts' samples into the share of a link's rate used over a span:
-the storm's "link use" line, which says whether a storm was short of bytes to send
+`use()` turns one device's samples into the share of its link's rate used over a
+span, `busy_span()` finds when it carried anything: the storm's "link use" line, which says whether a storm was short of bytes to send
 (links idle) or of links (links full).
 """
 
@@ -80,7 +80,7 @@ def busy_span(
 def main(argv: list[str]) -> None:
     interval, devices = float(argv[0]), argv[1:]
     samples = sample(interval, devices)
-    print(json.dumps([[t, {d: list(v) for d, v in s.items()}] for t, s in samples]), flush=True)
+    print(json.dumps(samples), flush=True)
 
 
 if __name__ == "__main__":
