@@ -137,6 +137,11 @@ def test_storm_through_celld_and_the_pull_through_cache(tmp_path: Path) -> None:
         assert 0 < use["cells_down_whole"] <= 1.05 and 0 < use["cells_down_middle"] <= 1.05
         assert 0 < use["registry_up"] <= 1.05 and use["registry_busy_s"] > 0
     assert [celld["link_use"]["registry"], proxy["link_use"]["registry"]] == ["hub", "central"]
+    # Where the tbf queues dropped packets, both ways of every host's link.
+    for storm in (celld, proxy):
+        drops = storm["queue_drops"]
+        assert set(drops) == {"hub", "central", *storm["per_cell"]}
+        assert all(v["up"] >= 0 and v["down"] >= 0 for v in drops.values())
     # The pull-through cache sends each cell a copy over the central's link.
     assert proxy["central_log"]["bytes"] == 3 * image
     assert proxy["central_wire_bytes"] >= 3 * image
@@ -152,6 +157,7 @@ def test_storm_through_celld_and_the_pull_through_cache(tmp_path: Path) -> None:
         "busiest link",
         "retransmitted",
         "link use ",
+        "queue drops ",
         "cores ",
     ):
         assert out.count(needle) == 2, out
@@ -392,6 +398,35 @@ def test_every_host_runs_the_congestion_control_the_run_names() -> None:
         finally:
             server.kill()
             server.wait()
+    finally:
+        bed.destroy()
+    assert net.leftovers(bed.rid) == []
+
+
+def test_queue_drops_are_counted_on_the_link_whose_queue_overflowed() -> None:
+    """A burst of UDP far over a host's rate overflows its own uplink's queue: the
+    drops are counted there, and none on the receiver's downlink, which only ever
+    gets what the sender's link let through at its rate."""
+    bed = net.Testbed(secrets.token_hex(2))
+    try:
+        bed.build()
+        a, b = bed.add_host("c01", 10, 8 * 10**6), bed.add_host("c02", 11, 8 * 10**6)
+        before = bed.drops()
+        assert before == {"c01": (0, 0), "c02": (0, 0)}
+        blast = (
+            "import socket, sys\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "for _ in range(2000): s.sendto(bytes(1400), (sys.argv[1], 9)) \n"
+        )
+        done = subprocess.run(
+            net.netns_exec(a.netns, [sys.executable, "-c", blast, b.address]),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        after = bed.drops()
+        # 2.8 MB at once into a 1 MB/s link whose queue holds 20 ms (and a 64 KiB burst)
+        assert after["c01"][0] > 1000, after
+        assert after["c02"] == (0, 0) and after["c01"][1] == 0, after
     finally:
         bed.destroy()
     assert net.leftovers(bed.rid) == []

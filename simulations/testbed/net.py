@@ -176,8 +176,26 @@ class Testbed:
             out[role] = int(dict(zip(names, values, strict=True))["RetransSegs"])
         return out
 
+    def drops(self) -> dict[str, tuple[int, int]]:
+        """Packets each host's links dropped, (up, down): the drop counts of its tbf
+        queues as `tc -s qdisc` shows them, up on the host's own egress, down on the
+        bridge's egress towards it. A TCP flow loses packets where its path's queue
+        overflows: these say on which link the flows of a storm were cut back."""
+        return {
+            role: (
+                _qdisc_drops(host.netns, host.veth),
+                _qdisc_drops(self.bridge_netns, host.veth_bridge),
+            )
+            for role, host in self.hosts.items()
+        }
+
     def destroy(self) -> None:
         remove_run(self.rid)
+
+
+def _qdisc_drops(netns: str, dev: str) -> int:
+    done = run(["tc", "-n", netns, "-s", "-j", "qdisc", "show", "dev", dev])
+    return sum(int(q.get("drops", 0)) for q in json.loads(done.stdout))
 
 
 def netns_exec(netns: str, argv: list[str]) -> list[str]:

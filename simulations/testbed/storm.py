@@ -279,6 +279,7 @@ class Phase:
     cluster_listening: int | None = None  # cells whose daemon listens on the cluster port
     fetched: dict[str, int] = field(default_factory=dict)  # celld's own account, by source
     retransmits: dict[str, int] = field(default_factory=dict)  # TCP segments, by host
+    drops: dict[str, tuple[int, int]] = field(default_factory=dict)  # packets (up, down), by host
     peer_requests: dict[str, int] = field(default_factory=dict)  # "endpoint outcome" -> n
     registry_reads: dict[str, int] = field(default_factory=dict)  # why -> blobs (all cells)
     lease_reads: dict[str, int] = field(default_factory=dict)  # cell -> blobs read under a lease
@@ -458,6 +459,7 @@ class Storm:
             self.ballast.follow()
         before = self.bed.counters()
         retrans_before = self.bed.retransmits()
+        drops_before = self.bed.drops()
         hub_since = self.hub_registry.log_size()
         central_reg = self.central_registry if mode == "celld" else self.registries[-1]
         central_since = central_reg.log_size()
@@ -514,6 +516,11 @@ class Storm:
         after = self.bed.counters()
         retrans_after = self.bed.retransmits()
         phase.retransmits = {r: retrans_after[r] - retrans_before[r] for r in retrans_after}
+        drops_after = self.bed.drops()
+        phase.drops = {
+            r: (drops_after[r][0] - drops_before[r][0], drops_after[r][1] - drops_before[r][1])
+            for r in drops_after
+        }
         phase.wire = {
             role: (after[role][0] - before[role][0], after[role][1] - before[role][1])
             for role in after
@@ -614,6 +621,7 @@ class Storm:
             "cluster_listening": phase.cluster_listening,
             "celld_fetched_bytes": phase.fetched,
             "retransmitted_segments": phase.retransmits,
+            "queue_drops": {r: {"up": up, "down": down} for r, (up, down) in phase.drops.items()},
             "peer_requests": phase.peer_requests,
             "registry_reads": phase.registry_reads,
             "lease_reads": phase.lease_reads,
@@ -740,6 +748,14 @@ class Storm:
         rt = fig["retransmitted_segments"]
         p(
             f"   retransmitted  TCP segments: Hub {rt['hub']}, central {rt['central']}, cells {sum(v for k, v in rt.items() if k not in ('hub', 'central'))}"
+        )
+        qd = fig["queue_drops"]
+        cells = [v for k, v in qd.items() if k not in ("hub", "central")]
+        down = sorted(v["down"] for v in cells)
+        p(
+            f"   queue drops    packets the tbf queues dropped: Hub's uplink {qd['hub']['up']},"
+            f" central's {qd['central']['up']}; cells' downlinks {sum(down)}"
+            f" ({down[0]}-{down[-1]} a cell), uplinks {sum(v['up'] for v in cells)}"
         )
         lu = fig["largest_upload"]
         p(
