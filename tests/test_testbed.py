@@ -416,7 +416,7 @@ def test_queue_drops_are_counted_on_the_link_whose_queue_overflowed() -> None:
         blast = (
             "import socket, sys\n"
             "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-            "for _ in range(2000): s.sendto(bytes(1400), (sys.argv[1], 9)) \n"
+            "for _ in range(2000): s.sendto(bytes(1400), (sys.argv[1], 9))\n"
         )
         done = subprocess.run(
             net.netns_exec(a.netns, [sys.executable, "-c", blast, b.address]),

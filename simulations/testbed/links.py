@@ -9,8 +9,9 @@ well under a millisecond for a whole testbed: an `ip -s link` a host a sample wo
 start ten processes a tenth of a second on the cores the cells share.
 
 `use()` turns one device's samples into the share of its link's rate used over a
-span, `busy_span()` finds when it carried anything: the storm's "link use" line, which says whether a storm was short of bytes to send
-(links idle) or of links (links full).
+span, `busy_span()` finds when it carried anything: the storm's "link use" line,
+which says whether a storm was short of bytes to send (links idle) or of links
+(links full).
 """
 
 from __future__ import annotations

@@ -238,6 +238,13 @@ class NsCelld(Celld):
         wait_ready(self.netns, self.proc, self.log_path, ports, timeout=60)  # type: ignore[arg-type]
 
 
+def _grown(
+    before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]
+) -> dict[str, tuple[int, int]]:
+    """Each host's pair of counters (either way of its link) over the storm."""
+    return {r: (after[r][0] - before[r][0], after[r][1] - before[r][1]) for r in after}
+
+
 def cluster_lines(
     key_file: Path, address: str, seeds: list[str], zone: str, upload_slots: int = 4
 ) -> str:
@@ -516,15 +523,8 @@ class Storm:
         after = self.bed.counters()
         retrans_after = self.bed.retransmits()
         phase.retransmits = {r: retrans_after[r] - retrans_before[r] for r in retrans_after}
-        drops_after = self.bed.drops()
-        phase.drops = {
-            r: (drops_after[r][0] - drops_before[r][0], drops_after[r][1] - drops_before[r][1])
-            for r in drops_after
-        }
-        phase.wire = {
-            role: (after[role][0] - before[role][0], after[role][1] - before[role][1])
-            for role in after
-        }
+        phase.drops = _grown(drops_before, self.bed.drops())
+        phase.wire = _grown(before, after)
         phase.hub_log = self.hub_registry.blob_bytes(hub_since)
         phase.central_log = central_reg.blob_bytes(central_since)
         if mode == "celld":
