@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from celld.config import Listen, from_dict, load_cluster_key
-from simulations.testbed import links, net
+from simulations.testbed import links, net, pull
 from simulations.testbed.ballast import Ballast, MiB, filesystem_type, free_bytes
 from simulations.testbed.storm import cluster_lines
 
@@ -130,6 +130,17 @@ def test_storm_through_celld_and_the_pull_through_cache(tmp_path: Path) -> None:
     cpu = celld["cpu_s"]
     assert 0 < cpu["celld"] <= cpu["busy"] <= cpu["all"]
     assert "celld" not in proxy["cpu_s"] and proxy["cpu_s"]["all"] > 0
+    # ...and the rest of it: the runtimes' (each skopeo's, from its worker), the
+    # registries' and the kernel's softirq, where the links' shaping runs.
+    for storm in (celld, proxy):
+        cpu = storm["cpu_s"]
+        assert all(c["client_cpu_s"] > 0 for c in storm["per_cell"].values())
+        assert cpu["clients"] == pytest.approx(
+            sum(c["client_cpu_s"] for c in storm["per_cell"].values())
+        )
+        assert 0 < cpu["registries"] < cpu["busy"] and 0 <= cpu["softirq"] < cpu["busy"]
+    assert figures["runtime_procs"] == 1
+    assert out.count("(skopeo, GOMAXPROCS=1)") == 2, out
     # How busy the links were, from their counters sampled through the storm: a share
     # of the rate, never much more (tbf lets a burst of 4 ms through, not a pull's worth).
     for storm in (celld, proxy):
@@ -159,6 +170,8 @@ def test_storm_through_celld_and_the_pull_through_cache(tmp_path: Path) -> None:
         "link use ",
         "queue drops ",
         "cores ",
+        ", skopeo ",
+        ", softirq ",
     ):
         assert out.count(needle) == 2, out
     assert out.count("peer requests  piece ") == 1, out
@@ -430,6 +443,24 @@ def test_queue_drops_are_counted_on_the_link_whose_queue_overflowed() -> None:
     finally:
         bed.destroy()
     assert net.leftovers(bed.rid) == []
+
+
+def test_each_runtime_runs_with_the_go_procs_the_storm_names(tmp_path: Path) -> None:
+    """8 skopeos sharing 2 cores each ran 2 Go Ps by default; --runtime-procs caps them."""
+    capped = pull.skopeo_env(tmp_path, 1)
+    assert capped["GOMAXPROCS"] == "1"
+    default = pull.skopeo_env(tmp_path, 0)
+    assert "GOMAXPROCS" not in default
+    # Either way the runtime reaches only loopback and the testbed's subnet.
+    for env in (capped, default):
+        assert env["HTTPS_PROXY"] == env["HTTP_PROXY"] != ""
+        assert env["NO_PROXY"] == "127.0.0.1,localhost,10.77.0.0/24"
+    bad = subprocess.run(
+        [sys.executable, "-m", "simulations.testbed", "storm", "--runtime-procs", "-1"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "--runtime-procs" in bad.stderr, bad.stderr
 
 
 def test_tbf_settings_scale_with_the_rate() -> None:

@@ -71,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         help="every host's TCP congestion control: cubic (Linux's default), bbr, reno..., "
         "or 'system' for whatever the machine's root namespace runs",
     )
+    s.add_argument(
+        "--runtime-procs",
+        type=int,
+        default=1,
+        help="each cell's skopeo runs with this GOMAXPROCS; 0 for Go's default (every core)",
+    )
     c = sub.add_parser("cleanup", help="remove what runs left behind")
     c.add_argument("--run-id", help="only this run")
     c.add_argument("--all", action="store_true", help="also runs whose owner still lives")
@@ -89,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     tcp = None if args.tcp == "system" else args.tcp
     if tcp is not None and tcp not in net.congestion_controls():
         parser.error(f"--tcp: {tcp} is not one of {' '.join(net.congestion_controls())}")
+    if args.runtime_procs < 0:
+        parser.error("--runtime-procs: expected 0 (Go's default) or more")
     if args.layers < 1 or args.image_mib <= 0:
         parser.error("--layers and --image-mib: expected positive numbers")
     opts = StormOptions(
@@ -112,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout=args.timeout,
         tmpfs=args.tmpfs,
         warm=args.warm,
+        runtime_procs=args.runtime_procs,
     )
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)

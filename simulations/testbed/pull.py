@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,21 @@ from tests.support.containerd import DEAD_SERVER
 from tests.support.skopeo import stored_blobs, top_digest, write_registries_conf
 
 
-def pull(ref: str, mirror: str, dest: Path, timeout: float) -> subprocess.CompletedProcess:
+def skopeo_env(home: Path, procs: int) -> dict[str, str]:
+    """The environment skopeo runs in: proxies dead but for the testbed's subnet, and
+    GOMAXPROCS when `procs` > 0 (0: Go's default, one per core of the machine)."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(home)}
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        env[name] = DEAD_SERVER
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost,10.77.0.0/24"
+    if procs > 0:
+        env["GOMAXPROCS"] = str(procs)
+    return env
+
+
+def pull(
+    ref: str, mirror: str, dest: Path, timeout: float, procs: int = 0
+) -> subprocess.CompletedProcess:
     """skopeo copy through `mirror` (host:port) into an OCI layout, digests preserved.
 
     Like tests.support.skopeo.skopeo_copy, but the mirror may be on the testbed's
@@ -31,10 +46,7 @@ def pull(ref: str, mirror: str, dest: Path, timeout: float) -> subprocess.Comple
     conf = write_registries_conf(
         dest.parent / f"{dest.name}.registries.conf", {"docker.io": mirror}
     )
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(dest.parent)}
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-        env[name] = DEAD_SERVER
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost,10.77.0.0/24"
+    env = skopeo_env(dest.parent, procs)
     cmd = ["skopeo", "--insecure-policy", "--registries-conf", str(conf), "copy"]
     cmd += ["--src-tls-verify=false", "--retry-times", "0", "--preserve-digests"]
     return subprocess.run(
@@ -54,13 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dest", type=Path, required=True)
     p.add_argument("--start-at", type=float, required=True, help="Unix time of the storm")
     p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--procs", type=int, default=0, help="skopeo's GOMAXPROCS (0: Go's default)")
     args = p.parse_args(argv)
 
     time.sleep(max(0.0, args.start_at - time.time()))
     started = time.time()
     out: dict[str, object] = {"started": started}
     try:
-        done = pull(args.ref, args.mirror, args.dest, args.timeout)
+        done = pull(args.ref, args.mirror, args.dest, args.timeout, args.procs)
         out["ended"] = time.time()
         if done.returncode != 0:
             out["error"] = (done.stderr.strip().splitlines() or ["skopeo failed"])[-1][-300:]
@@ -70,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         out["ended"] = time.time()
         out["error"] = f"running skopeo: {exc}"
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # skopeo's, once it has ended
+    out["client_cpu_s"] = usage.ru_utime + usage.ru_stime
     if "error" in out:
         shutil.rmtree(args.dest, ignore_errors=True)
     print(json.dumps(out), flush=True)

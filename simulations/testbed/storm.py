@@ -83,6 +83,10 @@ class StormOptions:
     tmpfs: bool = True  # the work dir on a tmpfs of its own, when it fits in memory
     warm: bool = True  # a Ballast in that tmpfs through each storm: see ballast.py
     tcp: str | None = "cubic"  # every host's congestion control (None: the machine's)
+    # Each runtime's GOMAXPROCS (0: Go's default, every core). On a fleet a cell's
+    # runtime has the cell's cores; here every cell's skopeo would run one Go P per
+    # core of the 2 they all share, and idle Ps spin looking for work.
+    runtime_procs: int = 1
 
 
 def spawn_in(
@@ -479,9 +483,11 @@ class Storm:
             argv = [sys.executable, "-m", "simulations.testbed.pull", "--ref", IMAGE_REF]
             argv += ["--mirror", mirror, "--dest", str(dests[host.role])]
             argv += ["--start-at", f"{start_at:.3f}", "--timeout", str(o.timeout)]
+            argv += ["--procs", str(o.runtime_procs)]
             (self.workdir / "pulls" / mode).mkdir(parents=True, exist_ok=True)
             workers[host.role] = self._popen_in(host.netns, argv, stderr=subprocess.STDOUT)
-        self.out(f"storm ({mode}): {len(workers)} cells pull {IMAGE_REF} at once")
+        procs = f"GOMAXPROCS={o.runtime_procs}" if o.runtime_procs else "Go's default GOMAXPROCS"
+        self.out(f"storm ({mode}): {len(workers)} cells pull {IMAGE_REF} at once (skopeo, {procs})")
         sampler = self._sample_links()
         time.sleep(max(0.0, start_at - time.time()))
         phase.start_at = start_at
@@ -516,6 +522,8 @@ class Storm:
         phase.cpu = {k: v - cpu_before[k] for k, v in cpu_after.items() if k in cpu_before}
         if mode == "celld":
             phase.cpu["celld"] = sum(v for k, v in phase.cpu.items() if k.startswith("celld "))
+        phase.cpu["registries"] = sum(v for k, v in phase.cpu.items() if k.startswith("registry "))
+        phase.cpu["clients"] = sum(c.get("client_cpu_s", 0.0) for c in phase.cells.values())
         for role, result in phase.cells.items():  # every pull has ended: check the copies
             if "error" not in result:
                 result.update(pull.check(dests[role], self.image.digest))  # type: ignore[union-attr]
@@ -582,13 +590,16 @@ class Storm:
             )
         snap = {
             "busy": user + nice + system + irq + softirq,
+            "softirq": softirq,  # the links: veth, bridge and tbf run here, not in a process
             "steal": steal,
             "all": user + nice + system + idle + iowait + irq + softirq + steal,
         }
-        for role, cell in self.cellds.items():  # "celld <role>": one daemon's user + sys
+        procs = {f"celld {role}": cell.proc for role, cell in self.cellds.items()}
+        procs |= {f"registry {i}": reg.proc for i, reg in enumerate(self.registries)}
+        for name, proc in procs.items():  # one process's user + sys
             with contextlib.suppress(OSError, AttributeError):
-                stat = Path(f"/proc/{cell.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-                snap[f"celld {role}"] = (int(stat[11]) + int(stat[12])) / ticks
+                stat = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                snap[name] = (int(stat[11]) + int(stat[12])) / ticks
         return snap
 
     # -- figures ----------------------------------------------------------------
@@ -795,6 +806,9 @@ class Storm:
             line = f"   cpu            {os.cpu_count()} cores {cpu['busy'] / cpu['all']:.0%} busy, steal {cpu['steal'] / cpu['all']:.0%}, from the start to the last pull"
             if "celld" in cpu:
                 line += f"; celld {cpu['celld']:.1f} CPU-s ({daemons} daemons)"
+            if "clients" in cpu:  # where the rest went: the runtimes, the registries, the links
+                line += f", skopeo {cpu['clients']:.1f}, registries {cpu['registries']:.1f}"
+                line += f", softirq {cpu['softirq']:.1f} of {cpu['busy']:.1f} busy"
             p(line)
         verdict = f"   digests        {fig['completed']}/{fig['survivors']} cells completed with the right digest"
         if fig["killed"]:
@@ -849,6 +863,7 @@ class Storm:
                             "run_id": self.rid,
                             "image_digest": self.image.digest,  # type: ignore[union-attr]
                             "tcp": self.opts.tcp,
+                            "runtime_procs": self.opts.runtime_procs,
                             "storms": results,
                         },
                         indent=1,
