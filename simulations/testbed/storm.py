@@ -806,9 +806,9 @@ class Storm:
             line = f"   cpu            {os.cpu_count()} cores {cpu['busy'] / cpu['all']:.0%} busy, steal {cpu['steal'] / cpu['all']:.0%}, from the start to the last pull"
             if "celld" in cpu:
                 line += f"; celld {cpu['celld']:.1f} CPU-s ({daemons} daemons)"
-            if "clients" in cpu:  # where the rest went: the runtimes, the registries, the links
-                line += f", skopeo {cpu['clients']:.1f}, registries {cpu['registries']:.1f}"
-                line += f", softirq {cpu['softirq']:.1f} of {cpu['busy']:.1f} busy"
+            # where the rest went: the runtimes, the registries, the links
+            line += f", skopeo {cpu['clients']:.1f}, registries {cpu['registries']:.1f}"
+            line += f", softirq {cpu['softirq']:.1f} of {cpu['busy']:.1f} busy"
             p(line)
         verdict = f"   digests        {fig['completed']}/{fig['survivors']} cells completed with the right digest"
         if fig["killed"]:
