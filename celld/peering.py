@@ -39,7 +39,7 @@ from celld.store import BlobEntry, BlobWriter, Store
 from protocol import placement as pl
 from protocol import swarm as sw
 from protocol.cell import Action, Cell, LeaseGranted, Located, SendHave, StartUpload
-from protocol.pieces import PieceTable, piece_count, piece_size_for
+from protocol.pieces import PieceTable, piece_count, piece_size_for, piece_span
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,23 @@ class Transfer:
     def notify(self) -> None:
         event, self.changed = self.changed, trio.Event()
         event.set()
+
+    async def write(self, index: int, data: bytes | bytearray) -> None:
+        """Writes a verified piece where it belongs in the temp file, and counts it held.
+
+        The prefix's next piece (the swarm asks for the runtime's next pieces first, and
+        a registry read comes in order, so most are) is appended with its sha256 taken
+        from memory as it is written; one put further on is read back from the file and
+        hashed when the prefix reaches it (`Peering._advance`). ValueError: the writer was
+        closed meanwhile (a late copy); OSError: the temp file could not be written."""
+        start, _ = piece_span(index, self.size, self.piece_size)
+        if start == self.writer.written and not self.hashing.locked():
+            async with self.hashing:
+                await trio.to_thread.run_sync(self.writer.write_chunks, [data])
+                self.held |= 1 << index
+        else:
+            await trio.to_thread.run_sync(self.writer.write_at, start, data)
+            self.held |= 1 << index
 
 
 class Peering:
@@ -563,12 +580,10 @@ class Peering:
                             self.client.recycle(got.data)
                             raise PeerError(f"{peer}'s hash of piece {index} disagrees")
                         t.table = merged
-                    start, _ = t.table.span(index)
-                    await trio.to_thread.run_sync(t.writer.write_at, start, got.data)
+                    await t.write(index, got.data)
                     self.client.recycle(got.data)
                     if t.writer.closed:
                         return
-                    t.held |= 1 << index
                     self.peer.grew(t.digest)
                     t.last_progress = time.monotonic()
                     self.metrics.peer_received_bytes.inc(t.table.span(index)[1])

@@ -657,7 +657,7 @@ class Sources:
                     chunk, skip = chunk[cut:], skip - cut
                 buf += chunk
                 while index < stop:
-                    lo, n = piece_span(index, t.size, t.piece_size)
+                    _, n = piece_span(index, t.size, t.piece_size)
                     if len(buf) < n:
                         break
                     data, buf = bytes(buf[:n]), buf[n:]
@@ -671,7 +671,7 @@ class Sources:
                         t.table = dataclasses.replace(t.table, hashes=tuple(hashes))
                     elif t.table is not None and not t.table.verify(index, data):
                         raise DigestMismatch(f"{t.digest} piece {index}", "other bytes")
-                    await trio.to_thread.run_sync(t.writer.write_at, lo, data)
+                    await t.write(index, data)
                     self.metrics.fetched_bytes.labels(source.kind).inc(len(data))
                     await self.peering.registry_piece(t, index, True)
                     index += 1

@@ -9,7 +9,7 @@ Theory of operation
 -------------------
 The files are the truth; the index is a cache of facts about them that is repaired at open.
 
-A blob is born in ``tmp/`` as a :class:`BlobWriter`. Bytes are appended with raw ``os.write``
+A blob is born in ``tmp/`` as a :class:`BlobWriter`. Bytes are appended with raw ``os.pwrite``
 (no user-space buffer, so a reader that opened ``writer.path`` sees them at once: this is how
 the daemon streams a download to every waiter) and hashed incrementally. ``commit`` checks the
 sha256 against the digest the blob was asked for; on a mismatch the temp file is deleted and
@@ -283,7 +283,11 @@ class BlobWriter:
 
     def _writev(self, fd: int, views: list[memoryview]) -> None:
         while views:
-            n = os.write(fd, views[0]) if len(views) == 1 else os.writev(fd, views[:_IOV_MAX])
+            at = self.written  # not the fd's offset: `write_at` may have put later pieces
+            if len(views) == 1:
+                n = os.pwrite(fd, views[0], at)
+            else:
+                n = os.pwritev(fd, views[:_IOV_MAX], at)
             self.written += n
             while views and n >= len(views[0]):
                 n -= len(views.pop(0))
@@ -307,17 +311,15 @@ class BlobWriter:
     def advance(self, n: int) -> None:
         """Hash the ``n`` bytes that ``write_at`` put right after the ``written`` ones,
         and count them written: readers may follow up to there."""
-        self._require_open()
+        fd = self._require_open()
         buf = memoryview(bytearray(min(n, _WRITE_GROUP)))  # one buffer, not one per MiB
-        with open(self.path, "rb", buffering=0) as f:
-            f.seek(self.written)
-            left = n
-            while left:
-                got = f.readinto(buf[: min(left, len(buf))])
-                if not got:
-                    raise ValueError(f"{self.digest}: {n} bytes to hash, {n - left} on disk")
-                self._hash.update(buf[:got])
-                left -= got
+        at, left = self.written, n
+        while left:
+            got = os.preadv(fd, [buf[: min(left, len(buf))]], at)
+            if not got:
+                raise ValueError(f"{self.digest}: {n} bytes to hash, {n - left} on disk")
+            self._hash.update(buf[:got])
+            at, left = at + got, left - got
         self.written += n
 
     def matches(self) -> bool:
@@ -712,7 +714,7 @@ class Store:
         self._require_open()
         path = self.tmp_dir / f"{hex_}.{os.getpid()}.{next(self._seq)}.part"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise _full_disk(exc, f"creating a temp file for {digest}") from exc
         writer = BlobWriter(self, digest, hex_, path, fd, media_type, source)

@@ -9,10 +9,12 @@ import math
 import random
 from pathlib import Path
 
+import pytest
 import trio
 
+from celld import store as store_mod
 from celld.metrics import Metrics
-from celld.peering import Peering, TableMiss
+from celld.peering import Peering, TableMiss, Transfer
 from celld.store import Store
 from protocol import swarm as sw
 from protocol import wire
@@ -229,3 +231,47 @@ async def test_a_parked_have_query_is_answered_when_the_piece_lands_or_after_hav
     other = "sha256:" + "ef" * 32
     a.datagram("b", sw.HaveQuery(other, 1), trio.current_time())
     assert have_replies(net, "b")[-1][1] == sw.HaveReply(other, 0, False)
+
+
+async def test_pieces_that_extend_the_prefix_are_hashed_as_written_the_others_once_reached(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transfer's pieces land in any order. The prefix's next one is counted written
+    (readers may follow it) at once, hashed from memory, never read back from the temp
+    file; one put further on waits, unhashed, and is read back once the prefix reaches
+    it. The blob commits with its digest either way."""
+    piece = 1 * MiB
+    data = random.Random(3).randbytes(5 * piece + 11)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    writer = store.new_writer(digest)
+    t = Transfer(digest, writer, len(data), piece, None)
+    read_back: list[int] = []
+    real_preadv = store_mod.os.preadv
+
+    def preadv(fd: int, bufs, offset: int) -> int:
+        read_back.append(offset)
+        return real_preadv(fd, bufs, offset)
+
+    monkeypatch.setattr(store_mod.os, "preadv", preadv)
+    members = Members({"me"})
+    peering = Peering("me", "z", KEY, store, Metrics(), members)  # type: ignore[arg-type]
+
+    def span(i: int) -> bytes:
+        return data[i * piece : (i + 1) * piece]
+
+    await t.write(0, span(0))
+    await t.write(1, span(1))
+    assert writer.written == 2 * piece and read_back == []
+    await t.write(3, span(3))  # early: put in place, not counted
+    assert writer.written == 2 * piece
+    await t.write(2, span(2))
+    assert writer.written == 3 * piece and read_back == []
+    await peering._advance(t)  # as _piece does after each: piece 3, from the file
+    assert writer.written == 4 * piece and read_back == [3 * piece]
+    await t.write(4, span(4))
+    await t.write(5, span(5))
+    await peering._advance(t)
+    assert t.prefix == 6 and writer.written == len(data)
+    assert writer.matches()
+    entry = writer.commit()
+    assert entry.path.read_bytes() == data

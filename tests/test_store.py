@@ -284,14 +284,14 @@ def test_enospc_on_write_is_clear_and_leaves_nothing(
     data = os.urandom(100_000)
     w = store.new_writer(sha(data))
     w.write(data[:50_000])
-    real_write = os.write
+    real_pwrite = os.pwrite
 
-    def full_write(fd: int, b: bytes) -> int:
+    def full_write(fd: int, b: bytes, offset: int) -> int:
         if fd == w._fd:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write(fd, b)
+        return real_pwrite(fd, b, offset)
 
-    monkeypatch.setattr(store_mod.os, "write", full_write)
+    monkeypatch.setattr(store_mod.os, "pwrite", full_write)
     with pytest.raises(StoreFull, match="disk full") as info:
         w.write(data[50_000:])
     assert info.value.errno == errno.ENOSPC
@@ -310,23 +310,23 @@ def test_no_write_call_hands_the_kernel_2_mib(
     piece = 2 * 1024 * 1024
     data = os.urandom(3 * piece)
     sizes: list[int] = []
-    real_pwrite, real_write, real_writev = os.pwrite, os.write, os.writev
+    real_pwrite, real_pwritev = os.pwrite, os.pwritev
 
     def pwrite(fd: int, b, offset: int) -> int:
         sizes.append(len(b))
         return real_pwrite(fd, b, offset)
 
-    def write(fd: int, b) -> int:
-        sizes.append(len(b))
-        return real_write(fd, b)
-
-    def writev(fd: int, bufs) -> int:
+    def pwritev(fd: int, bufs, offset: int) -> int:
         sizes.append(sum(map(len, bufs)))
-        return real_writev(fd, bufs)
+        return real_pwritev(fd, bufs, offset)
+
+    def unused(*args: object) -> int:
+        raise AssertionError("the store writes at an offset, never at the fd's")
 
     monkeypatch.setattr(store_mod.os, "pwrite", pwrite)
-    monkeypatch.setattr(store_mod.os, "write", write)
-    monkeypatch.setattr(store_mod.os, "writev", writev)
+    monkeypatch.setattr(store_mod.os, "pwritev", pwritev)
+    monkeypatch.setattr(store_mod.os, "write", unused)
+    monkeypatch.setattr(store_mod.os, "writev", unused)
     w = store.new_writer(sha(data))
     w.write_at(2 * piece, data[2 * piece :])  # the last piece first, as a swarm may
     w.write_at(0, data[: 2 * piece])
@@ -340,6 +340,26 @@ def test_no_write_call_hands_the_kernel_2_mib(
     w.commit()
     assert sizes and max(sizes) < 2 * piece
     assert store.lookup(sha(data)) is not None and store.lookup(sha(streamed)) is not None
+
+
+def test_pieces_that_extend_the_prefix_append_after_ones_put_further_on(store: Store) -> None:
+    """A cell taking pieces from peers appends (and hashes from memory) each piece that
+    extends the hashed prefix, and puts the others where they belong to hash them once
+    the prefix reaches them: the appends land at the prefix's end, not after the
+    pieces put further on, and the blob commits with its digest."""
+    piece = MiB
+    data = os.urandom(5 * piece + 7)
+    w = store.new_writer(sha(data))
+    w.write_at(3 * piece, data[3 * piece : 4 * piece])  # arrived early: put, not hashed
+    w.write_chunks([data[:piece]])  # the prefix's next: appended, hashed
+    w.write_chunks([data[piece : 2 * piece]])
+    assert w.written == 2 * piece
+    w.write_at(4 * piece, data[4 * piece :])
+    w.write_chunks([data[2 * piece : 3 * piece]])
+    w.advance(len(data) - 3 * piece)  # the ones put before, read back
+    assert w.matches()
+    entry = w.commit()
+    assert entry.path.read_bytes() == data
 
 
 def test_a_blob_from_peers_keeps_the_table_its_pieces_were_checked_against(
