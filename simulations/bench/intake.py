@@ -13,6 +13,10 @@ figures measured side by side mean anything), for a blob of --size-mib:
   times: the host takes back the pages the guest frees, and the first touch of
   one costs 4-7 CPU-s per GiB then (see simulations/testbed/ballast.py), so a
   GiB written can take seconds whoever writes it.
+- bare pipeline: celld's work with nothing around it (simulations.bench.bare_intake):
+  a GET over a plain socket, sha256 in one thread, blake3 per 1 MiB piece and the
+  write in another, no event loop, HTTP library or store. The floor of celld's
+  intake on this machine, in Python: what celld's daemon adds is the difference.
 - nginx: curl GETs the same file from nginx (sendfile): the "fast peer", what a
   cell serving a whole blob from its store could send at best.
 - celld<-registry: a real `celld serve` whose upstream is the registry takes in
@@ -48,8 +52,9 @@ in steps as the machine's free memory falls: every writer, celld or curl, takes
 pages still backed, as on a machine that owns its memory.
 
 Prints MiB/s (medians over rounds), the ratio of each to the direct GET, to
-nginx and to `direct to file` (the share of what this machine lets any writer
-keep, in the same rounds), and each cell's peak RSS. Run:
+nginx, to `direct to file` (the share of what this machine lets any writer
+keep, in the same rounds) and to the bare pipeline; the CPU per GiB of each
+cell and of the bare pipeline; and each cell's peak RSS. Run:
 python -m simulations.bench.intake [--size-mib 1024] [--rounds 3]
 """
 
@@ -58,8 +63,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import http.client
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -76,8 +84,9 @@ SEED_CHUNK = 16 << 20
 INTAKES = ["celld<-registry", "celld<-nginx"]
 PEER = "celld<-peer"
 GIVER = "celld<-peer giver"  # the cell it takes from (its CPU is counted too)
+BARE = "bare pipeline"  # simulations.bench.bare_intake: the floor of celld's work
 CONTENDERS = [
-    "direct", "direct to file", "nginx", *INTAKES, PEER, *(f"{name} GET" for name in INTAKES)
+    "direct", "direct to file", BARE, "nginx", *INTAKES, PEER, *(f"{name} GET" for name in INTAKES)
 ]  # fmt: skip
 
 
@@ -109,6 +118,21 @@ def seed_blob(registry: Registry, repo: str, size: int) -> str:
     link.parent.mkdir(parents=True, exist_ok=True)
     link.write_text(name)
     return name
+
+
+def bare_intake(url: str, digest: str, size: int, out: Path) -> dict[str, float]:
+    """simulations.bench.bare_intake's figures for one GET of `url` into `out` (removed
+    after): the least the same work costs on this machine."""
+    done = subprocess.run(
+        [sys.executable, "-m", "simulations.bench.bare_intake", url, digest, str(size), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out.unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"bare_intake: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout)
 
 
 def peer_pair(tmp: Path, registry: Registry) -> tuple[Celld, Celld]:
@@ -221,7 +245,7 @@ def main() -> None:
             rates: dict[str, list[float]] = {name: [] for name in CONTENDERS}
             committed: dict[str, list[float]] = {name: [] for name in INTAKES}
             # CPU-s per GiB taken in, by process: what a rate on busy cores cannot say
-            cpu: dict[str, list[float]] = {name: [] for name in [*INTAKES, PEER, GIVER]}
+            cpu: dict[str, list[float]] = {name: [] for name in [*INTAKES, PEER, GIVER, BARE]}
             gib = size / 2**30
             for i, (head_digest, get_digest, peer_digest) in enumerate(rounds):
                 direct = f"{registry.url}/v2/{REPO}/blobs/{head_digest}"
@@ -238,9 +262,15 @@ def main() -> None:
                     kept.unlink()
                     return rate
 
+                def bare(url: str = direct, d: str = head_digest, kept: Path = kept) -> float:
+                    figures = bare_intake(url, d, size, kept)
+                    cpu[BARE].append(figures["cpu_s_per_gib"])
+                    return figures["mib_s"]
+
                 runs = {
                     "direct": lambda url=direct: curl_many(url, 1, 1) / 2**20,
                     "direct to file": to_file,
+                    BARE: bare,
                     "nginx": lambda d=head_digest: (
                         curl_many(f"http://127.0.0.1:{nginx.port}/v2/{NGINX_REPO}/blobs/{d}", 1, 1)
                         / 2**20
@@ -308,8 +338,8 @@ def main() -> None:
     print(
         f"intake of an uncached {args.size_mib} MiB blob, median of {args.rounds} rounds, {pages}:"
     )
-    refs = (med["direct"], med["nginx"], med["direct to file"])
-    print(f"{'':<24} {'MiB/s':>8} {'/direct':>8} {'/nginx':>8} {'/to file':>8}")
+    refs = (med["direct"], med["nginx"], med["direct to file"], med[BARE])
+    print(f"{'':<24} {'MiB/s':>8} {'/direct':>8} {'/nginx':>8} {'/to file':>8} {'/bare':>8}")
 
     def line(name: str, rate: float) -> str:
         return f"{name:<24} {rate:>8.0f}" + "".join(f" {rate / ref:>8.2f}" for ref in refs)
