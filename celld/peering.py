@@ -108,10 +108,9 @@ class Transfer:
         if start == self.writer.written and not self.hashing.locked():
             async with self.hashing:
                 await trio.to_thread.run_sync(self.writer.write_chunks, [data])
-                self.held |= 1 << index
         else:
             await trio.to_thread.run_sync(self.writer.write_at, start, data)
-            self.held |= 1 << index
+        self.held |= 1 << index  # (releasing the lock lets no other task run first)
 
 
 class Peering:
